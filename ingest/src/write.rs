@@ -1,0 +1,403 @@
+//! Validation of parsed lines against table schemas, and their conversion to Arrow.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use citytsdb_storage::schema::{arrow_field, ColumnDef, TIME_COLUMN};
+use citytsdb_storage::{ColumnKind, FieldType, TableSchema};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampNanosecondArray,
+    UInt64Builder,
+};
+use datafusion::arrow::datatypes::Schema;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::line_protocol::{parse_line, FieldValue, LineError, ParsedLine};
+
+/// The unit of the timestamps in a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Nanoseconds (the default).
+    #[default]
+    Nanosecond,
+    /// Microseconds.
+    Microsecond,
+    /// Milliseconds.
+    Millisecond,
+    /// Seconds.
+    Second,
+}
+
+impl Precision {
+    /// Parses a `precision` parameter: `ns`/`n`, `us`/`u`, `ms`, `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ns" | "n" => Self::Nanosecond,
+            "us" | "u" | "µ" | "µs" => Self::Microsecond,
+            "ms" => Self::Millisecond,
+            "s" => Self::Second,
+            _ => return None,
+        })
+    }
+
+    /// Nanoseconds per unit.
+    pub fn nanos(self) -> i64 {
+        match self {
+            Self::Nanosecond => 1,
+            Self::Microsecond => 1_000,
+            Self::Millisecond => 1_000_000,
+            Self::Second => 1_000_000_000,
+        }
+    }
+}
+
+/// A body split into parsed lines and rejected ones.
+#[derive(Debug, Default)]
+pub struct ParsedBody<'a> {
+    /// Lines that parsed, in body order, with their raw text.
+    pub lines: Vec<(&'a [u8], ParsedLine<'a>)>,
+    /// Lines that did not parse.
+    pub rejected: Vec<LineError>,
+    /// Data lines in the body (not blank, not comments).
+    pub data_lines: usize,
+}
+
+/// Parses every line of a body. Blank and `#` comment lines are skipped but counted
+/// in line numbers.
+pub fn parse_body(body: &[u8]) -> ParsedBody<'_> {
+    let mut out = ParsedBody::default();
+    for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let trimmed = raw.iter().position(|&b| b != b' ' && b != b'\t').map(|p| &raw[p..]);
+        match trimmed {
+            None => continue,
+            Some(t) if t[0] == b'#' => continue,
+            Some(_) => {}
+        }
+        out.data_lines += 1;
+        match parse_line(raw, i + 1) {
+            Ok(line) => out.lines.push((raw, line)),
+            Err(e) => out.rejected.push(e),
+        }
+    }
+    out
+}
+
+/// Lines accepted for writing, grouped by table, with each table's schema as validated.
+#[derive(Debug, Default)]
+pub struct ValidatedWrite<'a> {
+    /// Table -> (schema at validation, accepted lines in body order).
+    pub tables: BTreeMap<String, (TableSchema, Vec<ParsedLine<'a>>)>,
+    /// Lines rejected by validation.
+    pub rejected: Vec<LineError>,
+}
+
+/// Checks each line against its table's schema, adding new tables and columns, and
+/// rejecting lines whose tags or fields conflict with the schema or whose timestamp
+/// does not fit in nanoseconds.
+///
+/// Call it with the engine's schema lock held (`Engine::update_schemas`), so schema
+/// growth is serialized; it does no allocation-heavy work.
+pub fn validate<'a>(
+    lines: Vec<(&'a [u8], ParsedLine<'a>)>,
+    precision: Precision,
+    schemas: &mut BTreeMap<String, TableSchema>,
+) -> ValidatedWrite<'a> {
+    let mut out = ValidatedWrite::default();
+    for (raw, mut line) in lines {
+        let table = line.measurement.as_ref();
+        let schema = schemas.entry(table.to_string()).or_default();
+        let mut new_columns: Vec<(&str, ColumnKind)> = Vec::new();
+        let mut error = None;
+        let wanted = line
+            .tags
+            .iter()
+            .map(|(k, _)| (k.as_ref(), ColumnKind::Tag))
+            .chain(line.fields.iter().map(|(k, v)| (k.as_ref(), ColumnKind::Field(field_type(v)))));
+        for (name, kind) in wanted {
+            match schema.kind(name) {
+                Some(existing) if existing == kind => {}
+                Some(existing) => {
+                    error = Some(conflict(raw, &line, table, name, existing, kind));
+                    break;
+                }
+                None => {
+                    // A field written twice in one line with two types: the last one counts.
+                    new_columns.retain(|(n, _)| *n != name);
+                    new_columns.push((name, kind));
+                }
+            }
+        }
+        if error.is_none() {
+            if let Some(ts) = line.timestamp {
+                match ts.checked_mul(precision.nanos()) {
+                    Some(ns) => line.timestamp = Some(ns),
+                    None => error = Some(at(raw, &line, 1, format!("timestamp {ts} is out of range for precision"))),
+                }
+            }
+        }
+        if error.is_none() {
+            for (name, kind) in new_columns {
+                if let Err(msg) = schema.add_column(name, kind) {
+                    error = Some(at(raw, &line, column_of(raw, name), format!("{msg} (table {table})")));
+                    break;
+                }
+            }
+        }
+        match error {
+            Some(e) => out.rejected.push(e),
+            None => {
+                let entry = out
+                    .tables
+                    .entry(table.to_string())
+                    .or_insert_with(|| (TableSchema::default(), Vec::new()));
+                entry.1.push(line);
+            }
+        }
+    }
+    for (table, (schema, _)) in out.tables.iter_mut() {
+        if let Some(s) = schemas.get(table) {
+            schema.clone_from(s);
+        }
+    }
+    out
+}
+
+fn field_type(v: &FieldValue<'_>) -> FieldType {
+    match v {
+        FieldValue::Float(_) => FieldType::Float,
+        FieldValue::Integer(_) => FieldType::Integer,
+        FieldValue::UInteger(_) => FieldType::UInteger,
+        FieldValue::Boolean(_) => FieldType::Boolean,
+        FieldValue::String(_) => FieldType::String,
+    }
+}
+
+fn conflict(raw: &[u8], line: &ParsedLine<'_>, table: &str, name: &str, existing: ColumnKind, got: ColumnKind) -> LineError {
+    let message = match (existing, got) {
+        (ColumnKind::Field(e), ColumnKind::Field(g)) => {
+            format!("field {name} is {} in table {table}, got {}", e.name(), g.name())
+        }
+        (ColumnKind::Tag, ColumnKind::Field(g)) => {
+            format!("column {name} is a tag in table {table}, got a {} field", g.name())
+        }
+        (ColumnKind::Field(e), ColumnKind::Tag) => {
+            format!("column {name} is a {} field in table {table}, got a tag", e.name())
+        }
+        (e, g) => format!("column {name} is {} in table {table}, got {}", e.describe(), g.describe()),
+    };
+    at(raw, line, column_of(raw, name), message)
+}
+
+/// The 1-based character column where `name=` first appears after the measurement.
+fn column_of(raw: &[u8], name: &str) -> usize {
+    let text = String::from_utf8_lossy(raw);
+    let needle = format!("{name}=");
+    let byte = text
+        .match_indices(&needle)
+        .find(|(i, _)| *i > 0 && matches!(text.as_bytes()[i - 1], b',' | b' '))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    text[..byte].chars().count() + 1
+}
+
+fn at(raw: &[u8], line: &ParsedLine<'_>, column: usize, message: String) -> LineError {
+    let mut text: String = String::from_utf8_lossy(raw).chars().take(200).collect();
+    if raw.len() > text.len() {
+        text.push_str("...");
+    }
+    LineError { line: line.line_number, column, message, text }
+}
+
+/// Builds one Arrow batch per table from validated lines, with only the columns the
+/// lines carry (`time` first, then schema order). A line without a timestamp gets
+/// `now_ns`. When a field repeats within a line, the last value wins.
+pub fn build_batches(write: &ValidatedWrite<'_>, now_ns: i64) -> Result<Vec<(String, RecordBatch)>, ArrowError> {
+    let mut out = Vec::with_capacity(write.tables.len());
+    for (table, (schema, lines)) in &write.tables {
+        out.push((table.clone(), build_table(schema, lines, now_ns)?));
+    }
+    Ok(out)
+}
+
+enum Builder {
+    Tag(StringBuilder),
+    Float(Float64Builder),
+    Integer(Int64Builder),
+    UInteger(UInt64Builder),
+    Boolean(BooleanBuilder),
+    String(StringBuilder),
+}
+
+impl Builder {
+    fn new(kind: ColumnKind, rows: usize) -> Self {
+        match kind {
+            ColumnKind::Tag | ColumnKind::Time => Self::Tag(StringBuilder::with_capacity(rows, rows * 8)),
+            ColumnKind::Field(FieldType::Float) => Self::Float(Float64Builder::with_capacity(rows)),
+            ColumnKind::Field(FieldType::Integer) => Self::Integer(Int64Builder::with_capacity(rows)),
+            ColumnKind::Field(FieldType::UInteger) => Self::UInteger(UInt64Builder::with_capacity(rows)),
+            ColumnKind::Field(FieldType::Boolean) => Self::Boolean(BooleanBuilder::with_capacity(rows)),
+            ColumnKind::Field(FieldType::String) => Self::String(StringBuilder::with_capacity(rows, rows * 8)),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Self::Tag(b) | Self::String(b) => b.append_null(),
+            Self::Float(b) => b.append_null(),
+            Self::Integer(b) => b.append_null(),
+            Self::UInteger(b) => b.append_null(),
+            Self::Boolean(b) => b.append_null(),
+        }
+    }
+
+    fn append_field(&mut self, v: &FieldValue<'_>) {
+        match (self, v) {
+            (Self::Float(b), FieldValue::Float(x)) => b.append_value(*x),
+            (Self::Integer(b), FieldValue::Integer(x)) => b.append_value(*x),
+            (Self::UInteger(b), FieldValue::UInteger(x)) => b.append_value(*x),
+            (Self::Boolean(b), FieldValue::Boolean(x)) => b.append_value(*x),
+            (Self::String(b), FieldValue::String(x)) => b.append_value(x),
+            // Validation guarantees types match; a mismatch would be a bug, stored as null.
+            (b, _) => b.append_null(),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Self::Tag(mut b) | Self::String(mut b) => Arc::new(b.finish()),
+            Self::Float(mut b) => Arc::new(b.finish()),
+            Self::Integer(mut b) => Arc::new(b.finish()),
+            Self::UInteger(mut b) => Arc::new(b.finish()),
+            Self::Boolean(mut b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+fn build_table(schema: &TableSchema, lines: &[ParsedLine<'_>], now_ns: i64) -> Result<RecordBatch, ArrowError> {
+    let mut used: HashMap<&str, usize> = HashMap::new();
+    for line in lines {
+        for (k, _) in &line.tags {
+            let n = used.len();
+            used.entry(k.as_ref()).or_insert(n);
+        }
+        for (k, _) in &line.fields {
+            let n = used.len();
+            used.entry(k.as_ref()).or_insert(n);
+        }
+    }
+    // Columns in schema order; `slot` maps a column name to its builder.
+    let defs: Vec<&ColumnDef> = schema
+        .columns()
+        .iter()
+        .filter(|c| c.kind != ColumnKind::Time && used.contains_key(c.name.as_str()))
+        .collect();
+    let slot: HashMap<&str, usize> = defs.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let mut builders: Vec<Builder> = defs.iter().map(|c| Builder::new(c.kind, lines.len())).collect();
+    let mut filled = vec![false; defs.len()];
+    let mut times = Vec::with_capacity(lines.len());
+    for line in lines {
+        times.push(line.timestamp.unwrap_or(now_ns));
+        filled.iter_mut().for_each(|f| *f = false);
+        for (k, v) in &line.tags {
+            if let Some(&i) = slot.get(k.as_ref()) {
+                if let Builder::Tag(b) = &mut builders[i] {
+                    b.append_value(v);
+                    filled[i] = true;
+                }
+            }
+        }
+        // Last value of a repeated field wins: walk backwards, skip filled columns.
+        for (k, v) in line.fields.iter().rev() {
+            if let Some(&i) = slot.get(k.as_ref()) {
+                if !filled[i] {
+                    builders[i].append_field(v);
+                    filled[i] = true;
+                }
+            }
+        }
+        for (i, b) in builders.iter_mut().enumerate() {
+            if !filled[i] {
+                b.append_null();
+            }
+        }
+    }
+    let time_def = ColumnDef { name: TIME_COLUMN.to_string(), kind: ColumnKind::Time };
+    let mut fields = vec![arrow_field(&time_def)];
+    fields.extend(defs.iter().map(|c| arrow_field(c)));
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(TimestampNanosecondArray::from(times).with_timezone("UTC"))];
+    columns.extend(builders.into_iter().map(Builder::finish));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+
+    fn run(body: &str, schemas: &mut BTreeMap<String, TableSchema>) -> (String, Vec<LineError>) {
+        let parsed = parse_body(body.as_bytes());
+        let mut rejected = parsed.rejected;
+        let v = validate(parsed.lines, Precision::Second, schemas);
+        rejected.extend(v.rejected.iter().cloned());
+        rejected.sort_by_key(|e| e.line);
+        let batches = build_batches(&v, 42).unwrap();
+        let text = batches
+            .iter()
+            .map(|(t, b)| format!("{t}\n{}", pretty_format_batches(std::slice::from_ref(b)).unwrap()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (text, rejected)
+    }
+
+    #[test]
+    fn lines_become_per_table_batches_in_schema_order() {
+        let mut schemas = BTreeMap::new();
+        let body = "# covers\nmanhole,device=mh-1,district=金水区 tilt_deg=0.5,battery=90i 1\n\nparking,device=pk-1 occupied=t 2\nmanhole,device=mh-2 tilt_deg=1.5,tilt_deg=2.5\n";
+        let (text, rejected) = run(body, &mut schemas);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let expected = "manhole
++----------------------+--------+----------+----------+---------+
+| time                 | device | district | tilt_deg | battery |
++----------------------+--------+----------+----------+---------+
+| 1970-01-01T00:00:01Z | mh-1   | 金水区   | 0.5      | 90      |
+| 1970-01-01T00:00:00Z | mh-2   |          | 2.5      |         |
++----------------------+--------+----------+----------+---------+
+parking
++----------------------+--------+----------+
+| time                 | device | occupied |
++----------------------+--------+----------+
+| 1970-01-01T00:00:02Z | pk-1   | true     |
++----------------------+--------+----------+";
+        assert_eq!(text, expected);
+        let m = &schemas["manhole"];
+        assert_eq!(m.kind("tilt_deg"), Some(ColumnKind::Field(FieldType::Float)));
+    }
+
+    #[test]
+    fn conflicts_reject_only_their_line_and_name_the_field() {
+        let mut schemas = BTreeMap::new();
+        let body = "manhole,device=a tilt_deg=1\nmanhole,device=a tilt_deg=\"x\"\nmanhole,device=b tilt_deg=2i\nmanhole tilt_deg=3,device=1\nmanhole,tilt_deg=x v=1\nmanhole,device=c tilt_deg=4 9223372036854775807";
+        let (_, rejected) = run(body, &mut schemas);
+        let got: Vec<(usize, usize, &str)> = rejected.iter().map(|e| (e.line, e.column, e.message.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, 18, "field tilt_deg is float in table manhole, got string"),
+                (3, 18, "field tilt_deg is float in table manhole, got integer"),
+                (4, 20, "column device is a tag in table manhole, got a float field"),
+                (5, 9, "column tilt_deg is a float field in table manhole, got a tag"),
+                (6, 1, "timestamp 9223372036854775807 is out of range for precision"),
+            ]
+        );
+        assert_eq!(rejected[0].text, "manhole,device=a tilt_deg=\"x\"");
+    }
+
+    #[test]
+    fn precision_names() {
+        assert_eq!(Precision::parse("ms"), Some(Precision::Millisecond));
+        assert_eq!(Precision::parse("n"), Some(Precision::Nanosecond));
+        assert_eq!(Precision::parse("h"), None);
+    }
+}

@@ -1,0 +1,46 @@
+//! The storage crate's errors, separated by whose fault they are.
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::parquet::errors::ParquetError;
+
+/// Result of a storage operation.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The caller asked for something invalid (a bad name, a schema conflict).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The named database does not exist.
+    #[error("database not found: {0}")]
+    DatabaseNotFound(String),
+    /// Durable data failed a check: a bad checksum, an unreadable segment or catalog.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The local disk (WAL) failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The object store failed.
+    #[error("object store error: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// Arrow failed to build or convert a batch.
+    #[error("arrow error: {0}")]
+    Arrow(#[from] ArrowError),
+    /// Parquet failed to encode or decode a segment.
+    #[error("parquet error: {0}")]
+    Parquet(#[from] ParquetError),
+    /// The engine is shutting down and takes no more writes.
+    #[error("the storage engine is shutting down")]
+    ShuttingDown,
+    /// A bug: an invariant of the engine did not hold.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl StorageError {
+    /// True when the error is the caller's fault rather than the server's.
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, Self::InvalidInput(_) | Self::DatabaseNotFound(_))
+    }
+}

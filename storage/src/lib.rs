@@ -1,0 +1,32 @@
+//! citytsdb's storage: where an acknowledged reading lives until it is queried.
+//!
+//! The write path, each step in its file:
+//!
+//! 1. `schema.rs` — a table's columns (`time`, tags, typed fields), grown on write.
+//! 2. `wal.rs` — each write becomes one checksummed WAL record; a group of writes
+//!    shares one fsync, after which the write is acknowledged (`engine.rs`).
+//! 3. `buffer.rs` — acknowledged batches wait in memory, queryable at once.
+//! 4. `merge.rs` — on flush, rows are sorted by series then time and a (series,
+//!    time) written twice is merged (last write wins, field by field).
+//! 5. `segment.rs` + `index.rs` — one Parquet segment per table and UTC day, with
+//!    its tag -> row bitmaps and page boundaries beside it.
+//! 6. `catalog.rs` — a new immutable catalog version lists the segments and the
+//!    tag -> segment bitmaps; then the WAL files it covers are deleted.
+//!
+//! Every object key is built in `paths.rs`. Readers take an [`engine::DbSnapshot`]:
+//! a catalog version plus the buffered rows not yet in it.
+
+pub mod buffer;
+pub mod catalog;
+pub mod engine;
+pub mod error;
+pub mod index;
+pub mod merge;
+pub mod paths;
+pub mod schema;
+pub mod segment;
+pub mod wal;
+
+pub use engine::{DbSnapshot, Engine, EngineConfig, FlushStats};
+pub use error::{Result, StorageError};
+pub use schema::{ColumnKind, FieldType, TableSchema};

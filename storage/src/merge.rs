@@ -1,0 +1,174 @@
+//! Sorting rows by series then time, and merging rows of the same series and time.
+//!
+//! The merge is InfluxDB's: for one (series, time), each field takes the value of the
+//! last write that carried it; fields a later write did not carry keep theirs.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{new_null_array, Array, ArrayRef, UInt32Array};
+use datafusion::arrow::compute::{cast, concat_batches, take};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+
+use crate::error::{Result, StorageError};
+use crate::schema::{ColumnKind, TableSchema, TIME_COLUMN};
+
+/// Reshapes `batch` to `target`: columns by name, missing ones null, types cast.
+///
+/// Segments store some float fields as scaled decimals; the cast back is exact
+/// because the segment writer only chooses a decimal that round-trips.
+pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema_ref() == target {
+        return Ok(batch.clone());
+    }
+    let columns = target
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => Ok(cast(c, f.data_type())?),
+            None => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    Ok(RecordBatch::try_new(target.clone(), columns)?)
+}
+
+/// Indices of the series key columns (every tag, then `time`) within `schema`.
+pub fn key_columns(table: &TableSchema, schema: &SchemaRef) -> Result<Vec<usize>> {
+    let mut keys: Vec<usize> = table
+        .tag_names()
+        .filter_map(|t| schema.index_of(t).ok())
+        .collect();
+    keys.push(schema.index_of(TIME_COLUMN).map_err(|_| {
+        StorageError::Internal("a batch to merge has no time column".into())
+    })?);
+    Ok(keys)
+}
+
+/// Concatenates `batches` (oldest write first), sorts by `keys`, and merges rows
+/// with equal keys so that each (series, time) appears once.
+pub fn sort_dedup(schema: &SchemaRef, batches: &[RecordBatch], keys: &[usize]) -> Result<RecordBatch> {
+    let all = concat_batches(schema, batches)?;
+    let n = all.num_rows();
+    if n == 0 {
+        return Ok(all);
+    }
+    let converter = RowConverter::new(
+        keys.iter()
+            .map(|&k| SortField::new(all.column(k).data_type().clone()))
+            .collect(),
+    )?;
+    let key_arrays: Vec<ArrayRef> = keys.iter().map(|&k| all.column(k).clone()).collect();
+    let rows = converter.convert_columns(&key_arrays)?;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    // Stable: rows with equal keys stay in write order, so the last one is the newest.
+    order.sort_by(|&a, &b| rows.row(a as usize).cmp(&rows.row(b as usize)));
+
+    let mut group_starts = Vec::with_capacity(n);
+    for (i, w) in order.windows(2).enumerate() {
+        if i == 0 {
+            group_starts.push(0);
+        }
+        if rows.row(w[0] as usize) != rows.row(w[1] as usize) {
+            group_starts.push(i + 1);
+        }
+    }
+    if n == 1 {
+        group_starts.push(0);
+    }
+    let unique = group_starts.len() == n;
+    let first_of_group: Vec<u32> = group_starts.iter().map(|&s| order[s]).collect();
+    let first_idx = Arc::new(UInt32Array::from(if unique { order.clone() } else { first_of_group }));
+
+    let mut columns = Vec::with_capacity(all.num_columns());
+    for (ci, col) in all.columns().iter().enumerate() {
+        if unique || keys.contains(&ci) {
+            columns.push(take(col.as_ref(), first_idx.as_ref(), None)?);
+            continue;
+        }
+        // For each group, the newest row that carries this field.
+        let mut idx = Vec::with_capacity(group_starts.len());
+        for (g, &start) in group_starts.iter().enumerate() {
+            let end = group_starts.get(g + 1).copied().unwrap_or(n);
+            let pick = order[start..end]
+                .iter()
+                .rev()
+                .find(|&&r| col.is_valid(r as usize))
+                .unwrap_or(&order[end - 1]);
+            idx.push(*pick);
+        }
+        columns.push(take(col.as_ref(), &UInt32Array::from(idx), None)?);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// True when the schema's column is a series key column of `table`.
+pub fn is_key(table: &TableSchema, name: &str) -> bool {
+    matches!(table.kind(name), Some(ColumnKind::Tag | ColumnKind::Time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::FieldType;
+    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+
+    fn table() -> TableSchema {
+        let mut t = TableSchema::default();
+        t.add_column("device", ColumnKind::Tag).unwrap();
+        t.add_column("a", ColumnKind::Field(FieldType::Float)).unwrap();
+        t.add_column("b", ColumnKind::Field(FieldType::Integer)).unwrap();
+        t
+    }
+
+    fn batch(schema: &SchemaRef, t: Vec<i64>, d: Vec<&str>, a: Vec<Option<f64>>, b: Vec<Option<i64>>) -> RecordBatch {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(TimestampNanosecondArray::from(t).with_timezone("UTC")),
+                Arc::new(StringArray::from(d)),
+                Arc::new(Float64Array::from(a)),
+                Arc::new(Int64Array::from(b)),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn later_writes_replace_only_the_fields_they_carry() {
+        let t = table();
+        let s = t.arrow_schema();
+        let b1 = batch(&s, vec![2, 1, 1], vec!["x", "y", "x"], vec![Some(1.0), Some(2.0), Some(3.0)], vec![Some(10), None, Some(30)]);
+        let b2 = batch(&s, vec![1, 1], vec!["x", "x"], vec![None, Some(5.0)], vec![Some(40), None]);
+        let keys = key_columns(&t, &s).unwrap();
+        let out = sort_dedup(&s, &[b1, b2], &keys).unwrap();
+        let text = pretty_format_batches(&[out]).unwrap().to_string();
+        let expected = [
+            "+--------------------------------+--------+-----+----+",
+            "| time                           | device | a   | b  |",
+            "+--------------------------------+--------+-----+----+",
+            "| 1970-01-01T00:00:00.000000001Z | x      | 5.0 | 40 |",
+            "| 1970-01-01T00:00:00.000000002Z | x      | 1.0 | 10 |",
+            "| 1970-01-01T00:00:00.000000001Z | y      | 2.0 |    |",
+            "+--------------------------------+--------+-----+----+",
+        ]
+        .join("\n");
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn align_fills_missing_columns_with_nulls() {
+        let t = table();
+        let s = t.arrow_schema();
+        let narrow = RecordBatch::try_new(
+            Arc::new(datafusion::arrow::datatypes::Schema::new(vec![s.field(0).clone()])),
+            vec![Arc::new(TimestampNanosecondArray::from(vec![7]).with_timezone("UTC"))],
+        )
+        .unwrap();
+        let wide = align(&narrow, &s).unwrap();
+        assert_eq!(wide.num_columns(), 4);
+        assert_eq!(wide.column(2).null_count(), 1);
+    }
+}

@@ -1,0 +1,76 @@
+//! Every object key and local file name citytsdb uses, built in one place.
+//!
+//! Names chosen by users (databases, tables) never appear in keys: they are mapped
+//! to numeric ids by the catalog, so any UTF-8 name is safe.
+
+use std::path::{Path, PathBuf};
+
+use object_store::path::Path as ObjectPath;
+
+/// Prefix under which catalog snapshots live.
+pub fn catalog_prefix() -> ObjectPath {
+    ObjectPath::from("catalog")
+}
+
+/// Key of catalog snapshot `version`.
+pub fn catalog_snapshot(version: u64) -> ObjectPath {
+    ObjectPath::from(format!("catalog/{version:020}.json"))
+}
+
+/// Parses the version out of a catalog snapshot key, if it is one.
+pub fn catalog_version(path: &ObjectPath) -> Option<u64> {
+    path.filename()?.strip_suffix(".json")?.parse().ok()
+}
+
+/// Key of a segment's Parquet file.
+pub fn segment_file(db_id: u32, table_id: u32, day: i64, segment_id: u32) -> ObjectPath {
+    ObjectPath::from(format!(
+        "segments/{db_id}/{table_id}/{day}/{segment_id:010}.parquet"
+    ))
+}
+
+/// Key of a segment's tag index, beside its Parquet file.
+pub fn segment_index(db_id: u32, table_id: u32, day: i64, segment_id: u32) -> ObjectPath {
+    ObjectPath::from(format!(
+        "segments/{db_id}/{table_id}/{day}/{segment_id:010}.index"
+    ))
+}
+
+/// The local directory of WAL files under a data directory.
+pub fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+/// The WAL file with sequence number `seq`.
+pub fn wal_file(wal_dir: &Path, seq: u64) -> PathBuf {
+    wal_dir.join(format!("{seq:020}.wal"))
+}
+
+/// Parses a WAL file's sequence number from its file name.
+pub fn wal_seq(file_name: &str) -> Option<u64> {
+    file_name.strip_suffix(".wal")?.parse().ok()
+}
+
+/// The local directory the embedded default object store uses.
+pub fn local_store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("store")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(catalog_version(&catalog_snapshot(42)), Some(42));
+        let f = wal_file(Path::new("/d/wal"), 7);
+        assert_eq!(
+            wal_seq(f.file_name().unwrap().to_str().unwrap()),
+            Some(7)
+        );
+        assert_eq!(
+            segment_file(1, 2, 20425, 3).as_ref(),
+            "segments/1/2/20425/0000000003.parquet"
+        );
+    }
+}

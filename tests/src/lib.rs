@@ -1,0 +1,30 @@
+//! End-to-end tests of citytsdb: the real `citytsdb` binary over real HTTP.
+//!
+//! The path of every test through this crate:
+//!
+//! 1. [`server`] builds the binary once per test process (`cargo build -p
+//!    citytsdb-server --bin citytsdb`), starts it on a fresh port and data
+//!    directory, and talks to it with bounded HTTP calls; it stops it with SIGTERM
+//!    or crashes it with SIGKILL, and restarts it on the same data directory.
+//! 2. [`workload`] generates the city's manhole readings deterministically, as
+//!    line-protocol chunks to write and as the rows the database must then hold
+//!    (after InfluxDB's merge rule for repeated series and timestamps).
+//! 3. [`oracle`] hands those rows and the analysts' SQL to DuckDB
+//!    (`oracle/duckdb_oracle.py`) and compares its answers with the server's.
+//! 4. [`plan`] reads the pruning counters out of `EXPLAIN ANALYZE`, and [`wal`]
+//!    reads and tears the write-ahead log files the way a crash would.
+//!
+//! The tests themselves live in `tests/`: one file per promise (oracle answers,
+//! durability under `kill -9`, torn WAL tails, pruning, HTTP errors, formats).
+
+pub mod oracle;
+pub mod plan;
+pub mod server;
+pub mod wal;
+pub mod workload;
+
+pub use server::{Client, Server};
+pub use workload::{Expected, Reading, Workload};
+
+/// One row of a JSON query answer: column name to value.
+pub type Row = serde_json::Map<String, serde_json::Value>;
