@@ -342,7 +342,7 @@ mod tests {
         let v = validate(parsed.lines, Precision::Second, schemas);
         rejected.extend(v.rejected.iter().cloned());
         rejected.sort_by_key(|e| e.line);
-        let batches = build_batches(&v, 42).unwrap();
+        let batches = build_batches(&v, 42_000_000_000).unwrap();
         let text = batches
             .iter()
             .map(|(t, b)| format!("{t}\n{}", pretty_format_batches(std::slice::from_ref(b)).unwrap()))
@@ -362,7 +362,7 @@ mod tests {
 | time                 | device | district | tilt_deg | battery |
 +----------------------+--------+----------+----------+---------+
 | 1970-01-01T00:00:01Z | mh-1   | 金水区   | 0.5      | 90      |
-| 1970-01-01T00:00:00Z | mh-2   |          | 2.5      |         |
+| 1970-01-01T00:00:42Z | mh-2   |          | 2.5      |         |
 +----------------------+--------+----------+----------+---------+
 parking
 +----------------------+--------+----------+

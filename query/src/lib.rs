@@ -1,1 +1,22 @@
-//! placeholder
+//! citytsdb's query side: SQL over the storage engine's snapshots.
+//!
+//! The read path, each step in its file:
+//!
+//! 1. `engine.rs` — parses the SQL, refuses anything not read-only, and opens a
+//!    DataFusion session over a snapshot of the database.
+//! 2. `provider.rs` — each table is a `CityTable`; its scan turns pushed-down
+//!    filters into [`pruning::KeyBounds`] (`pruning.rs`), prunes segments by time and
+//!    by the catalog's tag bitmaps, turns each segment's bitmaps into a Parquet
+//!    access plan, and adds the buffered rows.
+//! 3. `exec.rs` — `DedupExec` merges segments and buffered rows that overlap;
+//!    `CityScanExec` reports what was pruned, for `EXPLAIN ANALYZE`.
+//! 4. `error.rs` — failures classified as the user's (with a position) or ours.
+
+pub mod engine;
+pub mod error;
+pub mod exec;
+pub mod provider;
+pub mod pruning;
+
+pub use engine::{QueryEngine, QueryOutput};
+pub use error::{Position, QueryError};

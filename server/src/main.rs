@@ -1,1 +1,50 @@
-fn main() {}
+//! The `citytsdb` command.
+
+use clap::{Parser, Subcommand};
+use citytsdb_server::config::ServeArgs;
+
+/// citytsdb: the time-series store and query service of a city brain.
+#[derive(Debug, Parser)]
+#[command(name = "citytsdb", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (with no flags: data under ./data, HTTP on 127.0.0.1:8181).
+    Serve(ServeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CITYTSDB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Planning deeply nested SQL recurses; give it room.
+        .thread_stack_size(8 << 20)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => args.resolve().map(|config| runtime.block_on(citytsdb_server::serve(config))),
+    };
+    match result {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) | Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn floats_round_trip_bit_for_bit_through_decimals() {
         let t = table();
-        let n = 5000;
+        let n: usize = 5000;
         let levels: Vec<Option<f64>> = (0..n)
             .map(|i| if i % 7 == 0 { None } else { Some(((i as f64) * 0.37).round() / 10.0 - 100.0) })
             .collect();

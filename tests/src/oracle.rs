@@ -33,12 +33,18 @@ pub struct Query {
 impl Query {
     /// A question both engines read the same way.
     pub fn same(sql: &str) -> Query {
-        Query { sql: sql.to_string(), duckdb_sql: sql.to_string() }
+        Query {
+            sql: sql.to_string(),
+            duckdb_sql: sql.to_string(),
+        }
     }
 
     /// A question whose DuckDB spelling differs.
     pub fn pair(sql: &str, duckdb_sql: &str) -> Query {
-        Query { sql: sql.to_string(), duckdb_sql: duckdb_sql.to_string() }
+        Query {
+            sql: sql.to_string(),
+            duckdb_sql: duckdb_sql.to_string(),
+        }
     }
 
     /// Whether the answer's row order is part of the answer (the query sorts).
@@ -49,16 +55,23 @@ impl Query {
 
 /// `tests/oracle/duckdb_oracle.py`.
 pub fn script_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("oracle").join("duckdb_oracle.py")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("oracle")
+        .join("duckdb_oracle.py")
 }
 
 /// Writes the rows as the oracle's CSV: a header, then one row a line, time as
 /// `YYYY-MM-DD HH:MM:SS` (UTC), a missing field as an empty cell.
 pub fn write_rows_csv<'a>(path: &Path, rows: impl IntoIterator<Item = &'a Reading>) {
-    let file = std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let file =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let mut out = BufWriter::new(file);
     let mut line = String::new();
-    writeln!(out, "time,device,district,tilt_deg,water_level_cm,battery_pct,cover_open").expect("write CSV");
+    writeln!(
+        out,
+        "time,device,district,tilt_deg,water_level_cm,battery_pct,cover_open"
+    )
+    .expect("write CSV");
     for row in rows {
         line.clear();
         let cell = |v: Option<String>| v.unwrap_or_default();
@@ -80,13 +93,17 @@ pub fn write_rows_csv<'a>(path: &Path, rows: impl IntoIterator<Item = &'a Readin
 
 /// DuckDB's answers to `queries` over `rows` (loaded as table `manhole`), one
 /// list of row objects per query. Fails the test if the oracle cannot run.
-pub fn duckdb_answers<'a>(rows: impl IntoIterator<Item = &'a Reading>, queries: &[Query]) -> Vec<Vec<Row>> {
+pub fn duckdb_answers<'a>(
+    rows: impl IntoIterator<Item = &'a Reading>,
+    queries: &[Query],
+) -> Vec<Vec<Row>> {
     let dir = tempfile::tempdir().expect("tempdir for the oracle");
     let csv = dir.path().join("manhole.csv");
     let sql = dir.path().join("queries.json");
     write_rows_csv(&csv, rows);
     let list: Vec<&str> = queries.iter().map(|q| q.duckdb_sql.as_str()).collect();
-    std::fs::write(&sql, serde_json::to_vec(&list).expect("queries as JSON")).expect("write queries");
+    std::fs::write(&sql, serde_json::to_vec(&list).expect("queries as JSON"))
+        .expect("write queries");
 
     let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
     let output = Command::new(&python)
@@ -96,10 +113,18 @@ pub fn duckdb_answers<'a>(rows: impl IntoIterator<Item = &'a Reading>, queries: 
         .output()
         .unwrap_or_else(|e| panic!("could not run the DuckDB oracle with {python:?}: {e}; run the test command in README.md"));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the DuckDB oracle failed ({}):\n{stderr}", output.status);
+    assert!(
+        output.status.success(),
+        "the DuckDB oracle failed ({}):\n{stderr}",
+        output.status
+    );
     let answers: Vec<Vec<Row>> = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("the DuckDB oracle printed no answer list ({e}):\n{stderr}"));
-    assert_eq!(answers.len(), queries.len(), "the oracle answered a different number of queries");
+    assert_eq!(
+        answers.len(),
+        queries.len(),
+        "the oracle answered a different number of queries"
+    );
     answers
 }
 
@@ -133,7 +158,9 @@ fn row_key(row: &Row) -> String {
     let mut key = String::new();
     for (column, value) in row {
         let _ = match value {
-            Value::Number(n) if n.is_f64() => write!(key, "{column}={:.6e}\u{1}", n.as_f64().unwrap_or_default()),
+            Value::Number(n) if n.is_f64() => {
+                write!(key, "{column}={:.6e}\u{1}", n.as_f64().unwrap_or_default())
+            }
             other => write!(key, "{column}={other}\u{1}"),
         };
     }
@@ -152,30 +179,51 @@ pub fn compare_rows(got: &[Row], want: &[Row], ordered: bool) -> Result<(), Stri
         let same_columns = g.len() == w.len() && g.keys().all(|k| w.contains_key(k));
         let same = same_columns && g.iter().all(|(k, v)| same_value(v, &w[k]));
         if !same {
-            return Err(format!("row {i} differs:\n      server: {}\n      duckdb: {}", Value::from(g.clone()), Value::from(w.clone())));
+            return Err(format!(
+                "row {i} differs:\n      server: {}\n      duckdb: {}",
+                Value::from(g.clone()),
+                Value::from(w.clone())
+            ));
         }
     }
     if got.len() != want.len() {
         let extra = if got.len() > want.len() {
-            format!("first extra server row: {}", Value::from(got[want.len()].clone()))
+            format!(
+                "first extra server row: {}",
+                Value::from(got[want.len()].clone())
+            )
         } else {
-            format!("first missing row: {}", Value::from(want[got.len()].clone()))
+            format!(
+                "first missing row: {}",
+                Value::from(want[got.len()].clone())
+            )
         };
-        return Err(format!("server returned {} rows, duckdb {}; {extra}", got.len(), want.len()));
+        return Err(format!(
+            "server returned {} rows, duckdb {}; {extra}",
+            got.len(),
+            want.len()
+        ));
     }
     Ok(())
 }
 
 /// Runs every query on the server and compares with the oracle's answers;
 /// fails the test listing every query that differs, labelled with `stage`.
-pub fn assert_answers(server: &Server, db: &str, stage: &str, queries: &[Query], answers: &[Vec<Row>]) {
+pub fn assert_answers(
+    server: &Server,
+    db: &str,
+    stage: &str,
+    queries: &[Query],
+    answers: &[Vec<Row>],
+) {
     let mut failures = Vec::new();
     for (i, (query, want)) in queries.iter().zip(answers).enumerate() {
         let (status, body) = server.query_raw(db, &query.sql, "json");
         let outcome = if status != 200 {
             Err(format!("server answered {status}: {body}"))
         } else {
-            crate::server::parse_json_rows(&body).and_then(|got| compare_rows(&got, want, query.ordered()))
+            crate::server::parse_json_rows(&body)
+                .and_then(|got| compare_rows(&got, want, query.ordered()))
         };
         if let Err(why) = outcome {
             failures.push(format!("  query {i}: {}\n    {why}", query.sql));

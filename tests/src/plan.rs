@@ -13,7 +13,9 @@ use std::collections::HashMap;
 /// are left out; separators DataFusion puts around metrics (`[`, `]`, `,`) are
 /// tolerated.
 pub fn scan_metrics(plan_text: &str) -> Option<HashMap<String, u64>> {
-    let line = plan_text.lines().find(|line| line.contains("CityScanExec:"))?;
+    let line = plan_text
+        .lines()
+        .find(|line| line.contains("CityScanExec:"))?;
     let (_, after) = line.split_once("CityScanExec:")?;
     let cleaned: String = after
         .chars()
@@ -33,7 +35,9 @@ pub fn scan_metrics(plan_text: &str) -> Option<HashMap<String, u64>> {
 /// The value of `key` (`table=manhole` gives `manhole`) on the `CityScanExec:`
 /// line, numeric or not.
 pub fn scan_attribute(plan_text: &str, key: &str) -> Option<String> {
-    let line = plan_text.lines().find(|line| line.contains("CityScanExec:"))?;
+    let line = plan_text
+        .lines()
+        .find(|line| line.contains("CityScanExec:"))?;
     let (_, after) = line.split_once("CityScanExec:")?;
     after
         .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')

@@ -32,7 +32,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BODY: u64 = 1 << 30;
 /// Flags every test server gets unless the test passes them itself: flushes
 /// happen only when a test asks for them.
-const DEFAULT_FLAGS: [(&str, &str); 2] = [("--flush-interval", "3600s"), ("--flush-rows", "100000000")];
+const DEFAULT_FLAGS: [(&str, &str); 2] =
+    [("--flush-interval", "3600s"), ("--flush-rows", "100000000")];
 
 /// The workspace root: this crate's parent directory.
 pub fn workspace_root() -> PathBuf {
@@ -53,7 +54,7 @@ pub fn target_dir() -> PathBuf {
 
 /// The `citytsdb` binary, built once per test process.
 ///
-/// `cargo build -p citytsdb-server --bin citytsdb` runs the first time this is
+/// `cargo build --workspace --bins` runs the first time this is
 /// called (output shown, the test fails if the build does); the binary is then
 /// `<target dir>/debug/citytsdb`. `$CITYTSDB_BIN`, when set, names a binary to use
 /// instead, without building.
@@ -63,16 +64,18 @@ pub fn binary() -> &'static Path {
         if let Some(bin) = std::env::var_os("CITYTSDB_BIN").filter(|b| !b.is_empty()) {
             return PathBuf::from(bin);
         }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let cargo = std::env::var_os("CARGO")
+            .or_else(|| option_env!("CARGO").map(Into::into))
+            .unwrap_or_else(|| "cargo".into());
         let status = Command::new(&cargo)
-            .args(["build", "-p", "citytsdb-server", "--bin", "citytsdb"])
+            .args(["build", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .stdin(Stdio::null())
             .status()
             .unwrap_or_else(|e| panic!("could not run {cargo:?} build for the citytsdb binary: {e}"));
         assert!(
             status.success(),
-            "`cargo build -p citytsdb-server --bin citytsdb` failed ({status}); see its output above"
+            "`cargo build --workspace --bins` failed ({status}); see its output above"
         );
         let bin = target_dir().join("debug").join("citytsdb");
         assert!(bin.is_file(), "cargo build succeeded but {} does not exist", bin.display());
@@ -83,7 +86,10 @@ pub fn binary() -> &'static Path {
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener.local_addr().expect("local address of a bound listener").port()
+    listener
+        .local_addr()
+        .expect("local address of a bound listener")
+        .port()
 }
 
 /// An HTTP agent with the given global timeout that returns 4xx/5xx as values.
@@ -98,7 +104,11 @@ fn agent(timeout: Duration) -> ureq::Agent {
 /// Status and body (lossily decoded as UTF-8) of a response.
 fn answer(mut response: ureq::http::Response<ureq::Body>) -> Result<(u16, String), ureq::Error> {
     let status = response.status().as_u16();
-    let bytes = response.body_mut().with_config().limit(MAX_BODY).read_to_vec()?;
+    let bytes = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY)
+        .read_to_vec()?;
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
@@ -115,7 +125,10 @@ pub struct Client {
 impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:PORT`).
     pub fn new(base: impl Into<String>) -> Client {
-        Client { agent: agent(HTTP_TIMEOUT), base: base.into() }
+        Client {
+            agent: agent(HTTP_TIMEOUT),
+            base: base.into(),
+        }
     }
 
     /// The server's base URL, `http://127.0.0.1:PORT`.
@@ -129,12 +142,21 @@ impl Client {
     }
 
     /// `POST /api/v1/write?db=DB&precision=P` with a line-protocol body.
-    pub fn write(&self, db: &str, precision: &str, body: &[u8]) -> Result<(u16, String), ureq::Error> {
+    pub fn write(
+        &self,
+        db: &str,
+        precision: &str,
+        body: &[u8],
+    ) -> Result<(u16, String), ureq::Error> {
         self.write_params(&[("db", db), ("precision", precision)], body)
     }
 
     /// `POST /api/v1/write` with the given query parameters and raw body.
-    pub fn write_params(&self, params: &[(&str, &str)], body: &[u8]) -> Result<(u16, String), ureq::Error> {
+    pub fn write_params(
+        &self,
+        params: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(u16, String), ureq::Error> {
         let request = self
             .agent
             .post(format!("{}/api/v1/write", self.base))
@@ -154,9 +176,18 @@ impl Client {
     }
 
     /// `POST /api/v1/query` with the JSON body `{"db", "sql", "format"}`.
-    pub fn query_post(&self, db: &str, sql: &str, format: &str) -> Result<(u16, String), ureq::Error> {
+    pub fn query_post(
+        &self,
+        db: &str,
+        sql: &str,
+        format: &str,
+    ) -> Result<(u16, String), ureq::Error> {
         let body = serde_json::json!({"db": db, "sql": sql, "format": format});
-        answer(self.agent.post(format!("{}/api/v1/query", self.base)).send_json(&body)?)
+        answer(
+            self.agent
+                .post(format!("{}/api/v1/query", self.base))
+                .send_json(&body)?,
+        )
     }
 
     /// `POST /api/v1/query` with a raw body (for malformed-request tests).
@@ -170,7 +201,12 @@ impl Client {
 
     /// `POST /api/v1/flush?db=DB`.
     pub fn flush(&self, db: &str) -> Result<(u16, String), ureq::Error> {
-        answer(self.agent.post(format!("{}/api/v1/flush", self.base)).query("db", db).send_empty()?)
+        answer(
+            self.agent
+                .post(format!("{}/api/v1/flush", self.base))
+                .query("db", db)
+                .send_empty()?,
+        )
     }
 }
 
@@ -220,8 +256,13 @@ impl Server {
                 }
             }
             args.extend(extra_args.iter().map(|a| a.to_string()));
-            writeln!(log, "=== test harness: {} {}", bin.display(), args.join(" "))
-                .expect("write to the server log");
+            writeln!(
+                log,
+                "=== test harness: {} {}",
+                bin.display(),
+                args.join(" ")
+            )
+            .expect("write to the server log");
             let stdout = log.try_clone().expect("clone the server log handle");
             let child = Command::new(bin)
                 .args(&args)
@@ -259,7 +300,11 @@ impl Server {
         let url = format!("{}/health", self.client.url());
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self.child_mut().try_wait().expect("poll the server process") {
+            if let Some(status) = self
+                .child_mut()
+                .try_wait()
+                .expect("poll the server process")
+            {
                 return Err(status);
             }
             if let Ok(response) = probe.get(&url).call() {
@@ -270,18 +315,24 @@ impl Server {
                     if ok {
                         return Ok(());
                     }
-                    self.fail(&format!("GET /health answered 200 with {body:?}, not {{\"status\":\"ok\"}}"));
+                    self.fail(&format!(
+                        "GET /health answered 200 with {body:?}, not {{\"status\":\"ok\"}}"
+                    ));
                 }
             }
             if Instant::now() > deadline {
-                self.fail(&format!("GET /health did not answer 200 within {READY_TIMEOUT:?}"));
+                self.fail(&format!(
+                    "GET /health did not answer 200 within {READY_TIMEOUT:?}"
+                ));
             }
             thread::sleep(READY_POLL);
         }
     }
 
     fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("the server process is held until stop or kill")
+        self.child
+            .as_mut()
+            .expect("the server process is held until stop or kill")
     }
 
     /// The base URL, `http://127.0.0.1:PORT`.
@@ -315,7 +366,9 @@ impl Server {
     pub fn fail(&self, message: &str) -> ! {
         let log = self.log();
         let tail_start = log.len().saturating_sub(20_000);
-        let tail_start = (tail_start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(0);
+        let tail_start = (tail_start..log.len())
+            .find(|&i| log.is_char_boundary(i))
+            .unwrap_or(0);
         panic!(
             "{message}\n--- server log {} (tail) ---\n{}\n--- end of server log ---",
             self.log_path.display(),
@@ -332,7 +385,9 @@ impl Server {
     /// `GET /health` answers 200 `{"status":"ok"}`.
     pub fn is_healthy(&self) -> bool {
         match self.client.get("/health") {
-            Ok((200, body)) => serde_json::from_str::<Value>(&body).map(|v| v["status"] == "ok").unwrap_or(false),
+            Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                .map(|v| v["status"] == "ok")
+                .unwrap_or(false),
             _ => false,
         }
     }
@@ -356,7 +411,9 @@ impl Server {
     pub fn write_ok(&self, db: &str, precision: &str, body: impl AsRef<[u8]>) {
         let (status, answer) = self.write(db, precision, body);
         if status != 204 {
-            self.fail(&format!("write to {db} answered {status}, expected 204: {answer}"));
+            self.fail(&format!(
+                "write to {db} answered {status}, expected 204: {answer}"
+            ));
         }
     }
 
@@ -367,7 +424,10 @@ impl Server {
 
     /// `POST /api/v1/query` with any format; `(status, body)`.
     pub fn query_post(&self, db: &str, sql: &str, format: &str) -> (u16, String) {
-        self.reached(&format!("query {sql}"), self.client.query_post(db, sql, format))
+        self.reached(
+            &format!("query {sql}"),
+            self.client.query_post(db, sql, format),
+        )
     }
 
     /// Runs `sql` with `format=json`; fails the test with the server's error on
@@ -375,9 +435,15 @@ impl Server {
     pub fn query_json(&self, db: &str, sql: &str) -> Vec<Row> {
         let (status, body) = self.query_raw(db, sql, "json");
         if status != 200 {
-            self.fail(&format!("query answered {status}: {body}\n  db: {db}\n  sql: {sql}"));
+            self.fail(&format!(
+                "query answered {status}: {body}\n  db: {db}\n  sql: {sql}"
+            ));
         }
-        parse_json_rows(&body).unwrap_or_else(|e| self.fail(&format!("query answer is not rows ({e}): {body}\n  sql: {sql}")))
+        parse_json_rows(&body).unwrap_or_else(|e| {
+            self.fail(&format!(
+                "query answer is not rows ({e}): {body}\n  sql: {sql}"
+            ))
+        })
     }
 
     /// Flushes the database's write buffer to segments; the `segments_written`
@@ -398,8 +464,11 @@ impl Server {
     /// rows_selected, rows_decoded, ...).
     pub fn explain_analyze_metrics(&self, db: &str, sql: &str) -> HashMap<String, u64> {
         let text = self.explain_analyze_text(db, sql);
-        plan::scan_metrics(&text)
-            .unwrap_or_else(|| self.fail(&format!("no CityScanExec line in EXPLAIN ANALYZE of {sql}:\n{text}")))
+        plan::scan_metrics(&text).unwrap_or_else(|| {
+            self.fail(&format!(
+                "no CityScanExec line in EXPLAIN ANALYZE of {sql}:\n{text}"
+            ))
+        })
     }
 
     /// The whole plan text of `EXPLAIN ANALYZE <sql>`: every row's `plan`, joined.
@@ -408,7 +477,9 @@ impl Server {
         rows.iter()
             .map(|row| match row.get("plan") {
                 Some(Value::String(plan)) => plan.clone(),
-                other => self.fail(&format!("EXPLAIN ANALYZE row without a plan string: {other:?} in {row:?}")),
+                other => self.fail(&format!(
+                    "EXPLAIN ANALYZE row without a plan string: {other:?} in {row:?}"
+                )),
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -417,21 +488,31 @@ impl Server {
     /// Graceful stop: SIGTERM, then wait (at most 30 s) for exit code 0.
     pub fn stop(mut self) {
         let pid = self.pid();
-        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         if !matches!(sent, Ok(s) if s.success()) {
             self.fail(&format!("could not send SIGTERM to {pid}: {sent:?}"));
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            if let Some(status) = self.child_mut().try_wait().expect("poll the server process") {
+            if let Some(status) = self
+                .child_mut()
+                .try_wait()
+                .expect("poll the server process")
+            {
                 self.child = None;
                 if status.code() != Some(0) {
-                    self.fail(&format!("after SIGTERM citytsdb exited with {status}, expected exit code 0"));
+                    self.fail(&format!(
+                        "after SIGTERM citytsdb exited with {status}, expected exit code 0"
+                    ));
                 }
                 return;
             }
             if Instant::now() > deadline {
-                self.fail(&format!("citytsdb did not exit within {STOP_TIMEOUT:?} of SIGTERM"));
+                self.fail(&format!(
+                    "citytsdb did not exit within {STOP_TIMEOUT:?} of SIGTERM"
+                ));
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -458,8 +539,14 @@ impl Drop for Server {
 
 /// Where a server on `data_dir` logs: `<parent>/<data dir name>.server.log`.
 fn log_path_for(data_dir: &Path) -> PathBuf {
-    let name = data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
-    data_dir.parent().unwrap_or(data_dir).join(format!("{name}.server.log"))
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    data_dir
+        .parent()
+        .unwrap_or(data_dir)
+        .join(format!("{name}.server.log"))
 }
 
 /// Parses a `format=json` answer: an array of row objects.

@@ -19,7 +19,15 @@ pub const DAY: i64 = 86_400;
 
 /// The districts devices are placed in: UTF-8 names, an ASCII one, and one with a
 /// space that line protocol must escape (`high\ tech`).
-pub const DISTRICTS: [&str; 7] = ["金水区", "二七区", "中原区", "管城区", "惠济区", "zhengdong", "high tech"];
+pub const DISTRICTS: [&str; 7] = [
+    "金水区",
+    "二七区",
+    "中原区",
+    "管城区",
+    "惠济区",
+    "zhengdong",
+    "high tech",
+];
 
 /// A tiny xorshift64* generator: deterministic, no dependencies.
 #[derive(Debug, Clone)]
@@ -63,7 +71,9 @@ fn splitmix(mut z: u64) -> u64 {
 /// One seed from several numbers, so each (device, step, purpose) has its own
 /// independent random stream.
 pub fn seed_of(parts: &[u64]) -> u64 {
-    parts.iter().fold(0x51_7CC1_B727_220A, |h, &p| splitmix(h ^ p))
+    parts
+        .iter()
+        .fold(0x51_7CC1_B727_220A, |h, &p| splitmix(h ^ p))
 }
 
 const SALT_DEVICE: u64 = 1;
@@ -120,14 +130,24 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 pub fn rfc3339(secs: i64) -> String {
     let (y, mo, d) = civil_from_days(secs.div_euclid(DAY));
     let s = secs.rem_euclid(DAY);
-    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// Unix seconds as a SQL timestamp without zone: `2025-12-01 00:05:00`.
 pub fn sql_timestamp(secs: i64) -> String {
     let (y, mo, d) = civil_from_days(secs.div_euclid(DAY));
     let s = secs.rem_euclid(DAY);
-    format!("{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    format!(
+        "{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// One manhole reading, or one write of it: a write may carry only some fields.
@@ -157,7 +177,11 @@ impl Reading {
 
     /// This reading as one line of line protocol, precision seconds, no newline.
     pub fn line(&self) -> String {
-        let mut line = format!("manhole,device={},district={} ", self.device_name(), escape_tag(self.district));
+        let mut line = format!(
+            "manhole,device={},district={} ",
+            self.device_name(),
+            escape_tag(self.district)
+        );
         let mut sep = "";
         if let Some(v) = self.tilt_deg {
             let _ = write!(line, "{sep}tilt_deg={v}");
@@ -261,7 +285,11 @@ impl Workload {
     /// The same workload without retries or late readings: every reading is sent
     /// once, in time order.
     pub fn clean(self) -> Workload {
-        Workload { retries_per_mille: 0, late_per_mille: 0, ..self }
+        Workload {
+            retries_per_mille: 0,
+            late_per_mille: 0,
+            ..self
+        }
     }
 
     /// Readings per device.
@@ -292,7 +320,9 @@ impl Workload {
 
     /// The devices standing in `district`.
     pub fn devices_in(&self, district: &str) -> Vec<u32> {
-        (1..=self.devices).filter(|&d| self.district_of(d) == district).collect()
+        (1..=self.devices)
+            .filter(|&d| self.district_of(d) == district)
+            .collect()
     }
 
     fn profile(&self, device: u32) -> DeviceProfile {
@@ -312,7 +342,8 @@ impl Workload {
         let mut total = 0.0;
         // Rain that started late on the previous day still drains today.
         for day in [time.div_euclid(DAY) - 1, time.div_euclid(DAY)] {
-            let mut rng = XorShift::new(seed_of(&[self.seed, SALT_RAIN, district_index, day as u64]));
+            let mut rng =
+                XorShift::new(seed_of(&[self.seed, SALT_RAIN, district_index, day as u64]));
             let rains = rng.unit() < 0.35;
             let t0 = day * DAY + rng.below(20 * 3600) as i64;
             let peak = 15.0 + 35.0 * rng.unit();
@@ -334,19 +365,32 @@ impl Workload {
         let district = self.district_of(device);
         let profile = self.profile(device);
         let mut rng = XorShift::new(seed_of(&[self.seed, SALT_READING, device as u64, step]));
-        let (noise, jump, jump_size, tilt_noise, open_draw, open_after_jump) =
-            (rng.unit(), rng.unit(), rng.unit(), rng.unit(), rng.unit(), rng.unit());
+        let (noise, jump, jump_size, tilt_noise, open_draw, open_after_jump) = (
+            rng.unit(),
+            rng.unit(),
+            rng.unit(),
+            rng.unit(),
+            rng.unit(),
+            rng.unit(),
+        );
 
         let day_fraction = time.rem_euclid(DAY) as f64 / DAY as f64;
-        let cycle = 6.0 * (2.0 * std::f64::consts::PI * (day_fraction - 0.25 + profile.cycle_phase)).sin();
-        let level = profile.base_level_cm + cycle + self.rain_cm(district, time) + (noise - 0.5) * 1.6;
+        let cycle =
+            6.0 * (2.0 * std::f64::consts::PI * (day_fraction - 0.25 + profile.cycle_phase)).sin();
+        let level =
+            profile.base_level_cm + cycle + self.rain_cm(district, time) + (noise - 0.5) * 1.6;
         let water_level_cm = round_to(level.max(0.0), 1);
 
-        let tilt = if jump < 0.0008 { 15.0 + 25.0 * jump_size } else { 0.5 + (tilt_noise - 0.5) * 0.3 };
+        let tilt = if jump < 0.0008 {
+            15.0 + 25.0 * jump_size
+        } else {
+            0.5 + (tilt_noise - 0.5) * 0.3
+        };
         let tilt_deg = round_to(tilt, 2);
 
         let elapsed_days = (time - self.start) as f64 / DAY as f64;
-        let battery = profile.battery_start - (elapsed_days * profile.battery_drain_per_day).floor();
+        let battery =
+            profile.battery_start - (elapsed_days * profile.battery_drain_per_day).floor();
         let battery_pct = battery.max(5.0) as i64;
 
         let cover_open = open_draw < 0.0005 || (tilt_deg > 15.0 && open_after_jump < 0.5);
@@ -366,13 +410,22 @@ impl Workload {
     fn resend(original: &Reading, rng: &mut XorShift) -> Reading {
         let kind = rng.below(10);
         let (d_tilt, d_level, d_battery) = (1 + rng.below(5), 1 + rng.below(20), 1 + rng.below(3));
-        let tilt = original.tilt_deg.map(|v| round_to(v + 0.01 * d_tilt as f64, 2));
-        let level = original.water_level_cm.map(|v| round_to(v + 0.1 * d_level as f64, 1));
+        let tilt = original
+            .tilt_deg
+            .map(|v| round_to(v + 0.01 * d_tilt as f64, 2));
+        let level = original
+            .water_level_cm
+            .map(|v| round_to(v + 0.1 * d_level as f64, 1));
         let battery = original.battery_pct.map(|v| (v - d_battery as i64).max(0));
         let open = original.cover_open.map(|v| !v);
         match kind {
             0..=3 => *original,
-            4..=6 => Reading { tilt_deg: tilt, water_level_cm: level, battery_pct: battery, ..*original },
+            4..=6 => Reading {
+                tilt_deg: tilt,
+                water_level_cm: level,
+                battery_pct: battery,
+                ..*original
+            },
             _ => Reading {
                 tilt_deg: None,
                 water_level_cm: level,
@@ -430,11 +483,18 @@ impl Workload {
         for _ in 0..count {
             let device = 1 + rng.below(u64::from(self.devices)) as u32;
             let time = self.time_of(rng.below(self.steps()));
-            let current = *expected
-                .get(&(device, time))
-                .unwrap_or_else(|| panic!("overwrite target {} at {time} is not an existing row", device_name(device)));
-            let level = current.water_level_cm.map(|v| round_to(v + 5.0 + rng.below(100) as f64 / 10.0, 1));
-            let battery = current.battery_pct.map(|v| (v + 1 + rng.below(5) as i64).min(100));
+            let current = *expected.get(&(device, time)).unwrap_or_else(|| {
+                panic!(
+                    "overwrite target {} at {time} is not an existing row",
+                    device_name(device)
+                )
+            });
+            let level = current
+                .water_level_cm
+                .map(|v| round_to(v + 5.0 + rng.below(100) as f64 / 10.0, 1));
+            let battery = current
+                .battery_pct
+                .map(|v| (v + 1 + rng.below(5) as i64).min(100));
             let write = if rng.below(2) == 0 {
                 Reading {
                     tilt_deg: current.tilt_deg.map(|v| round_to(v + 0.07, 2)),
@@ -444,7 +504,13 @@ impl Workload {
                     ..current
                 }
             } else {
-                Reading { tilt_deg: None, water_level_cm: level, battery_pct: battery, cover_open: None, ..current }
+                Reading {
+                    tilt_deg: None,
+                    water_level_cm: level,
+                    battery_pct: battery,
+                    cover_open: None,
+                    ..current
+                }
             };
             apply(expected, &write);
             writes.push(write);
@@ -461,7 +527,10 @@ mod tests {
     fn times_print_like_the_server() {
         assert_eq!(rfc3339(DEFAULT_START), "2025-12-01T00:00:00Z");
         assert_eq!(rfc3339(DEFAULT_START + 300), "2025-12-01T00:05:00Z");
-        assert_eq!(rfc3339(DEFAULT_START + 31 * DAY - 1), "2025-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339(DEFAULT_START + 31 * DAY - 1),
+            "2025-12-31T23:59:59Z"
+        );
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(sql_timestamp(DEFAULT_START + 3_661), "2025-12-01 01:01:01");
@@ -482,13 +551,24 @@ mod tests {
             r.line(),
             "manhole,device=mh-00007,district=high\\ tech tilt_deg=0.5,water_level_cm=23.4,battery_pct=87i,cover_open=false 1764547200"
         );
-        let partial = Reading { tilt_deg: None, battery_pct: None, cover_open: None, ..r };
-        assert_eq!(partial.line(), "manhole,device=mh-00007,district=high\\ tech water_level_cm=23.4 1764547200");
+        let partial = Reading {
+            tilt_deg: None,
+            battery_pct: None,
+            cover_open: None,
+            ..r
+        };
+        assert_eq!(
+            partial.line(),
+            "manhole,device=mh-00007,district=high\\ tech water_level_cm=23.4 1764547200"
+        );
     }
 
     #[test]
     fn workload_is_deterministic_and_merges() {
-        let w = Workload { devices: 50, ..Workload::default() };
+        let w = Workload {
+            devices: 50,
+            ..Workload::default()
+        };
         let writes = w.writes();
         assert_eq!(writes, w.writes());
         let expected = w.expected();
@@ -509,12 +589,18 @@ mod tests {
                 *seen = write.time;
             }
         }
-        assert!(late > 0, "some readings arrive after newer readings of their device");
+        assert!(
+            late > 0,
+            "some readings arrive after newer readings of their device"
+        );
     }
 
     #[test]
     fn values_are_realistic_and_rounded() {
-        let w = Workload { devices: 200, ..Workload::default() };
+        let w = Workload {
+            devices: 200,
+            ..Workload::default()
+        };
         let mut jumps = 0;
         for device in 1..=w.devices {
             for step in 0..w.steps() {

@@ -19,7 +19,8 @@ fn binned(sql: &str) -> Query {
 
 /// What analysts ask of the manhole table. Every computed column has an alias
 /// (the engines name expressions differently) and every `ORDER BY` is a total
-/// order, so answers are deterministic.
+/// order on exact values (never on a float sum or average, whose last bits
+/// depend on the order of addition), so answers are deterministic.
 fn queries() -> Vec<Query> {
     vec![
         Query::same("SELECT count(*) AS n FROM manhole"),
@@ -100,22 +101,22 @@ fn queries() -> Vec<Query> {
              ORDER BY time DESC, device LIMIT 50 OFFSET 5",
         ),
         Query::same(
-            "SELECT device, avg(water_level_cm) AS avg_level FROM manhole WHERE district = 'high tech' \
-             AND time BETWEEN '2025-12-01T00:00:00Z' AND '2025-12-01T05:59:59Z' \
-             GROUP BY device ORDER BY avg_level DESC, device LIMIT 15",
+            "SELECT device, max(water_level_cm) AS peak, avg(water_level_cm) AS avg_level FROM manhole \
+             WHERE district = 'high tech' AND time BETWEEN '2025-12-01T00:00:00Z' AND '2025-12-01T05:59:59Z' \
+             GROUP BY device ORDER BY peak DESC, device LIMIT 15",
         ),
         Query::same(
             "SELECT time, count(*) AS n FROM manhole WHERE cover_open OR tilt_deg > 15 GROUP BY time ORDER BY time",
         ),
         binned(
             "WITH hourly AS (SELECT device, date_bin(INTERVAL '1 hour', time) AS hour, \
-             max(water_level_cm) AS peak FROM manhole WHERE district = '中原区' \
+             max(water_level_cm) AS peak FROM manhole WHERE district <> 'zhengdong' \
              GROUP BY device, date_bin(INTERVAL '1 hour', time)) \
              SELECT hour, count(*) AS flooded FROM hourly WHERE peak > 90 GROUP BY hour ORDER BY hour",
         ),
         Query::same(
             "SELECT device, time, water_level_cm - 50 AS above_50 FROM manhole \
-             WHERE NOT (district = '管城区' OR district = 'zhengdong') AND water_level_cm >= 120 \
+             WHERE NOT (district = '管城区' OR district = 'zhengdong') AND water_level_cm >= 95 \
              ORDER BY device, time",
         ),
         Query::same(
@@ -151,23 +152,51 @@ fn answers_match_duckdb_in_buffer_segments_restart_and_wal_replay() {
     let mut expected = workload.expected();
     assert_eq!(expected.len() as u64, workload.rows());
     let answers = duckdb_answers(expected.values(), &queries);
+    // Only the duplicate check (`HAVING count(*) <> 288`) may be empty: a
+    // question with no rows would prove little.
+    let empty = answers.iter().filter(|a| a.is_empty()).count();
+    assert_eq!(
+        empty, 1,
+        "queries with an empty oracle answer; adjust them to the workload"
+    );
 
     // (a) Straight after writing: every row is in the write buffer.
     let server = Server::start(&data);
     for body in chunks(&writes, LINES_PER_CHUNK) {
         server.write_ok(DB, "s", body);
     }
-    assert_answers(&server, DB, "(a) rows in the write buffer", &queries, &answers);
+    assert_answers(
+        &server,
+        DB,
+        "(a) rows in the write buffer",
+        &queries,
+        &answers,
+    );
 
     // (b) After a flush: every row is in Parquet segments.
     let segments = server.flush(DB);
-    assert!(segments >= 1, "a flush of 288,000 rows wrote {segments} segments");
-    assert_answers(&server, DB, "(b) rows in flushed segments", &queries, &answers);
+    assert!(
+        segments >= 1,
+        "a flush of 288,000 rows wrote {segments} segments"
+    );
+    assert_answers(
+        &server,
+        DB,
+        "(b) rows in flushed segments",
+        &queries,
+        &answers,
+    );
 
     // (c) After a graceful restart.
     server.stop();
     let server = Server::start(&data);
-    assert_answers(&server, DB, "(c) after a graceful restart", &queries, &answers);
+    assert_answers(
+        &server,
+        DB,
+        "(c) after a graceful restart",
+        &queries,
+        &answers,
+    );
 
     // (d) Overwrites of flushed rows (some carrying every field, some only a
     // few), first from the buffer, then replayed from the WAL after kill -9.
@@ -176,9 +205,21 @@ fn answers_match_duckdb_in_buffer_segments_restart_and_wal_replay() {
     for body in chunks(&overwrites, LINES_PER_CHUNK) {
         server.write_ok(DB, "s", body);
     }
-    assert_answers(&server, DB, "(d1) overwrites in the buffer over segments", &queries, &answers);
+    assert_answers(
+        &server,
+        DB,
+        "(d1) overwrites in the buffer over segments",
+        &queries,
+        &answers,
+    );
     server.kill9();
     let server = Server::start(&data);
-    assert_answers(&server, DB, "(d2) overwrites replayed from the WAL after kill -9", &queries, &answers);
+    assert_answers(
+        &server,
+        DB,
+        "(d2) overwrites replayed from the WAL after kill -9",
+        &queries,
+        &answers,
+    );
     server.stop();
 }

@@ -23,7 +23,13 @@ fn metric(metrics: &HashMap<String, u64>, key: &str, sql: &str) -> u64 {
 fn one_device_one_day_opens_one_segment_and_few_pages() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let workload = Workload { devices: 1_000, days: 30, interval_secs: 3_600, ..Workload::default() }.clean();
+    let workload = Workload {
+        devices: 1_000,
+        days: 30,
+        interval_secs: 3_600,
+        ..Workload::default()
+    }
+    .clean();
     assert_eq!(workload.rows(), 720_000);
 
     let server = Server::start(&data);
@@ -31,7 +37,10 @@ fn one_device_one_day_opens_one_segment_and_few_pages() {
         server.write_ok(DB, "s", body);
     }
     let segments = server.flush(DB);
-    assert_eq!(segments, 30, "30 UTC days of one table flush to 30 segments");
+    assert_eq!(
+        segments, 30,
+        "30 UTC days of one table flush to 30 segments"
+    );
     let total = server.query_json(DB, "SELECT count(*) AS n FROM manhole");
     assert_eq!(total[0]["n"].as_u64(), Some(720_000));
 
@@ -52,7 +61,10 @@ fn one_device_one_day_opens_one_segment_and_few_pages() {
     assert_eq!(metric(&m, "rows_selected", &sql), 24, "{report}");
     let decoded = metric(&m, "rows_decoded", &sql);
     assert!(decoded >= 24, "{report}");
-    assert!(decoded * 100 < 720_000, "rows_decoded {decoded} is not under 1% of the table: {report}");
+    assert!(
+        decoded * 100 < 720_000,
+        "rows_decoded {decoded} is not under 1% of the table: {report}"
+    );
 
     let rows = server.query_json(DB, &format!("{sql} ORDER BY time"));
     assert_eq!(rows.len(), 24, "{sql}");
@@ -67,7 +79,11 @@ fn one_device_one_day_opens_one_segment_and_few_pages() {
             ("battery_pct", serde_json::json!(want.battery_pct)),
             ("cover_open", serde_json::json!(want.cover_open)),
         ] {
-            assert!(same_value(&row[field], &value), "hour {hour} {field}: got {}, want {value}", row[field]);
+            assert!(
+                same_value(&row[field], &value),
+                "hour {hour} {field}: got {}, want {value}",
+                row[field]
+            );
         }
     }
 
@@ -86,7 +102,10 @@ fn one_device_one_day_opens_one_segment_and_few_pages() {
     assert_eq!(metric(&m, "segments_opened", &sql), 1, "{report}");
     assert_eq!(metric(&m, "rows_selected", &sql), want_rows, "{report}");
     assert!(metric(&m, "rows_decoded", &sql) >= want_rows, "{report}");
-    let count = server.query_json(DB, &format!("SELECT count(*) AS n FROM manhole WHERE {filter}"));
+    let count = server.query_json(
+        DB,
+        &format!("SELECT count(*) AS n FROM manhole WHERE {filter}"),
+    );
     assert_eq!(count[0]["n"].as_u64(), Some(want_rows));
     server.stop();
 }

@@ -35,22 +35,31 @@ fn write_body(n: u32) -> String {
 
 /// Rows of write `n` the server holds (0 or ROWS_PER_WRITE when all is well).
 fn rows_of(server: &Server, n: u32) -> u64 {
-    let sql = format!("SELECT count(*) AS n FROM manhole WHERE time = '{}'", rfc3339(write_time(n)));
+    let sql = format!(
+        "SELECT count(*) AS n FROM manhole WHERE time = '{}'",
+        rfc3339(write_time(n))
+    );
     let rows = server.query_json(DB, &sql);
-    rows[0]["n"].as_u64().unwrap_or_else(|| panic!("count in {rows:?}"))
+    rows[0]["n"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("count in {rows:?}"))
 }
 
 fn assert_writes(server: &Server, present: &[u32], absent: &[u32], stage: &str) {
     for &n in present {
         let found = rows_of(server, n);
         if found != u64::from(ROWS_PER_WRITE) {
-            server.fail(&format!("{stage}: write {n} has {found} of {ROWS_PER_WRITE} rows"));
+            server.fail(&format!(
+                "{stage}: write {n} has {found} of {ROWS_PER_WRITE} rows"
+            ));
         }
     }
     for &n in absent {
         let found = rows_of(server, n);
         if found != 0 {
-            server.fail(&format!("{stage}: write {n}, whose record was torn, has {found} rows"));
+            server.fail(&format!(
+                "{stage}: write {n}, whose record was torn, has {found} rows"
+            ));
         }
     }
 }
@@ -75,7 +84,10 @@ fn three_writes_then_crash(data: &Path) -> (PathBuf, wal::Record) {
             file.display()
         );
     }
-    assert_eq!(records, 3, "three acknowledged writes should be three WAL records, found {records} in {files:?}");
+    assert_eq!(
+        records, 3,
+        "three acknowledged writes should be three WAL records, found {records} in {files:?}"
+    );
     let (file, found) = scans
         .into_iter()
         .rev()
@@ -97,7 +109,12 @@ fn restart_and_check(data: &Path, survivors: &[u32], torn: &[u32], stage: &str) 
     let server = Server::start(data);
     let mut all: Vec<u32> = survivors.to_vec();
     all.push(4);
-    assert_writes(&server, &all, torn, &format!("{stage}, then write 4 and kill -9"));
+    assert_writes(
+        &server,
+        &all,
+        torn,
+        &format!("{stage}, then write 4 and kill -9"),
+    );
     server.kill9();
     for file in wal::wal_files(data) {
         let found = wal::scan(&file);

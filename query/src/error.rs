@@ -1,0 +1,141 @@
+//! The query crate's errors, classified by whose fault they are.
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::common::DataFusionError;
+use datafusion::sql::sqlparser::parser::ParserError;
+
+/// Where in the SQL text a problem is (1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Position {
+    /// Line, from 1.
+    pub line: u64,
+    /// Column, from 1.
+    pub column: u64,
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The SQL is wrong: does not parse, is not read-only, names unknown tables or
+    /// columns, or fails on the data (a bad cast, a division by zero).
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong.
+        message: String,
+        /// Where, when known.
+        position: Option<Position>,
+    },
+    /// The database does not exist.
+    #[error("database not found: {0}")]
+    DatabaseNotFound(String),
+    /// The query needed more memory than it may use.
+    #[error("{0}")]
+    ResourcesExhausted(String),
+    /// The server failed: storage, I/O, or a bug.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl QueryError {
+    /// A user error without a known position.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid { message: message.into(), position: None }
+    }
+
+    /// Classifies a DataFusion error, finding the position of the problem in `sql`.
+    pub fn from_datafusion(e: DataFusionError, sql: &str) -> Self {
+        let position = e.diagnostic().and_then(|d| d.span).map(|s| Position {
+            line: s.start.line,
+            column: s.start.column,
+        });
+        let root = e.find_root();
+        let message = strip_prefixes(&root.to_string());
+        match root {
+            DataFusionError::SQL(p, _) => Self::Invalid {
+                position: position.or_else(|| parser_position(p)),
+                message: parser_message(p),
+            },
+            DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => Self::Invalid {
+                position: position.or_else(|| quoted_position(&message, sql)),
+                message,
+            },
+            DataFusionError::ResourcesExhausted(_) => Self::ResourcesExhausted(message),
+            DataFusionError::ArrowError(a, _) if user_arrow_error(a) => Self::invalid(message),
+            DataFusionError::Execution(_) => Self::invalid(message),
+            _ => Self::Internal(message),
+        }
+    }
+}
+
+fn user_arrow_error(e: &ArrowError) -> bool {
+    matches!(
+        e,
+        ArrowError::DivideByZero
+            | ArrowError::CastError(_)
+            | ArrowError::ParseError(_)
+            | ArrowError::InvalidArgumentError(_)
+            | ArrowError::ComputeError(_)
+            | ArrowError::ArithmeticOverflow(_)
+    )
+}
+
+/// DataFusion's messages start with the error kind ("Error during planning: ");
+/// users want the sentence after it.
+fn strip_prefixes(s: &str) -> String {
+    let mut s = s.trim();
+    for p in ["Error during planning: ", "Schema error: ", "Execution error: ", "This feature is not implemented: ", "SQL error: ", "Arrow error: "] {
+        s = s.strip_prefix(p).unwrap_or(s);
+    }
+    s.to_string()
+}
+
+fn parser_message(p: &ParserError) -> String {
+    let s = match p {
+        ParserError::TokenizerError(s) | ParserError::ParserError(s) => s.clone(),
+        ParserError::RecursionLimitExceeded => "the query nests too deeply (recursion limit exceeded)".to_string(),
+    };
+    format!("SQL does not parse: {s}")
+}
+
+/// sqlparser ends its messages with "at Line: L, Column: C".
+fn parser_position(p: &ParserError) -> Option<Position> {
+    let s = p.to_string();
+    let at = s.rfind("Line: ")?;
+    let rest = &s[at + 6..];
+    let (line, rest) = rest.split_once(", Column: ")?;
+    let column: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    Some(Position { line: line.trim().parse().ok()?, column: column.parse().ok()? })
+}
+
+/// The position of the first name quoted in `message` (`'x'` or `"x"`) within `sql`.
+fn quoted_position(message: &str, sql: &str) -> Option<Position> {
+    let name = ['\'', '"'].iter().find_map(|&q| {
+        let start = message.find(q)? + 1;
+        let len = message[start..].find(q)?;
+        Some(&message[start..start + len])
+    })?;
+    // "citytsdb.public.x" names the table as the user wrote "x".
+    let name = name.rsplit('.').next()?;
+    if name.is_empty() {
+        return None;
+    }
+    let lower = sql.to_lowercase();
+    let byte = lower.find(&name.to_lowercase())?;
+    let before = &sql[..byte];
+    let line = before.matches('\n').count() as u64 + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) as u64 + 1;
+    Some(Position { line, column })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_found() {
+        let p = ParserError::ParserError("Expected: an expression, found: FROM at Line: 2, Column: 8".into());
+        assert_eq!(parser_position(&p), Some(Position { line: 2, column: 8 }));
+        let q = quoted_position("table 'citytsdb.public.nope' not found", "SELECT *\nFROM nope");
+        assert_eq!(q, Some(Position { line: 2, column: 6 }));
+    }
+}

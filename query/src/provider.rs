@@ -1,0 +1,377 @@
+//! The table provider: a table's segments and buffered rows as one DataFusion scan.
+//!
+//! 1. The filters DataFusion pushes down become [`KeyBounds`] (`pruning.rs`).
+//! 2. The catalog's time ranges and tag -> segment bitmaps choose the segments.
+//! 3. Each chosen segment's tag -> row bitmaps become a `ParquetAccessPlan` (row
+//!    groups plus a `RowSelection`), so only the pages holding those rows are read;
+//!    the key filters also go to the Parquet reader for page-index pruning on time.
+//! 4. Buffered rows are filtered by the same bounds and merged in memory.
+//! 5. Segments whose time range meets the buffered rows' go through [`DedupExec`]
+//!    with them, so a (series, time) in both appears once, newest fields winning.
+//!    Segments never overlap each other (the flush keeps it so).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use citytsdb_storage::catalog::SegmentMeta;
+use citytsdb_storage::index::{RowGroupAccess as SegmentAccess, SegmentIndex};
+use citytsdb_storage::merge::{align, key_columns, sort_dedup};
+use citytsdb_storage::schema::TIME_COLUMN;
+use citytsdb_storage::{ColumnKind, DbSnapshot, TableSchema};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema, DataFusionError, Result};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, RowGroupAccess};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::ExecutionPlan;
+use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::path::Path as ObjectPath;
+
+use crate::exec::{CityScanExec, DedupExec, ScanReport};
+use crate::pruning::KeyBounds;
+
+/// The URL under which the engine's object store is registered with DataFusion.
+pub const STORE_URL: &str = "citytsdb://store/";
+
+/// Most segment indexes kept in memory.
+const INDEX_CACHE_ENTRIES: usize = 65_536;
+
+/// Segment indexes by object key; segments are immutable, so entries never go stale.
+#[derive(Debug, Default)]
+pub struct IndexCache {
+    entries: Mutex<HashMap<String, Arc<SegmentIndex>>>,
+}
+
+impl IndexCache {
+    async fn get(&self, store: &Arc<dyn ObjectStore>, key: &str) -> Result<Arc<SegmentIndex>> {
+        if let Some(i) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return Ok(i.clone());
+        }
+        let bytes = store.get(&ObjectPath::from(key)).await?.bytes().await?;
+        let index = Arc::new(SegmentIndex::decode(&bytes).map_err(|e| DataFusionError::External(Box::new(e)))?);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= INDEX_CACHE_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(key.to_string(), index.clone());
+        Ok(index)
+    }
+}
+
+/// The tables of one database, as of one snapshot.
+pub struct DatabaseSchema {
+    snapshot: Arc<DbSnapshot>,
+    store: Arc<dyn ObjectStore>,
+    indexes: Arc<IndexCache>,
+}
+
+impl fmt::Debug for DatabaseSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSchema").field("db", &self.snapshot.name).finish()
+    }
+}
+
+impl DatabaseSchema {
+    /// Tables of `snapshot`, reading segments from `store`.
+    pub fn new(snapshot: Arc<DbSnapshot>, store: Arc<dyn ObjectStore>, indexes: Arc<IndexCache>) -> Self {
+        Self { snapshot, store, indexes }
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for DatabaseSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.snapshot.schemas.keys().cloned().collect()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        let Some(schema) = self.snapshot.schemas.get(name) else { return Ok(None) };
+        Ok(Some(Arc::new(CityTable {
+            snapshot: self.snapshot.clone(),
+            name: name.to_string(),
+            arrow: schema.arrow_schema(),
+            schema: schema.clone(),
+            store: self.store.clone(),
+            indexes: self.indexes.clone(),
+        })))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.snapshot.schemas.contains_key(name)
+    }
+}
+
+/// One table: its segments and its buffered rows.
+pub struct CityTable {
+    snapshot: Arc<DbSnapshot>,
+    name: String,
+    schema: Arc<TableSchema>,
+    arrow: SchemaRef,
+    store: Arc<dyn ObjectStore>,
+    indexes: Arc<IndexCache>,
+}
+
+impl fmt::Debug for CityTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CityTable").field("table", &self.name).finish()
+    }
+}
+
+#[async_trait]
+impl TableProvider for CityTable {
+    fn schema(&self) -> SchemaRef {
+        self.arrow.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters prune; DataFusion still applies every one of them above the scan.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let filters: Vec<Expr> = filters.iter().map(unqualify).collect::<Result<_>>()?;
+        let bounds = KeyBounds::from_filters(&filters, &self.schema);
+        let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.arrow.fields().len()).collect());
+        let out_schema = Arc::new(self.arrow.project(&projection)?);
+        let catalog = self.snapshot.table_catalog(&self.name);
+        let mut report = ScanReport {
+            table: self.name.clone(),
+            segments_total: catalog.map(|c| c.segments.len()).unwrap_or(0),
+            rows_total: catalog.map(|c| c.segments.values().map(|s| s.rows).sum()).unwrap_or(0),
+            ..Default::default()
+        };
+        if bounds.is_empty() {
+            return Ok(Arc::new(CityScanExec::new(report, Arc::new(EmptyExec::new(out_schema)))));
+        }
+
+        let buffered = self.buffered_rows(&bounds)?;
+        let buffer_range = buffered.as_ref().and_then(citytsdb_storage::buffer::time_range);
+        report.buffer_rows = buffered.as_ref().map(|b| b.num_rows()).unwrap_or(0);
+
+        // Segments by time range, then by the global tag bitmaps.
+        let mut candidates: Vec<&SegmentMeta> = catalog
+            .map(|c| c.segments.values().filter(|s| s.overlaps(bounds.min_time, bounds.max_time)).collect())
+            .unwrap_or_default();
+        if let Some(c) = catalog {
+            for t in &bounds.tags {
+                let ids = c.tag_segments.get(&t.column);
+                candidates.retain(|s| {
+                    ids.map(|vals| t.values.iter().any(|v| vals.get(v).is_some_and(|b| b.0.contains(s.id))))
+                        .unwrap_or(false)
+                });
+            }
+        }
+
+        // Segment bitmaps -> row selections.
+        let mut plain: Vec<PartitionedFile> = Vec::new();
+        let mut overlapping: Vec<PartitionedFile> = Vec::new();
+        for seg in candidates {
+            let file = PartitionedFile::new(seg.path.clone(), seg.size);
+            let file = if bounds.tags.is_empty() {
+                report.rows_selected += seg.rows;
+                report.rows_decoded += seg.rows;
+                file
+            } else {
+                let index = self.indexes.get(&self.store, &seg.index_path).await?;
+                let rows = index.matching_rows(&bounds.tags);
+                if rows.as_ref().is_some_and(|r| r.is_empty()) {
+                    continue;
+                }
+                let selection = index.selection(rows.as_ref());
+                report.rows_selected += selection.rows_selected;
+                report.rows_decoded += selection.rows_decoded;
+                file.with_extension(access_plan(selection.row_groups))
+            };
+            report.segments_opened += 1;
+            match buffer_range {
+                Some((lo, hi)) if seg.overlaps(lo, hi) => overlapping.push(file),
+                _ => plain.push(file),
+            }
+        }
+        report.segments_merged = overlapping.len();
+
+        // With a merge, every source must carry the key columns.
+        let mut read_cols = projection.clone();
+        if !overlapping.is_empty() {
+            for k in key_columns(&self.schema, &self.arrow).map_err(|e| DataFusionError::External(Box::new(e)))? {
+                if !read_cols.contains(&k) {
+                    read_cols.push(k);
+                }
+            }
+        }
+        let read_schema = Arc::new(self.arrow.project(&read_cols)?);
+        let predicate = self.key_predicate(state, &filters)?;
+
+        let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        if !plain.is_empty() {
+            parts.push(self.parquet_exec(plain, &read_cols, predicate.clone())?);
+        }
+        let memory = match buffered {
+            Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(&[vec![b]], self.arrow.clone(), Some(read_cols.clone()))? as Arc<dyn ExecutionPlan>),
+            _ => None,
+        };
+        match (overlapping.is_empty(), memory) {
+            (true, Some(m)) => parts.push(m),
+            (false, Some(m)) => {
+                let seg = self.parquet_exec(overlapping, &read_cols, predicate)?;
+                let keys = key_columns(&self.schema, &read_schema).map_err(|e| DataFusionError::External(Box::new(e)))?;
+                parts.push(Arc::new(DedupExec::new(read_schema.clone(), vec![seg, m], keys)));
+            }
+            (false, None) => parts.push(self.parquet_exec(overlapping, &read_cols, predicate)?),
+            (true, None) => {}
+        }
+
+        let mut plan: Arc<dyn ExecutionPlan> = match parts.len() {
+            0 => Arc::new(EmptyExec::new(read_schema.clone())),
+            1 => parts.remove(0),
+            _ => UnionExec::try_new(parts)?,
+        };
+        if read_cols != projection {
+            let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = out_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let i = read_schema.index_of(f.name())?;
+                    Ok((Arc::new(PhysicalColumn::new(f.name(), i)) as _, f.name().clone()))
+                })
+                .collect::<Result<_>>()?;
+            plan = Arc::new(ProjectionExec::try_new(exprs, plan)?);
+        }
+        Ok(Arc::new(CityScanExec::new(report, plan)))
+    }
+}
+
+impl CityTable {
+    /// Buffered rows within the key bounds, merged to one row per (series, time).
+    fn buffered_rows(&self, bounds: &KeyBounds) -> Result<Option<RecordBatch>> {
+        let (batches, range) = self.snapshot.buffered(&self.name);
+        let Some((lo, hi)) = range else { return Ok(None) };
+        if lo > bounds.max_time || hi < bounds.min_time {
+            return Ok(None);
+        }
+        let to_err = |e: citytsdb_storage::StorageError| DataFusionError::External(Box::new(e));
+        let mut kept = Vec::with_capacity(batches.len());
+        for b in &batches {
+            let b = align(b, &self.arrow).map_err(to_err)?;
+            let b = filter_by_bounds(&b, bounds)?;
+            if b.num_rows() > 0 {
+                kept.push(b);
+            }
+        }
+        if kept.is_empty() {
+            return Ok(None);
+        }
+        let keys = key_columns(&self.schema, &self.arrow).map_err(to_err)?;
+        Ok(Some(sort_dedup(&self.arrow, &kept, &keys).map_err(to_err)?))
+    }
+
+    /// The pushed-down filters on key columns only, as a physical predicate for the
+    /// Parquet reader's page pruning. Field filters are left out: a field's newest
+    /// value may live in another source.
+    fn key_predicate(&self, state: &dyn Session, filters: &[Expr]) -> Result<Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
+        let key_only: Vec<Expr> = filters
+            .iter()
+            .filter(|f| {
+                f.column_refs()
+                    .iter()
+                    .all(|c| matches!(self.schema.kind(&c.name), Some(ColumnKind::Tag | ColumnKind::Time)))
+            })
+            .cloned()
+            .collect();
+        let Some(expr) = conjunction(key_only) else { return Ok(None) };
+        let df_schema = DFSchema::try_from(self.arrow.as_ref().clone())?;
+        Ok(Some(state.create_physical_expr(expr, &df_schema)?))
+    }
+
+    fn parquet_exec(
+        &self,
+        files: Vec<PartitionedFile>,
+        read_cols: &[usize],
+        predicate: Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut source = ParquetSource::new(self.arrow.clone());
+        if let Some(p) = predicate {
+            source = source.with_predicate(p);
+        }
+        let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
+            .with_file_group(FileGroup::new(files))
+            .with_projection_indices(Some(read_cols.to_vec()))?
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+fn access_plan(groups: Vec<SegmentAccess>) -> ParquetAccessPlan {
+    ParquetAccessPlan::new(
+        groups
+            .into_iter()
+            .map(|g| match g {
+                SegmentAccess::Skip => RowGroupAccess::Skip,
+                SegmentAccess::Scan => RowGroupAccess::Scan,
+                SegmentAccess::Select(s) => RowGroupAccess::Selection(s),
+            })
+            .collect(),
+    )
+}
+
+/// Keeps the rows of `batch` (aligned to the table schema) within the key bounds.
+fn filter_by_bounds(batch: &RecordBatch, bounds: &KeyBounds) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let mut keep = vec![true; n];
+    if let Some(t) = batch.column_by_name(TIME_COLUMN).and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>()) {
+        for (k, &v) in keep.iter_mut().zip(t.values().iter()) {
+            *k = v >= bounds.min_time && v <= bounds.max_time;
+        }
+    }
+    for c in &bounds.tags {
+        let Some(col) = batch.column_by_name(&c.column).and_then(|a| a.as_string_opt::<i32>()) else {
+            keep.iter_mut().for_each(|k| *k = false);
+            continue;
+        };
+        for (i, k) in keep.iter_mut().enumerate() {
+            if *k {
+                *k = col.is_valid(i) && c.values.iter().any(|v| v == col.value(i));
+            }
+        }
+    }
+    if keep.iter().all(|&k| k) {
+        return Ok(batch.clone());
+    }
+    Ok(filter_record_batch(batch, &BooleanArray::from(keep))?)
+}
+
+/// The filter with column references stripped of their table qualifier (the scan
+/// sees one table).
+fn unqualify(e: &Expr) -> Result<Expr> {
+    e.clone()
+        .transform(|e| match e {
+            Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+            other => Ok(Transformed::no(other)),
+        })
+        .map(|t| t.data)
+}

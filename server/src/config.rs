@@ -1,0 +1,156 @@
+//! Server configuration: flags win over `CITYTSDB_*` environment variables, which win
+//! over the TOML file given by `--config`, which wins over the built-in defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Flags of `citytsdb serve` (each also settable as `CITYTSDB_<FLAG>`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Directory for the WAL and, by default, the segments [default: ./data]
+    #[arg(long, env = "CITYTSDB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to serve HTTP on [default: 127.0.0.1:8181]
+    #[arg(long, env = "CITYTSDB_HTTP_BIND")]
+    pub http_bind: Option<String>,
+    /// Object store for segments: file:///path, memory://, or s3://bucket/prefix [default: file://<data-dir>/store]
+    #[arg(long, env = "CITYTSDB_STORE")]
+    pub store: Option<String>,
+    /// TOML file with any of these settings (keys in snake_case)
+    #[arg(long, env = "CITYTSDB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Flush buffered rows to segments at least this often, e.g. 30s, 5m [default: 60s]
+    #[arg(long, env = "CITYTSDB_FLUSH_INTERVAL")]
+    pub flush_interval: Option<String>,
+    /// Flush once this many rows are buffered [default: 1000000]
+    #[arg(long, env = "CITYTSDB_FLUSH_ROWS")]
+    pub flush_rows: Option<usize>,
+    /// Largest write body accepted, in bytes after decompression [default: 67108864]
+    #[arg(long, env = "CITYTSDB_MAX_BODY_SIZE")]
+    pub max_body_size: Option<usize>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http_bind: Option<String>,
+    store: Option<String>,
+    flush_interval: Option<String>,
+    flush_rows: Option<usize>,
+    max_body_size: Option<usize>,
+}
+
+/// The resolved configuration of a server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// WAL (and default store) directory.
+    pub data_dir: PathBuf,
+    /// HTTP address.
+    pub http_bind: SocketAddr,
+    /// Object store URL.
+    pub store: String,
+    /// Age-based flush period.
+    pub flush_interval: Duration,
+    /// Size-based flush trigger, in rows.
+    pub flush_rows: usize,
+    /// Write body limit, bytes.
+    pub max_body_size: usize,
+}
+
+impl ServeArgs {
+    /// Resolves flags and environment (already merged by clap), the config file and defaults.
+    pub fn resolve(self) -> Result<ServeConfig, String> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data"));
+        let bind = self.http_bind.or(file.http_bind).unwrap_or_else(|| "127.0.0.1:8181".to_string());
+        let http_bind: SocketAddr = bind
+            .parse()
+            .map_err(|_| format!("http-bind: '{bind}' is not an address like 127.0.0.1:8181"))?;
+        if !http_bind.ip().is_loopback() {
+            return Err(format!(
+                "http-bind: {http_bind} is not a loopback address; without auth the server binds loopback only"
+            ));
+        }
+        let store = self.store.or(file.store).unwrap_or_else(|| {
+            let dir = citytsdb_storage::paths::local_store_dir(&data_dir);
+            format!("file://{}", absolute(&dir).display())
+        });
+        let interval = self.flush_interval.or(file.flush_interval).unwrap_or_else(|| "60s".to_string());
+        let flush_interval = parse_duration(&interval).map_err(|e| format!("flush-interval: {e}"))?;
+        let flush_rows = self.flush_rows.or(file.flush_rows).unwrap_or(1_000_000);
+        if flush_rows == 0 {
+            return Err("flush-rows: must be at least 1".into());
+        }
+        let max_body_size = self.max_body_size.or(file.max_body_size).unwrap_or(64 << 20);
+        Ok(ServeConfig { data_dir, http_bind, store, flush_interval, flush_rows, max_body_size })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `2d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 30s or 5m"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s, m, h or d)")),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(|| format!("'{s}' is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_and_flags_layer() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.http_bind.to_string(), "127.0.0.1:8181");
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        assert!(c.store.starts_with("file://") && c.store.ends_with("data/store"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "flush_rows = 5\nhttp_bind = \"127.0.0.1:9000\"\n").unwrap();
+        let args = ServeArgs { config: Some(file.clone()), http_bind: Some("127.0.0.1:9001".into()), ..Default::default() };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.flush_rows, 5);
+        assert_eq!(c.http_bind.port(), 9001, "the flag wins over the file");
+
+        std::fs::write(&file, "flush_rowz = 5\n").unwrap();
+        let err = ServeArgs { config: Some(file), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+        let err = ServeArgs { http_bind: Some("0.0.0.0:1".into()), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,341 @@
+//! Query answers as JSON, JSON lines, CSV and an aligned text table.
+//!
+//! Timestamps are RFC 3339 in UTC with a `Z` and only as many fraction digits as
+//! needed; NULL is `null` in JSON and empty in CSV and tables; floats print in their
+//! shortest exact form.
+
+use std::fmt::Write as _;
+
+use chrono::DateTime;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{
+    DataType, Date32Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, SchemaRef, TimeUnit,
+    UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+
+/// An output format of the query API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// An array of row objects.
+    Json,
+    /// One row object per line.
+    JsonLines,
+    /// A header line, then rows.
+    Csv,
+    /// An aligned text table.
+    Pretty,
+}
+
+impl Format {
+    /// Parses the `format` parameter.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "json" => Self::Json,
+            "jsonl" => Self::JsonLines,
+            "csv" => Self::Csv,
+            "pretty" => Self::Pretty,
+            _ => return None,
+        })
+    }
+
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::JsonLines => "application/jsonl",
+            Self::Csv => "text/csv; charset=utf-8",
+            Self::Pretty => "text/plain; charset=utf-8",
+        }
+    }
+}
+
+/// One value, ready to print.
+enum Cell {
+    Null,
+    /// Printed bare in JSON (numbers, booleans).
+    Raw(String),
+    /// Printed quoted in JSON.
+    Text(String),
+}
+
+/// Renders an answer in `format`.
+pub fn render(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let mut out = String::new();
+    match format {
+        Format::Json | Format::JsonLines => {
+            let json = format == Format::Json;
+            if json {
+                out.push('[');
+            }
+            let mut first = true;
+            for_each_row(batches, |row| {
+                if json && !first {
+                    out.push(',');
+                }
+                first = false;
+                out.push('{');
+                for (i, (name, cell)) in names.iter().zip(row).enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    push_json_string(&mut out, name);
+                    out.push(':');
+                    match cell {
+                        Cell::Null => out.push_str("null"),
+                        Cell::Raw(s) => out.push_str(&s),
+                        Cell::Text(s) => push_json_string(&mut out, &s),
+                    }
+                }
+                out.push('}');
+                if !json {
+                    out.push('\n');
+                }
+            })?;
+            if json {
+                out.push(']');
+            }
+        }
+        Format::Csv => {
+            let header: Vec<String> = names.iter().map(|n| csv_field(n)).collect();
+            out.push_str(&header.join(","));
+            out.push('\n');
+            for_each_row(batches, |row| {
+                let fields: Vec<String> = row
+                    .into_iter()
+                    .map(|c| match c {
+                        Cell::Null => String::new(),
+                        Cell::Raw(s) | Cell::Text(s) => csv_field(&s),
+                    })
+                    .collect();
+                out.push_str(&fields.join(","));
+                out.push('\n');
+            })?;
+        }
+        Format::Pretty => {
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            for_each_row(batches, |row| {
+                rows.push(
+                    row.into_iter()
+                        .map(|c| match c {
+                            Cell::Null => String::new(),
+                            Cell::Raw(s) | Cell::Text(s) => s.replace('\n', "\\n"),
+                        })
+                        .collect(),
+                )
+            })?;
+            pretty_table(&mut out, &names, &rows);
+        }
+    }
+    Ok(out.into_bytes())
+}
+
+fn for_each_row(batches: &[RecordBatch], mut f: impl FnMut(Vec<Cell>)) -> Result<(), ArrowError> {
+    for batch in batches {
+        let columns: Vec<ArrayRef> = batch.columns().iter().map(normalize).collect::<Result<_, _>>()?;
+        let options = FormatOptions::default();
+        let formatters: Vec<Option<ArrayFormatter<'_>>> = columns
+            .iter()
+            .map(|c| match needs_formatter(c.data_type()) {
+                true => ArrayFormatter::try_new(c.as_ref(), &options).map(Some),
+                false => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        for row in 0..batch.num_rows() {
+            let cells = columns
+                .iter()
+                .zip(&formatters)
+                .map(|(c, fmt)| cell(c, row, fmt.as_ref()))
+                .collect();
+            f(cells);
+        }
+    }
+    Ok(())
+}
+
+/// Dictionary columns print as their values.
+fn normalize(c: &ArrayRef) -> Result<ArrayRef, ArrowError> {
+    match c.data_type() {
+        DataType::Dictionary(_, value) => cast(c, value),
+        _ => Ok(c.clone()),
+    }
+}
+
+fn needs_formatter(t: &DataType) -> bool {
+    !matches!(
+        t,
+        DataType::Null
+            | DataType::Boolean
+            | DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+            | DataType::UInt64
+            | DataType::Float32
+            | DataType::Float64
+            | DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Timestamp(_, _)
+            | DataType::Date32
+    )
+}
+
+fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
+    if c.is_null(row) {
+        return Cell::Null;
+    }
+    macro_rules! int {
+        ($t:ty) => {
+            Cell::Raw(c.as_primitive::<$t>().value(row).to_string())
+        };
+    }
+    match c.data_type() {
+        DataType::Boolean => Cell::Raw(c.as_boolean().value(row).to_string()),
+        DataType::Int8 => int!(Int8Type),
+        DataType::Int16 => int!(Int16Type),
+        DataType::Int32 => int!(Int32Type),
+        DataType::Int64 => int!(Int64Type),
+        DataType::UInt8 => int!(UInt8Type),
+        DataType::UInt16 => int!(UInt16Type),
+        DataType::UInt32 => int!(UInt32Type),
+        DataType::UInt64 => int!(UInt64Type),
+        DataType::Float32 => float(c.as_primitive::<Float32Type>().value(row) as f64),
+        DataType::Float64 => float(c.as_primitive::<Float64Type>().value(row)),
+        DataType::Utf8 => Cell::Text(c.as_string::<i32>().value(row).to_string()),
+        DataType::LargeUtf8 => Cell::Text(c.as_string::<i64>().value(row).to_string()),
+        DataType::Utf8View => Cell::Text(c.as_string_view().value(row).to_string()),
+        DataType::Timestamp(unit, _) => {
+            let v = c.as_primitive::<Int64Type>().value(row);
+            let nanos = match unit {
+                TimeUnit::Second => v as i128 * 1_000_000_000,
+                TimeUnit::Millisecond => v as i128 * 1_000_000,
+                TimeUnit::Microsecond => v as i128 * 1_000,
+                TimeUnit::Nanosecond => v as i128,
+            };
+            Cell::Text(rfc3339(nanos))
+        }
+        DataType::Date32 => {
+            let days = c.as_primitive::<Date32Type>().value(row) as i128;
+            Cell::Text(rfc3339(days * 86_400_000_000_000)[..10].to_string())
+        }
+        DataType::Decimal128(..) | DataType::Decimal256(..) => {
+            fmt.map(|f| Cell::Raw(f.value(row).to_string())).unwrap_or(Cell::Null)
+        }
+        _ => fmt.map(|f| Cell::Text(f.value(row).to_string())).unwrap_or(Cell::Null),
+    }
+}
+
+fn float(v: f64) -> Cell {
+    if v.is_finite() {
+        // serde_json prints the shortest representation that reads back exactly.
+        Cell::Raw(serde_json::Number::from_f64(v).map(|n| n.to_string()).unwrap_or_default())
+    } else {
+        Cell::Null
+    }
+}
+
+/// RFC 3339 in UTC: `2025-12-01T00:00:00Z`, `2025-12-01T00:00:00.5Z`.
+pub fn rfc3339(nanos: i128) -> String {
+    let secs = nanos.div_euclid(1_000_000_000);
+    let frac = nanos.rem_euclid(1_000_000_000) as u32;
+    let Some(dt) = i64::try_from(secs).ok().and_then(|s| DateTime::from_timestamp(s, frac)) else {
+        return nanos.to_string();
+    };
+    let mut s = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
+    if frac > 0 {
+        let digits = format!("{frac:09}");
+        let _ = write!(s, ".{}", digits.trim_end_matches('0'));
+    }
+    s.push('Z');
+    s
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    // serde_json's escaping never fails for a &str.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn pretty_table(out: &mut String, names: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = names.iter().map(|n| n.chars().count()).collect();
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let rule: String = widths.iter().map(|w| format!("+{}", "-".repeat(w + 2))).collect::<String>() + "+\n";
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        for (c, w) in cells.zip(&widths) {
+            let pad = w - c.chars().count();
+            let _ = write!(out, "| {c}{} ", " ".repeat(pad));
+        }
+        out.push_str("|\n");
+    };
+    out.push_str(&rule);
+    line(out, &mut names.iter().copied());
+    out.push_str(&rule);
+    for row in rows {
+        line(out, &mut row.iter().map(String::as_str));
+    }
+    out.push_str(&rule);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn batch() -> (SchemaRef, RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("time", DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())), false),
+            Field::new("district", DataType::Utf8, true),
+            Field::new("tilt", DataType::Float64, true),
+            Field::new("count(*)", DataType::Int64, false),
+        ]));
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(TimestampNanosecondArray::from(vec![1_764_547_200_000_000_000, 1_764_547_200_500_000_000]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec![Some("金水区"), Some("a,\"b\"")])),
+                Arc::new(Float64Array::from(vec![Some(0.1), None])),
+                Arc::new(Int64Array::from(vec![3, 4])),
+            ],
+        )
+        .unwrap();
+        (schema, b)
+    }
+
+    #[test]
+    fn every_format() {
+        let (s, b) = batch();
+        let text = |f| String::from_utf8(render(f, &s, std::slice::from_ref(&b)).unwrap()).unwrap();
+        assert_eq!(
+            text(Format::Json),
+            r#"[{"time":"2025-12-01T00:00:00Z","district":"金水区","tilt":0.1,"count(*)":3},{"time":"2025-12-01T00:00:00.5Z","district":"a,\"b\"","tilt":null,"count(*)":4}]"#
+        );
+        assert_eq!(text(Format::JsonLines).lines().count(), 2);
+        assert_eq!(
+            text(Format::Csv),
+            "time,district,tilt,count(*)\n2025-12-01T00:00:00Z,金水区,0.1,3\n2025-12-01T00:00:00.5Z,\"a,\"\"b\"\"\",,4\n"
+        );
+        let pretty = text(Format::Pretty);
+        assert!(pretty.contains("| 2025-12-01T00:00:00Z   | 金水区   | 0.1  | 3        |"), "{pretty}");
+    }
+}

@@ -1,0 +1,438 @@
+//! Bad input gets a 4xx that says what is wrong and where; nothing gets a 5xx,
+//! and the server keeps serving afterwards.
+
+use serde_json::Value;
+
+use citytsdb_tests::Server;
+
+const DB: &str = "city";
+
+/// Rows every test starts from; they establish the manhole schema (tilt_deg and
+/// water_level_cm float, battery_pct integer, cover_open boolean).
+const SEED_ROWS: &str = "\
+manhole,device=mh-00101,district=zhengdong tilt_deg=0.5,water_level_cm=20.1,battery_pct=80i,cover_open=false 1764547200
+manhole,device=mh-00102,district=金水区 tilt_deg=0.61,water_level_cm=33.3,battery_pct=77i,cover_open=true 1764547200
+manhole,device=mh-00103,district=high\\ tech tilt_deg=0.42,water_level_cm=41,battery_pct=90i,cover_open=false 1764547200
+";
+
+fn seeded_server(data: &std::path::Path) -> Server {
+    let server = Server::start(data);
+    server.write_ok(DB, "s", SEED_ROWS);
+    server
+}
+
+/// Fails the test on a 5xx; passes the answer through otherwise.
+fn no_5xx(server: &Server, what: &str, answer: (u16, String)) -> (u16, String) {
+    if answer.0 >= 500 {
+        server.fail(&format!("{what}: answered {}: {}", answer.0, answer.1));
+    }
+    answer
+}
+
+/// The `error` message of a JSON error body; fails if there is none.
+fn error_of(server: &Server, what: &str, body: &str) -> (String, Value) {
+    let value: Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| server.fail(&format!("{what}: error body is not JSON ({e}): {body}")));
+    match value.get("error") {
+        Some(Value::String(message)) if !message.is_empty() => (message.clone(), value),
+        _ => server.fail(&format!(
+            "{what}: error body has no \"error\" message: {body}"
+        )),
+    }
+}
+
+/// Asserts `sql` is refused with `status` and a JSON error; returns the body.
+fn refused(server: &Server, db: &str, sql: &str, status: u16) -> (String, Value) {
+    let (got, body) = no_5xx(server, sql, server.query_raw(db, sql, "json"));
+    if got != status {
+        server.fail(&format!(
+            "{sql:?} on db {db} answered {got}, expected {status}: {body}"
+        ));
+    }
+    error_of(server, sql, &body)
+}
+
+fn count(server: &Server, sql: &str) -> u64 {
+    let rows = server.query_json(DB, sql);
+    rows[0]["n"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("count in {rows:?} for {sql}"))
+}
+
+fn assert_still_serving(server: &Server) {
+    assert!(
+        server.is_healthy(),
+        "GET /health failed after the bad requests"
+    );
+    assert_eq!(
+        count(
+            server,
+            "SELECT count(*) AS n FROM manhole WHERE time = '2025-12-01T00:00:00Z'"
+        ),
+        3
+    );
+}
+
+#[test]
+fn bad_sql_is_a_400_with_its_position() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = seeded_server(&tmp.path().join("data"));
+
+    // The parser knows where: the second `>` stands at line 1, column 45.
+    let sql = "SELECT device FROM manhole WHERE tilt_deg > > 1";
+    let (_, body) = refused(&server, DB, sql, 400);
+    assert_eq!(
+        body["position"],
+        serde_json::json!({"line": 1, "column": 45}),
+        "{body}"
+    );
+    let sql = "SELECT device\nFROM manhole\nWHERE tilt_deg > > 1";
+    let (_, body) = refused(&server, DB, sql, 400);
+    assert_eq!(
+        body["position"],
+        serde_json::json!({"line": 3, "column": 18}),
+        "{body}"
+    );
+    let (status, body) = no_5xx(&server, "POST bad SQL", server.query_post(DB, sql, "json"));
+    assert_eq!(status, 400, "{body}");
+    for sql in [
+        "SELEC device FROM manhole",
+        "SELECT FROM WHERE",
+        "SELECT (1",
+        "",
+        "   ",
+    ] {
+        refused(&server, DB, sql, 400);
+    }
+
+    let (message, _) = refused(&server, DB, "SELECT * FROM no_such_table", 400);
+    assert!(message.contains("no_such_table"), "{message}");
+    let (message, _) = refused(&server, DB, "SELECT no_such_column FROM manhole", 400);
+    assert!(message.contains("no_such_column"), "{message}");
+    refused(
+        &server,
+        DB,
+        "SELECT device FROM manhole WHERE no_such_column > 1",
+        400,
+    );
+
+    // Read-only: nothing but SELECT, EXPLAIN and SHOW.
+    for sql in [
+        "DELETE FROM manhole",
+        "DELETE FROM manhole WHERE device = 'mh-00101'",
+        "INSERT INTO manhole (time, device, district, tilt_deg) VALUES ('2025-12-01T00:00:00Z', 'mh-9', 'x', 1.0)",
+        "UPDATE manhole SET tilt_deg = 0",
+        "CREATE TABLE t (x INT)",
+        "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+        "DROP TABLE manhole",
+        "COPY manhole TO '/tmp/citytsdb-copy.csv'",
+        "SELECT 1; DROP TABLE manhole",
+    ] {
+        refused(&server, DB, sql, 400);
+    }
+    let (status, body) = no_5xx(
+        &server,
+        "POST DELETE",
+        server.query_post(DB, "DELETE FROM manhole", "json"),
+    );
+    assert_eq!(status, 400, "{body}");
+
+    // Unknown database: 404, over GET and POST.
+    refused(&server, "no_such_db", "SELECT * FROM manhole", 404);
+    let (status, body) = no_5xx(
+        &server,
+        "POST unknown db",
+        server.query_post("no_such_db", "SELECT 1 AS x", "json"),
+    );
+    assert_eq!(status, 404, "{body}");
+
+    // Malformed requests.
+    let (status, _) = no_5xx(
+        &server,
+        "unknown format",
+        server.query_raw(DB, "SELECT 1 AS x", "xml"),
+    );
+    assert_eq!(status, 400);
+    let client = server.client();
+    for body in [
+        &b"{not json"[..],
+        b"[]",
+        b"{\"db\": \"city\"}",
+        b"{\"db\": 5, \"sql\": \"SELECT 1\"}",
+    ] {
+        let answer = client.query_post_raw(body).expect("server answers");
+        let (status, text) = no_5xx(&server, "malformed POST query", answer);
+        assert!((400..500).contains(&status), "{status} {text}");
+    }
+    let (status, _) = no_5xx(
+        &server,
+        "query without sql",
+        server.get("/api/v1/query?db=city"),
+    );
+    assert!((400..500).contains(&status));
+    assert_still_serving(&server);
+    server.stop();
+}
+
+#[test]
+fn bad_lines_are_rejected_one_by_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = seeded_server(&tmp.path().join("data"));
+
+    // Seven lines, counted as written: a comment (1) and a blank line (3) count.
+    let lines = [
+        "# readings of the east gate",
+        "manhole,device=mh-00001,district=zhengdong tilt_deg=0.5,water_level_cm=20.1,battery_pct=80i,cover_open=false 1764550800",
+        "",
+        "this is not line protocol",
+        "manhole,device=mh-00002,district=zhengdong tilt_deg=1i,water_level_cm=20.2 1764550800",
+        "manhole,device=mh-00003,district=zhengdong tilt_deg=0.7,water_level_cm=21.5,battery_pct=81i,cover_open=true 1764550800",
+        "manhole,device=mh-00004,district=zhengdong tilt_deg=NaN,battery_pct=70i 1764550800",
+    ];
+    let (status, body) = no_5xx(
+        &server,
+        "partial write",
+        server.write(DB, "s", lines.join("\n")),
+    );
+    assert_eq!(status, 400, "{body}");
+    let value: Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("partial write body ({e}): {body}"));
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("partial write body is not an object: {body}"));
+    // The contract's fields must be there; fields added later are allowed.
+    assert!(
+        object.contains_key("error") && object.contains_key("lines"),
+        "{body}"
+    );
+    // "M" counts every line of the body or only the data lines: the contract's
+    // example does not say which, so both are accepted.
+    let message = value["error"].as_str().unwrap_or_default();
+    assert!(
+        message == "partial write: 3 of 7 lines rejected"
+            || message == "partial write: 3 of 5 lines rejected",
+        "{message}"
+    );
+    let rejected = value["lines"]
+        .as_array()
+        .unwrap_or_else(|| panic!("lines is not a list: {body}"));
+    let numbers: Vec<u64> = rejected
+        .iter()
+        .map(|l| l["line"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(numbers, [4, 5, 7], "{body}");
+    for entry in rejected {
+        let n = entry["line"].as_u64().unwrap_or(0) as usize;
+        let fields = entry.as_object();
+        assert!(
+            fields.is_some_and(|o| ["error", "line", "text"].iter().all(|k| o.contains_key(*k))),
+            "a rejected line has error, line and text: {entry}"
+        );
+        assert_eq!(entry["text"], lines[n - 1], "{entry}");
+        assert!(
+            !entry["error"].as_str().unwrap_or_default().is_empty(),
+            "{entry}"
+        );
+    }
+    assert!(
+        rejected[1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tilt_deg"),
+        "{body}"
+    );
+    // The valid lines were written; the rejected ones were not.
+    let devices = server.query_json(
+        DB,
+        "SELECT device FROM manhole WHERE time = '2025-12-01T01:00:00Z' ORDER BY device",
+    );
+    let devices: Vec<&str> = devices
+        .iter()
+        .filter_map(|r| r["device"].as_str())
+        .collect();
+    assert_eq!(devices, ["mh-00001", "mh-00003"]);
+
+    // Type conflicts against the established schema, one line each.
+    for (field, line) in [
+        (
+            "tilt_deg",
+            "manhole,device=mh-00005,district=zhengdong tilt_deg=1i 1764550860",
+        ),
+        (
+            "tilt_deg",
+            "manhole,device=mh-00005,district=zhengdong tilt_deg=\"tilted\" 1764550860",
+        ),
+        (
+            "battery_pct",
+            "manhole,device=mh-00005,district=zhengdong battery_pct=55.5 1764550860",
+        ),
+        (
+            "cover_open",
+            "manhole,device=mh-00005,district=zhengdong cover_open=\"yes\" 1764550860",
+        ),
+        (
+            "cover_open",
+            "manhole,device=mh-00005,district=zhengdong cover_open=1i 1764550860",
+        ),
+    ] {
+        let (status, body) = no_5xx(&server, line, server.write(DB, "s", line));
+        assert_eq!(status, 400, "{line}: {body}");
+        let (_, value) = error_of(&server, line, &body);
+        assert_eq!(value["lines"][0]["line"], 1, "{body}");
+        let why = value["lines"][0]["error"].as_str().unwrap_or_default();
+        assert!(
+            why.contains(field),
+            "{line}: the error should name {field}: {body}"
+        );
+    }
+
+    // Line protocol has no NaN or infinity.
+    for value in ["NaN", "nan", "inf", "-inf", "Infinity", "1e999", "-1e999"] {
+        let line =
+            format!("manhole,device=mh-00006,district=zhengdong water_level_cm={value} 1764550920");
+        let (status, body) = no_5xx(&server, &line, server.write(DB, "s", &line));
+        assert_eq!(status, 400, "{line}: {body}");
+        error_of(&server, &line, &body);
+    }
+    assert_eq!(
+        count(
+            &server,
+            "SELECT count(*) AS n FROM manhole WHERE device IN ('mh-00005', 'mh-00006')"
+        ),
+        0
+    );
+
+    // Bad parameters.
+    for params in [
+        vec![("precision", "s")],
+        vec![("db", DB), ("precision", "minutes")],
+        vec![("db", ""), ("precision", "s")],
+    ] {
+        let line = "manhole,device=mh-00007,district=zhengdong tilt_deg=0.5 1764550980";
+        let (status, body) = no_5xx(
+            &server,
+            &format!("write with {params:?}"),
+            server.write_params(&params, line),
+        );
+        assert_eq!(status, 400, "write with {params:?}: {body}");
+    }
+    assert_still_serving(&server);
+    server.stop();
+}
+
+#[test]
+fn hostile_inputs_never_get_a_5xx() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = seeded_server(&tmp.path().join("data"));
+
+    // Not UTF-8.
+    let body = b"manhole,device=mh-00008,district=\xff\xfe tilt_deg=0.5 1764550800\n";
+    let (status, text) = no_5xx(&server, "invalid UTF-8", server.write(DB, "s", &body[..]));
+    assert!(
+        (400..500).contains(&status),
+        "invalid UTF-8 answered {status}: {text}"
+    );
+    let body =
+        b"manhole,device=mh-00008,district=zhengdong tilt_deg=0.5 1764550800\n\xc3\x28\x80 x=1 1\n";
+    no_5xx(
+        &server,
+        "partly invalid UTF-8",
+        server.write(DB, "s", &body[..]),
+    );
+
+    // Empty bodies: nothing to write is fine or a 400, never an error.
+    for body in ["", "\n", "\n\n# only a comment\n"] {
+        let (status, text) = no_5xx(&server, "empty body", server.write(DB, "s", body));
+        assert!(
+            status == 204 || status == 400,
+            "{body:?} answered {status}: {text}"
+        );
+    }
+
+    // Ten thousand fields on one line.
+    let fields: Vec<String> = (0..10_000).map(|i| format!("f{i}={i}.5")).collect();
+    let line = format!("wide,device=mh-00001 {} 1764547200", fields.join(","));
+    let (status, text) = no_5xx(&server, "10,000 columns", server.write(DB, "s", &line));
+    assert!(
+        matches!(status, 204 | 400 | 413),
+        "10,000 columns answered {status}: {text}"
+    );
+    if status == 204 {
+        let rows = server.query_json(DB, "SELECT f0, f9999 FROM wide");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["f9999"], 9999.5);
+    }
+
+    // Ten thousand tags, and a very long tag value.
+    let tags: Vec<String> = (0..10_000).map(|i| format!("t{i}=v")).collect();
+    let line = format!("manytags,{} x=1 1764547200", tags.join(","));
+    no_5xx(&server, "10,000 tags", server.write(DB, "s", &line));
+    let line = format!(
+        "manhole,device={},district=x tilt_deg=1 1764547300",
+        "d".repeat(100_000)
+    );
+    no_5xx(&server, "a 100 kB tag value", server.write(DB, "s", &line));
+
+    // Deep nesting: refused with a 4xx, not a stack overflow.
+    let deep = format!("SELECT {}1{}", "(".repeat(10_000), ")".repeat(10_000));
+    let (status, text) = no_5xx(
+        &server,
+        "10,000 nested parentheses",
+        server.query_post(DB, &deep, "json"),
+    );
+    assert!(
+        (400..500).contains(&status),
+        "nested parentheses answered {status}: {text}"
+    );
+    let deep_where = format!(
+        "SELECT count(*) AS n FROM manhole WHERE {}true{}",
+        "(".repeat(5_000),
+        ")".repeat(5_000)
+    );
+    let (status, text) = no_5xx(
+        &server,
+        "nested WHERE",
+        server.query_post(DB, &deep_where, "json"),
+    );
+    assert!(
+        (400..500).contains(&status),
+        "nested WHERE answered {status}: {text}"
+    );
+
+    // A long flat chain of operators may be answered or refused, never crash.
+    let chain = format!("SELECT {} AS n", vec!["1"; 5_000].join(" + "));
+    let (status, text) = no_5xx(
+        &server,
+        "5,000-term sum",
+        server.query_post(DB, &chain, "json"),
+    );
+    if status == 200 {
+        assert!(text.contains("5000"), "{text}");
+    }
+    let chain = format!(
+        "SELECT count(*) AS n FROM manhole WHERE {}",
+        (0..3_000)
+            .map(|i| format!("device = 'mh-{i:05}'"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    );
+    no_5xx(
+        &server,
+        "3,000-term OR",
+        server.query_post(DB, &chain, "json"),
+    );
+
+    // Garbage in the query string.
+    for path in [
+        "/api/v1/query?db=city&sql=%FF%FE&format=json",
+        "/api/v1/query?db=%00&sql=SELECT%201&format=json",
+        "/api/v1/query?db=city&sql=SELECT%201&format=json&format=csv",
+        "/api/v1/query",
+        "/api/v1/flush",
+    ] {
+        let (status, text) = no_5xx(&server, path, server.get(path));
+        assert!(status < 500, "{path}: {status} {text}");
+    }
+    assert_still_serving(&server);
+    server.stop();
+}
