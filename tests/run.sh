@@ -9,6 +9,7 @@ python3 -m pip install --quiet --disable-pip-version-check -r tests/oracle/requi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# One build of everything (the binary the end-to-end tests start included), then the tests.
+# One build of everything, then the tests; the end-to-end tests start the binary of
+# this very build (without CITYTSDB_BIN they build it themselves).
 cargo build --workspace --all-targets
-cargo test --workspace --all-targets
+CITYTSDB_BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/debug/citytsdb" cargo test --workspace --all-targets

@@ -7,11 +7,13 @@
 use std::fmt::Write as _;
 
 use chrono::DateTime;
+use unicode_width::UnicodeWidthStr;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
     DataType, Date32Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, SchemaRef, TimeUnit,
-    UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt16Type,
+    UInt32Type, UInt64Type, UInt8Type,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -213,12 +215,11 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
         DataType::LargeUtf8 => Cell::Text(c.as_string::<i64>().value(row).to_string()),
         DataType::Utf8View => Cell::Text(c.as_string_view().value(row).to_string()),
         DataType::Timestamp(unit, _) => {
-            let v = c.as_primitive::<Int64Type>().value(row);
             let nanos = match unit {
-                TimeUnit::Second => v as i128 * 1_000_000_000,
-                TimeUnit::Millisecond => v as i128 * 1_000_000,
-                TimeUnit::Microsecond => v as i128 * 1_000,
-                TimeUnit::Nanosecond => v as i128,
+                TimeUnit::Second => c.as_primitive::<TimestampSecondType>().value(row) as i128 * 1_000_000_000,
+                TimeUnit::Millisecond => c.as_primitive::<TimestampMillisecondType>().value(row) as i128 * 1_000_000,
+                TimeUnit::Microsecond => c.as_primitive::<TimestampMicrosecondType>().value(row) as i128 * 1_000,
+                TimeUnit::Nanosecond => c.as_primitive::<TimestampNanosecondType>().value(row) as i128,
             };
             Cell::Text(rfc3339(nanos))
         }
@@ -272,16 +273,17 @@ fn csv_field(s: &str) -> String {
 }
 
 fn pretty_table(out: &mut String, names: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = names.iter().map(|n| n.chars().count()).collect();
+    // Display width, so Chinese district names line up in a terminal.
+    let mut widths: Vec<usize> = names.iter().map(|n| n.width()).collect();
     for row in rows {
         for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
+            *w = (*w).max(c.width());
         }
     }
     let rule: String = widths.iter().map(|w| format!("+{}", "-".repeat(w + 2))).collect::<String>() + "+\n";
     let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
         for (c, w) in cells.zip(&widths) {
-            let pad = w - c.chars().count();
+            let pad = w - c.width();
             let _ = write!(out, "| {c}{} ", " ".repeat(pad));
         }
         out.push_str("|\n");
@@ -336,6 +338,14 @@ mod tests {
             "time,district,tilt,count(*)\n2025-12-01T00:00:00Z,金水区,0.1,3\n2025-12-01T00:00:00.5Z,\"a,\"\"b\"\"\",,4\n"
         );
         let pretty = text(Format::Pretty);
-        assert!(pretty.contains("| 2025-12-01T00:00:00Z   | 金水区   | 0.1  | 3        |"), "{pretty}");
+        let expected = "\
++------------------------+----------+------+----------+
+| time                   | district | tilt | count(*) |
++------------------------+----------+------+----------+
+| 2025-12-01T00:00:00Z   | 金水区   | 0.1  | 3        |
+| 2025-12-01T00:00:00.5Z | a,\"b\"    |      | 4        |
++------------------------+----------+------+----------+
+";
+        assert_eq!(pretty, expected);
     }
 }
