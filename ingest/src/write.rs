@@ -6,8 +6,8 @@ use std::sync::Arc;
 use citytsdb_storage::schema::{arrow_field, ColumnDef, TIME_COLUMN};
 use citytsdb_storage::{ColumnKind, FieldType, TableSchema};
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampNanosecondArray,
-    UInt64Builder,
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    TimestampNanosecondArray, UInt64Builder,
 };
 use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::error::ArrowError;
@@ -69,7 +69,10 @@ pub fn parse_body(body: &[u8]) -> ParsedBody<'_> {
     let mut out = ParsedBody::default();
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let trimmed = raw.iter().position(|&b| b != b' ' && b != b'\t').map(|p| &raw[p..]);
+        let trimmed = raw
+            .iter()
+            .position(|&b| b != b' ' && b != b'\t')
+            .map(|p| &raw[p..]);
         match trimmed {
             None => continue,
             Some(t) if t[0] == b'#' => continue,
@@ -114,7 +117,11 @@ pub fn validate<'a>(
             .tags
             .iter()
             .map(|(k, _)| (k.as_ref(), ColumnKind::Tag))
-            .chain(line.fields.iter().map(|(k, v)| (k.as_ref(), ColumnKind::Field(field_type(v)))));
+            .chain(
+                line.fields
+                    .iter()
+                    .map(|(k, v)| (k.as_ref(), ColumnKind::Field(field_type(v)))),
+            );
         for (name, kind) in wanted {
             match schema.kind(name) {
                 Some(existing) if existing == kind => {}
@@ -133,14 +140,26 @@ pub fn validate<'a>(
             if let Some(ts) = line.timestamp {
                 match ts.checked_mul(precision.nanos()) {
                     Some(ns) => line.timestamp = Some(ns),
-                    None => error = Some(at(raw, &line, 1, format!("timestamp {ts} is out of range for precision"))),
+                    None => {
+                        error = Some(at(
+                            raw,
+                            &line,
+                            1,
+                            format!("timestamp {ts} is out of range for precision"),
+                        ))
+                    }
                 }
             }
         }
         if error.is_none() {
             for (name, kind) in new_columns {
                 if let Err(msg) = schema.add_column(name, kind) {
-                    error = Some(at(raw, &line, column_of(raw, name), format!("{msg} (table {table})")));
+                    error = Some(at(
+                        raw,
+                        &line,
+                        column_of(raw, name),
+                        format!("{msg} (table {table})"),
+                    ));
                     break;
                 }
             }
@@ -174,18 +193,39 @@ fn field_type(v: &FieldValue<'_>) -> FieldType {
     }
 }
 
-fn conflict(raw: &[u8], line: &ParsedLine<'_>, table: &str, name: &str, existing: ColumnKind, got: ColumnKind) -> LineError {
+fn conflict(
+    raw: &[u8],
+    line: &ParsedLine<'_>,
+    table: &str,
+    name: &str,
+    existing: ColumnKind,
+    got: ColumnKind,
+) -> LineError {
     let message = match (existing, got) {
         (ColumnKind::Field(e), ColumnKind::Field(g)) => {
-            format!("field {name} is {} in table {table}, got {}", e.name(), g.name())
+            format!(
+                "field {name} is {} in table {table}, got {}",
+                e.name(),
+                g.name()
+            )
         }
         (ColumnKind::Tag, ColumnKind::Field(g)) => {
-            format!("column {name} is a tag in table {table}, got a {} field", g.name())
+            format!(
+                "column {name} is a tag in table {table}, got a {} field",
+                g.name()
+            )
         }
         (ColumnKind::Field(e), ColumnKind::Tag) => {
-            format!("column {name} is a {} field in table {table}, got a tag", e.name())
+            format!(
+                "column {name} is a {} field in table {table}, got a tag",
+                e.name()
+            )
         }
-        (e, g) => format!("column {name} is {} in table {table}, got {}", e.describe(), g.describe()),
+        (e, g) => format!(
+            "column {name} is {} in table {table}, got {}",
+            e.describe(),
+            g.describe()
+        ),
     };
     at(raw, line, column_of(raw, name), message)
 }
@@ -207,13 +247,21 @@ fn at(raw: &[u8], line: &ParsedLine<'_>, column: usize, message: String) -> Line
     if raw.len() > text.len() {
         text.push_str("...");
     }
-    LineError { line: line.line_number, column, message, text }
+    LineError {
+        line: line.line_number,
+        column,
+        message,
+        text,
+    }
 }
 
 /// Builds one Arrow batch per table from validated lines, with only the columns the
 /// lines carry (`time` first, then schema order). A line without a timestamp gets
 /// `now_ns`. When a field repeats within a line, the last value wins.
-pub fn build_batches(write: &ValidatedWrite<'_>, now_ns: i64) -> Result<Vec<(String, RecordBatch)>, ArrowError> {
+pub fn build_batches(
+    write: &ValidatedWrite<'_>,
+    now_ns: i64,
+) -> Result<Vec<(String, RecordBatch)>, ArrowError> {
     let mut out = Vec::with_capacity(write.tables.len());
     for (table, (schema, lines)) in &write.tables {
         out.push((table.clone(), build_table(schema, lines, now_ns)?));
@@ -233,12 +281,22 @@ enum Builder {
 impl Builder {
     fn new(kind: ColumnKind, rows: usize) -> Self {
         match kind {
-            ColumnKind::Tag | ColumnKind::Time => Self::Tag(StringBuilder::with_capacity(rows, rows * 8)),
+            ColumnKind::Tag | ColumnKind::Time => {
+                Self::Tag(StringBuilder::with_capacity(rows, rows * 8))
+            }
             ColumnKind::Field(FieldType::Float) => Self::Float(Float64Builder::with_capacity(rows)),
-            ColumnKind::Field(FieldType::Integer) => Self::Integer(Int64Builder::with_capacity(rows)),
-            ColumnKind::Field(FieldType::UInteger) => Self::UInteger(UInt64Builder::with_capacity(rows)),
-            ColumnKind::Field(FieldType::Boolean) => Self::Boolean(BooleanBuilder::with_capacity(rows)),
-            ColumnKind::Field(FieldType::String) => Self::String(StringBuilder::with_capacity(rows, rows * 8)),
+            ColumnKind::Field(FieldType::Integer) => {
+                Self::Integer(Int64Builder::with_capacity(rows))
+            }
+            ColumnKind::Field(FieldType::UInteger) => {
+                Self::UInteger(UInt64Builder::with_capacity(rows))
+            }
+            ColumnKind::Field(FieldType::Boolean) => {
+                Self::Boolean(BooleanBuilder::with_capacity(rows))
+            }
+            ColumnKind::Field(FieldType::String) => {
+                Self::String(StringBuilder::with_capacity(rows, rows * 8))
+            }
         }
     }
 
@@ -275,7 +333,11 @@ impl Builder {
     }
 }
 
-fn build_table(schema: &TableSchema, lines: &[ParsedLine<'_>], now_ns: i64) -> Result<RecordBatch, ArrowError> {
+fn build_table(
+    schema: &TableSchema,
+    lines: &[ParsedLine<'_>],
+    now_ns: i64,
+) -> Result<RecordBatch, ArrowError> {
     let mut used: HashMap<&str, usize> = HashMap::new();
     for line in lines {
         for (k, _) in &line.tags {
@@ -293,8 +355,15 @@ fn build_table(schema: &TableSchema, lines: &[ParsedLine<'_>], now_ns: i64) -> R
         .iter()
         .filter(|c| c.kind != ColumnKind::Time && used.contains_key(c.name.as_str()))
         .collect();
-    let slot: HashMap<&str, usize> = defs.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
-    let mut builders: Vec<Builder> = defs.iter().map(|c| Builder::new(c.kind, lines.len())).collect();
+    let slot: HashMap<&str, usize> = defs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
+    let mut builders: Vec<Builder> = defs
+        .iter()
+        .map(|c| Builder::new(c.kind, lines.len()))
+        .collect();
     let mut filled = vec![false; defs.len()];
     let mut times = Vec::with_capacity(lines.len());
     for line in lines {
@@ -323,10 +392,15 @@ fn build_table(schema: &TableSchema, lines: &[ParsedLine<'_>], now_ns: i64) -> R
             }
         }
     }
-    let time_def = ColumnDef { name: TIME_COLUMN.to_string(), kind: ColumnKind::Time };
+    let time_def = ColumnDef {
+        name: TIME_COLUMN.to_string(),
+        kind: ColumnKind::Time,
+    };
     let mut fields = vec![arrow_field(&time_def)];
     fields.extend(defs.iter().map(|c| arrow_field(c)));
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(TimestampNanosecondArray::from(times).with_timezone("UTC"))];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(
+        TimestampNanosecondArray::from(times).with_timezone("UTC"),
+    )];
     columns.extend(builders.into_iter().map(Builder::finish));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
@@ -345,7 +419,12 @@ mod tests {
         let batches = build_batches(&v, 42_000_000_000).unwrap();
         let text = batches
             .iter()
-            .map(|(t, b)| format!("{t}\n{}", pretty_format_batches(std::slice::from_ref(b)).unwrap()))
+            .map(|(t, b)| {
+                format!(
+                    "{t}\n{}",
+                    pretty_format_batches(std::slice::from_ref(b)).unwrap()
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n");
         (text, rejected)
@@ -372,7 +451,10 @@ parking
 +----------------------+--------+----------+";
         assert_eq!(text, expected);
         let m = &schemas["manhole"];
-        assert_eq!(m.kind("tilt_deg"), Some(ColumnKind::Field(FieldType::Float)));
+        assert_eq!(
+            m.kind("tilt_deg"),
+            Some(ColumnKind::Field(FieldType::Float))
+        );
     }
 
     #[test]
@@ -380,15 +462,38 @@ parking
         let mut schemas = BTreeMap::new();
         let body = "manhole,device=a tilt_deg=1\nmanhole,device=a tilt_deg=\"x\"\nmanhole,device=b tilt_deg=2i\nmanhole tilt_deg=3,device=1\nmanhole,tilt_deg=x v=1\nmanhole,device=c tilt_deg=4 9223372036854775807";
         let (_, rejected) = run(body, &mut schemas);
-        let got: Vec<(usize, usize, &str)> = rejected.iter().map(|e| (e.line, e.column, e.message.as_str())).collect();
+        let got: Vec<(usize, usize, &str)> = rejected
+            .iter()
+            .map(|e| (e.line, e.column, e.message.as_str()))
+            .collect();
         assert_eq!(
             got,
             vec![
-                (2, 18, "field tilt_deg is float in table manhole, got string"),
-                (3, 18, "field tilt_deg is float in table manhole, got integer"),
-                (4, 20, "column device is a tag in table manhole, got a float field"),
-                (5, 9, "column tilt_deg is a float field in table manhole, got a tag"),
-                (6, 1, "timestamp 9223372036854775807 is out of range for precision"),
+                (
+                    2,
+                    18,
+                    "field tilt_deg is float in table manhole, got string"
+                ),
+                (
+                    3,
+                    18,
+                    "field tilt_deg is float in table manhole, got integer"
+                ),
+                (
+                    4,
+                    20,
+                    "column device is a tag in table manhole, got a float field"
+                ),
+                (
+                    5,
+                    9,
+                    "column tilt_deg is a float field in table manhole, got a tag"
+                ),
+                (
+                    6,
+                    1,
+                    "timestamp 9223372036854775807 is out of range for precision"
+                ),
             ]
         );
         assert_eq!(rejected[0].text, "manhole,device=a tilt_deg=\"x\"");

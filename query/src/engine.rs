@@ -13,13 +13,13 @@ use citytsdb_storage::Engine;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
+use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-use datafusion::execution::context::SQLOptions;
 
 use crate::error::{Position, QueryError};
 use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
@@ -54,7 +54,11 @@ impl QueryEngine {
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         let url = url::Url::parse(STORE_URL).map_err(|e| QueryError::Internal(e.to_string()))?;
         runtime.register_object_store(&url, storage.store().clone());
-        Ok(Self { storage, runtime, indexes: Arc::new(IndexCache::default()) })
+        Ok(Self {
+            storage,
+            runtime,
+            indexes: Arc::new(IndexCache::default()),
+        })
     }
 
     /// Runs one read-only statement against `db` and collects the answer.
@@ -68,7 +72,11 @@ impl QueryEngine {
     }
 
     /// Plans one read-only statement against `db` and starts executing it.
-    pub async fn query_stream(&self, db: &str, sql: &str) -> Result<SendableRecordBatchStream, QueryError> {
+    pub async fn query_stream(
+        &self,
+        db: &str,
+        sql: &str,
+    ) -> Result<SendableRecordBatchStream, QueryError> {
         check_read_only(sql)?;
         let ctx = self.context(db)?;
         let options = SQLOptions::new()
@@ -79,7 +87,9 @@ impl QueryEngine {
             .sql_with_options(sql, options)
             .await
             .map_err(|e| QueryError::from_datafusion(e, sql))?;
-        df.execute_stream().await.map_err(|e| QueryError::from_datafusion(e, sql))
+        df.execute_stream()
+            .await
+            .map_err(|e| QueryError::from_datafusion(e, sql))
     }
 
     fn context(&self, db: &str) -> Result<SessionContext, QueryError> {
@@ -93,11 +103,18 @@ impl QueryEngine {
             .with_default_catalog_and_schema(CATALOG, "public")
             .set_str("datafusion.sql_parser.dialect", "PostgreSQL")
             .set_str("datafusion.sql_parser.collect_spans", "true")
-            .set_str("datafusion.sql_parser.recursion_limit", &RECURSION_LIMIT.to_string())
+            .set_str(
+                "datafusion.sql_parser.recursion_limit",
+                &RECURSION_LIMIT.to_string(),
+            )
             .set_str("datafusion.execution.time_zone", "+00:00");
         let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         let catalog = MemoryCatalogProvider::new();
-        let schema = DatabaseSchema::new(Arc::new(snapshot), self.storage.store().clone(), self.indexes.clone());
+        let schema = DatabaseSchema::new(
+            Arc::new(snapshot),
+            self.storage.store().clone(),
+            self.indexes.clone(),
+        );
         catalog
             .register_schema("public", Arc::new(schema))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -112,7 +129,9 @@ fn check_read_only(sql: &str) -> Result<(), QueryError> {
         .map_err(|e| QueryError::from_datafusion(e, sql))?;
     let mut iter = statements.iter();
     let Some(first) = iter.next() else {
-        return Err(QueryError::invalid("the query is empty: send one SELECT, EXPLAIN or SHOW statement"));
+        return Err(QueryError::invalid(
+            "the query is empty: send one SELECT, EXPLAIN or SHOW statement",
+        ));
     };
     if iter.next().is_some() {
         return Err(QueryError::invalid("send one statement per query"));
@@ -136,7 +155,9 @@ fn is_read_only(s: &DfStatement) -> bool {
             | SqlStatement::ShowTables { .. }
             | SqlStatement::ShowColumns { .. }
             | SqlStatement::ShowFunctions { .. } => true,
-            SqlStatement::Explain { statement, .. } => matches!(statement.as_ref(), SqlStatement::Query(_)),
+            SqlStatement::Explain { statement, .. } => {
+                matches!(statement.as_ref(), SqlStatement::Query(_))
+            }
             _ => false,
         },
         DfStatement::Explain(e) => is_read_only(&e.statement),

@@ -39,7 +39,10 @@ pub enum QueryError {
 impl QueryError {
     /// A user error without a known position.
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::Invalid { message: message.into(), position: None }
+        Self::Invalid {
+            message: message.into(),
+            position: None,
+        }
     }
 
     /// Classifies a DataFusion error, finding the position of the problem in `sql`.
@@ -55,7 +58,9 @@ impl QueryError {
                 position: position.or_else(|| parser_position(p)),
                 message: parser_message(p),
             },
-            DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => Self::Invalid {
+            DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..)
+            | DataFusionError::NotImplemented(_) => Self::Invalid {
                 position: position.or_else(|| quoted_position(&message, sql)),
                 message,
             },
@@ -83,7 +88,14 @@ fn user_arrow_error(e: &ArrowError) -> bool {
 /// users want the sentence after it.
 fn strip_prefixes(s: &str) -> String {
     let mut s = s.trim();
-    for p in ["Error during planning: ", "Schema error: ", "Execution error: ", "This feature is not implemented: ", "SQL error: ", "Arrow error: "] {
+    for p in [
+        "Error during planning: ",
+        "Schema error: ",
+        "Execution error: ",
+        "This feature is not implemented: ",
+        "SQL error: ",
+        "Arrow error: ",
+    ] {
         s = s.strip_prefix(p).unwrap_or(s);
     }
     s.to_string()
@@ -92,7 +104,9 @@ fn strip_prefixes(s: &str) -> String {
 fn parser_message(p: &ParserError) -> String {
     let s = match p {
         ParserError::TokenizerError(s) | ParserError::ParserError(s) => s.clone(),
-        ParserError::RecursionLimitExceeded => "the query nests too deeply (recursion limit exceeded)".to_string(),
+        ParserError::RecursionLimitExceeded => {
+            "the query nests too deeply (recursion limit exceeded)".to_string()
+        }
     };
     format!("SQL does not parse: {s}")
 }
@@ -104,7 +118,10 @@ fn parser_position(p: &ParserError) -> Option<Position> {
     let rest = &s[at + 6..];
     let (line, rest) = rest.split_once(", Column: ")?;
     let column: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    Some(Position { line: line.trim().parse().ok()?, column: column.parse().ok()? })
+    Some(Position {
+        line: line.trim().parse().ok()?,
+        column: column.parse().ok()?,
+    })
 }
 
 /// The position of the first name quoted in `message` (`'x'` or `"x"`) within `sql`.
@@ -123,7 +140,12 @@ fn quoted_position(message: &str, sql: &str) -> Option<Position> {
     let byte = lower.find(&name.to_lowercase())?;
     let before = &sql[..byte];
     let line = before.matches('\n').count() as u64 + 1;
-    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) as u64 + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0) as u64
+        + 1;
     Some(Position { line, column })
 }
 
@@ -133,9 +155,14 @@ mod tests {
 
     #[test]
     fn positions_are_found() {
-        let p = ParserError::ParserError("Expected: an expression, found: FROM at Line: 2, Column: 8".into());
+        let p = ParserError::ParserError(
+            "Expected: an expression, found: FROM at Line: 2, Column: 8".into(),
+        );
         assert_eq!(parser_position(&p), Some(Position { line: 2, column: 8 }));
-        let q = quoted_position("table 'citytsdb.public.nope' not found", "SELECT *\nFROM nope");
+        let q = quoted_position(
+            "table 'citytsdb.public.nope' not found",
+            "SELECT *\nFROM nope",
+        );
         assert_eq!(q, Some(Position { line: 2, column: 6 }));
     }
 }

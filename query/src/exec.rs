@@ -13,8 +13,8 @@ use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties,
-    ReplaceChildrenOptions,
+    common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan,
+    ExecutionPlanProperties, Partitioning, PlanProperties, ReplaceChildrenOptions,
 };
 
 /// What the scan's pruning decided, shown by `EXPLAIN` and `EXPLAIN ANALYZE`.
@@ -96,15 +96,28 @@ impl ExecutionPlan for CityScanExec {
         mut children: Vec<Arc<dyn ExecutionPlan>>,
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self { report: self.report.clone(), input: children.swap_remove(0) }))
+        Ok(Arc::new(Self {
+            report: self.report.clone(),
+            input: children.swap_remove(0),
+        }))
     }
 
     #[allow(deprecated)]
-    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(children, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
     }
 
-    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
         self.input.execute(partition, context)
     }
 }
@@ -131,13 +144,22 @@ impl DedupExec {
             EmissionType::Final,
             Boundedness::Bounded,
         ));
-        Self { inputs, keys, properties }
+        Self {
+            inputs,
+            keys,
+            properties,
+        }
     }
 }
 
 impl DisplayAs for DedupExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DedupExec: inputs={} keys={:?}", self.inputs.len(), self.keys)
+        write!(
+            f,
+            "DedupExec: inputs={} keys={:?}",
+            self.inputs.len(),
+            self.keys
+        )
     }
 }
 
@@ -170,17 +192,33 @@ impl ExecutionPlan for DedupExec {
         children: Vec<Arc<dyn ExecutionPlan>>,
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self::new(self.schema(), children, self.keys.clone())))
+        Ok(Arc::new(Self::new(
+            self.schema(),
+            children,
+            self.keys.clone(),
+        )))
     }
 
     #[allow(deprecated)]
-    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(children, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
     }
 
-    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
         if partition != 0 {
-            return Err(DataFusionError::Internal(format!("DedupExec has one partition, asked for {partition}")));
+            return Err(DataFusionError::Internal(format!(
+                "DedupExec has one partition, asked for {partition}"
+            )));
         }
         let schema = self.schema();
         let mut streams = Vec::new();
@@ -196,8 +234,12 @@ impl ExecutionPlan for DedupExec {
             for s in streams {
                 batches.extend(common::collect(s).await?);
             }
-            sort_dedup(&out_schema, &batches, &keys).map_err(|e| DataFusionError::External(Box::new(e)))
+            sort_dedup(&out_schema, &batches, &keys)
+                .map_err(|e| DataFusionError::External(Box::new(e)))
         };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::once(fut))))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::once(fut),
+        )))
     }
 }

@@ -39,8 +39,8 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::exec::{CityScanExec, DedupExec, ScanReport};
 use crate::pruning::KeyBounds;
@@ -59,11 +59,18 @@ pub struct IndexCache {
 
 impl IndexCache {
     async fn get(&self, store: &Arc<dyn ObjectStore>, key: &str) -> Result<Arc<SegmentIndex>> {
-        if let Some(i) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+        if let Some(i) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+        {
             return Ok(i.clone());
         }
         let bytes = store.get(&ObjectPath::from(key)).await?.bytes().await?;
-        let index = Arc::new(SegmentIndex::decode(&bytes).map_err(|e| DataFusionError::External(Box::new(e)))?);
+        let index = Arc::new(
+            SegmentIndex::decode(&bytes).map_err(|e| DataFusionError::External(Box::new(e)))?,
+        );
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= INDEX_CACHE_ENTRIES {
             entries.clear();
@@ -82,14 +89,24 @@ pub struct DatabaseSchema {
 
 impl fmt::Debug for DatabaseSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseSchema").field("db", &self.snapshot.name).finish()
+        f.debug_struct("DatabaseSchema")
+            .field("db", &self.snapshot.name)
+            .finish()
     }
 }
 
 impl DatabaseSchema {
     /// Tables of `snapshot`, reading segments from `store`.
-    pub fn new(snapshot: Arc<DbSnapshot>, store: Arc<dyn ObjectStore>, indexes: Arc<IndexCache>) -> Self {
-        Self { snapshot, store, indexes }
+    pub fn new(
+        snapshot: Arc<DbSnapshot>,
+        store: Arc<dyn ObjectStore>,
+        indexes: Arc<IndexCache>,
+    ) -> Self {
+        Self {
+            snapshot,
+            store,
+            indexes,
+        }
     }
 }
 
@@ -100,7 +117,9 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        let Some(schema) = self.snapshot.schemas.get(name) else { return Ok(None) };
+        let Some(schema) = self.snapshot.schemas.get(name) else {
+            return Ok(None);
+        };
         Ok(Some(Arc::new(CityTable {
             snapshot: self.snapshot.clone(),
             name: name.to_string(),
@@ -128,7 +147,9 @@ pub struct CityTable {
 
 impl fmt::Debug for CityTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CityTable").field("table", &self.name).finish()
+        f.debug_struct("CityTable")
+            .field("table", &self.name)
+            .finish()
     }
 }
 
@@ -142,7 +163,10 @@ impl TableProvider for CityTable {
         TableType::Base
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
         // Filters prune; DataFusion still applies every one of them above the scan.
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
@@ -156,33 +180,51 @@ impl TableProvider for CityTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let filters: Vec<Expr> = filters.iter().map(unqualify).collect::<Result<_>>()?;
         let bounds = KeyBounds::from_filters(&filters, &self.schema);
-        let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.arrow.fields().len()).collect());
+        let projection: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.arrow.fields().len()).collect());
         let out_schema = Arc::new(self.arrow.project(&projection)?);
         let catalog = self.snapshot.table_catalog(&self.name);
         let mut report = ScanReport {
             table: self.name.clone(),
             segments_total: catalog.map(|c| c.segments.len()).unwrap_or(0),
-            rows_total: catalog.map(|c| c.segments.values().map(|s| s.rows).sum()).unwrap_or(0),
+            rows_total: catalog
+                .map(|c| c.segments.values().map(|s| s.rows).sum())
+                .unwrap_or(0),
             ..Default::default()
         };
         if bounds.is_empty() {
-            return Ok(Arc::new(CityScanExec::new(report, Arc::new(EmptyExec::new(out_schema)))));
+            return Ok(Arc::new(CityScanExec::new(
+                report,
+                Arc::new(EmptyExec::new(out_schema)),
+            )));
         }
 
         let buffered = self.buffered_rows(&bounds)?;
-        let buffer_range = buffered.as_ref().and_then(citytsdb_storage::buffer::time_range);
+        let buffer_range = buffered
+            .as_ref()
+            .and_then(citytsdb_storage::buffer::time_range);
         report.buffer_rows = buffered.as_ref().map(|b| b.num_rows()).unwrap_or(0);
 
         // Segments by time range, then by the global tag bitmaps.
         let mut candidates: Vec<&SegmentMeta> = catalog
-            .map(|c| c.segments.values().filter(|s| s.overlaps(bounds.min_time, bounds.max_time)).collect())
+            .map(|c| {
+                c.segments
+                    .values()
+                    .filter(|s| s.overlaps(bounds.min_time, bounds.max_time))
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(c) = catalog {
             for t in &bounds.tags {
                 let ids = c.tag_segments.get(&t.column);
                 candidates.retain(|s| {
-                    ids.map(|vals| t.values.iter().any(|v| vals.get(v).is_some_and(|b| b.0.contains(s.id))))
-                        .unwrap_or(false)
+                    ids.map(|vals| {
+                        t.values
+                            .iter()
+                            .any(|v| vals.get(v).is_some_and(|b| b.0.contains(s.id)))
+                    })
+                    .unwrap_or(false)
                 });
             }
         }
@@ -218,7 +260,9 @@ impl TableProvider for CityTable {
         // With a merge, every source must carry the key columns.
         let mut read_cols = projection.clone();
         if !overlapping.is_empty() {
-            for k in key_columns(&self.schema, &self.arrow).map_err(|e| DataFusionError::External(Box::new(e)))? {
+            for k in key_columns(&self.schema, &self.arrow)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?
+            {
                 if !read_cols.contains(&k) {
                     read_cols.push(k);
                 }
@@ -232,15 +276,24 @@ impl TableProvider for CityTable {
             parts.push(self.parquet_exec(plain, &read_cols, predicate.clone())?);
         }
         let memory = match buffered {
-            Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(&[vec![b]], self.arrow.clone(), Some(read_cols.clone()))? as Arc<dyn ExecutionPlan>),
+            Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(
+                &[vec![b]],
+                self.arrow.clone(),
+                Some(read_cols.clone()),
+            )? as Arc<dyn ExecutionPlan>),
             _ => None,
         };
         match (overlapping.is_empty(), memory) {
             (true, Some(m)) => parts.push(m),
             (false, Some(m)) => {
                 let seg = self.parquet_exec(overlapping, &read_cols, predicate)?;
-                let keys = key_columns(&self.schema, &read_schema).map_err(|e| DataFusionError::External(Box::new(e)))?;
-                parts.push(Arc::new(DedupExec::new(read_schema.clone(), vec![seg, m], keys)));
+                let keys = key_columns(&self.schema, &read_schema)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                parts.push(Arc::new(DedupExec::new(
+                    read_schema.clone(),
+                    vec![seg, m],
+                    keys,
+                )));
             }
             (false, None) => parts.push(self.parquet_exec(overlapping, &read_cols, predicate)?),
             (true, None) => {}
@@ -257,7 +310,10 @@ impl TableProvider for CityTable {
                 .iter()
                 .map(|f| {
                     let i = read_schema.index_of(f.name())?;
-                    Ok((Arc::new(PhysicalColumn::new(f.name(), i)) as _, f.name().clone()))
+                    Ok((
+                        Arc::new(PhysicalColumn::new(f.name(), i)) as _,
+                        f.name().clone(),
+                    ))
                 })
                 .collect::<Result<_>>()?;
             plan = Arc::new(ProjectionExec::try_new(exprs, plan)?);
@@ -270,7 +326,9 @@ impl CityTable {
     /// Buffered rows within the key bounds, merged to one row per (series, time).
     fn buffered_rows(&self, bounds: &KeyBounds) -> Result<Option<RecordBatch>> {
         let (batches, range) = self.snapshot.buffered(&self.name);
-        let Some((lo, hi)) = range else { return Ok(None) };
+        let Some((lo, hi)) = range else {
+            return Ok(None);
+        };
         if lo > bounds.max_time || hi < bounds.min_time {
             return Ok(None);
         }
@@ -293,17 +351,26 @@ impl CityTable {
     /// The pushed-down filters on key columns only, as a physical predicate for the
     /// Parquet reader's page pruning. Field filters are left out: a field's newest
     /// value may live in another source.
-    fn key_predicate(&self, state: &dyn Session, filters: &[Expr]) -> Result<Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
+    fn key_predicate(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+    ) -> Result<Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
         let key_only: Vec<Expr> = filters
             .iter()
             .filter(|f| {
-                f.column_refs()
-                    .iter()
-                    .all(|c| matches!(self.schema.kind(&c.name), Some(ColumnKind::Tag | ColumnKind::Time)))
+                f.column_refs().iter().all(|c| {
+                    matches!(
+                        self.schema.kind(&c.name),
+                        Some(ColumnKind::Tag | ColumnKind::Time)
+                    )
+                })
             })
             .cloned()
             .collect();
-        let Some(expr) = conjunction(key_only) else { return Ok(None) };
+        let Some(expr) = conjunction(key_only) else {
+            return Ok(None);
+        };
         let df_schema = DFSchema::try_from(self.arrow.as_ref().clone())?;
         Ok(Some(state.create_physical_expr(expr, &df_schema)?))
     }
@@ -318,10 +385,11 @@ impl CityTable {
         if let Some(p) = predicate {
             source = source.with_predicate(p);
         }
-        let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
-            .with_file_group(FileGroup::new(files))
-            .with_projection_indices(Some(read_cols.to_vec()))?
-            .build();
+        let config =
+            FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
+                .with_file_group(FileGroup::new(files))
+                .with_projection_indices(Some(read_cols.to_vec()))?
+                .build();
         Ok(DataSourceExec::from_data_source(config))
     }
 }
@@ -343,13 +411,19 @@ fn access_plan(groups: Vec<SegmentAccess>) -> ParquetAccessPlan {
 fn filter_by_bounds(batch: &RecordBatch, bounds: &KeyBounds) -> Result<RecordBatch> {
     let n = batch.num_rows();
     let mut keep = vec![true; n];
-    if let Some(t) = batch.column_by_name(TIME_COLUMN).and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>()) {
+    if let Some(t) = batch
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
+    {
         for (k, &v) in keep.iter_mut().zip(t.values().iter()) {
             *k = v >= bounds.min_time && v <= bounds.max_time;
         }
     }
     for c in &bounds.tags {
-        let Some(col) = batch.column_by_name(&c.column).and_then(|a| a.as_string_opt::<i32>()) else {
+        let Some(col) = batch
+            .column_by_name(&c.column)
+            .and_then(|a| a.as_string_opt::<i32>())
+        else {
             keep.iter_mut().for_each(|k| *k = false);
             continue;
         };
@@ -370,7 +444,9 @@ fn filter_by_bounds(batch: &RecordBatch, bounds: &KeyBounds) -> Result<RecordBat
 fn unqualify(e: &Expr) -> Result<Expr> {
     e.clone()
         .transform(|e| match e {
-            Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+            Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(Expr::Column(
+                Column::new_unqualified(c.name),
+            ))),
             other => Ok(Transformed::no(other)),
         })
         .map(|t| t.data)

@@ -23,7 +23,11 @@ pub struct KeyBounds {
 
 impl Default for KeyBounds {
     fn default() -> Self {
-        Self { min_time: i64::MIN, max_time: i64::MAX, tags: Vec::new() }
+        Self {
+            min_time: i64::MIN,
+            max_time: i64::MAX,
+            tags: Vec::new(),
+        }
     }
 }
 
@@ -44,7 +48,11 @@ impl KeyBounds {
 
     fn add(&mut self, e: &Expr, schema: &TableSchema) {
         match e {
-            Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => {
                 self.add(left, schema);
                 self.add(right, schema);
             }
@@ -57,8 +65,15 @@ impl KeyBounds {
                     }
                 }
             }
-            Expr::Between(Between { expr, negated: false, low, high }) => {
-                if let (Expr::Column(c), Expr::Literal(lo, _), Expr::Literal(hi, _)) = (expr.as_ref(), low.as_ref(), high.as_ref()) {
+            Expr::Between(Between {
+                expr,
+                negated: false,
+                low,
+                high,
+            }) => {
+                if let (Expr::Column(c), Expr::Literal(lo, _), Expr::Literal(hi, _)) =
+                    (expr.as_ref(), low.as_ref(), high.as_ref())
+                {
                     self.add_comparison(&c.name, Operator::GtEq, lo, schema);
                     self.add_comparison(&c.name, Operator::LtEq, hi, schema);
                 }
@@ -66,9 +81,13 @@ impl KeyBounds {
             Expr::InList(list) if !list.negated => {
                 if let Expr::Column(c) = list.expr.as_ref() {
                     if schema.kind(&c.name) == Some(ColumnKind::Tag) {
-                        let values: Option<Vec<String>> = list.list.iter().map(string_literal).collect();
+                        let values: Option<Vec<String>> =
+                            list.list.iter().map(string_literal).collect();
                         if let Some(values) = values {
-                            self.add_tag(TagConstraint { column: c.name.clone(), values });
+                            self.add_tag(TagConstraint {
+                                column: c.name.clone(),
+                                values,
+                            });
                         }
                     }
                 }
@@ -77,10 +96,18 @@ impl KeyBounds {
         }
     }
 
-    fn add_comparison(&mut self, col: &str, op: Operator, value: &ScalarValue, schema: &TableSchema) {
+    fn add_comparison(
+        &mut self,
+        col: &str,
+        op: Operator,
+        value: &ScalarValue,
+        schema: &TableSchema,
+    ) {
         match schema.kind(col) {
             Some(ColumnKind::Time) if col == TIME_COLUMN => {
-                let Some(v) = timestamp_nanos(value) else { return };
+                let Some(v) = timestamp_nanos(value) else {
+                    return;
+                };
                 match op {
                     Operator::Eq => {
                         self.min_time = self.min_time.max(v);
@@ -95,7 +122,10 @@ impl KeyBounds {
             }
             Some(ColumnKind::Tag) if op == Operator::Eq => {
                 if let Some(s) = scalar_string(value) {
-                    self.add_tag(TagConstraint { column: col.to_string(), values: vec![s] });
+                    self.add_tag(TagConstraint {
+                        column: col.to_string(),
+                        values: vec![s],
+                    });
                 }
             }
             _ => {}
@@ -111,7 +141,11 @@ impl KeyBounds {
 }
 
 /// `col op literal` or `literal op col`, normalized to the former.
-fn comparison<'a>(left: &'a Expr, op: Operator, right: &'a Expr) -> Option<(&'a str, Operator, &'a ScalarValue)> {
+fn comparison<'a>(
+    left: &'a Expr,
+    op: Operator,
+    right: &'a Expr,
+) -> Option<(&'a str, Operator, &'a ScalarValue)> {
     match (left, right) {
         (Expr::Column(c), Expr::Literal(v, _)) => Some((&c.name, op, v)),
         (Expr::Literal(v, _), Expr::Column(c)) => Some((&c.name, op.swap()?, v)),
@@ -122,7 +156,11 @@ fn comparison<'a>(left: &'a Expr, op: Operator, right: &'a Expr) -> Option<(&'a 
 /// `tag = 'a' OR tag = 'b' OR tag IN (...)` on one tag column.
 fn tag_disjunction(e: &Expr, schema: &TableSchema) -> Option<TagConstraint> {
     match e {
-        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Or, right }) => {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Or,
+            right,
+        }) => {
             let mut a = tag_disjunction(left, schema)?;
             let b = tag_disjunction(right, schema)?;
             if a.column != b.column {
@@ -131,16 +169,32 @@ fn tag_disjunction(e: &Expr, schema: &TableSchema) -> Option<TagConstraint> {
             a.values.extend(b.values);
             Some(a)
         }
-        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => {
             let (col, _, v) = comparison(left, Operator::Eq, right)?;
             (schema.kind(col) == Some(ColumnKind::Tag)).then_some(())?;
-            Some(TagConstraint { column: col.to_string(), values: vec![scalar_string(v)?] })
+            Some(TagConstraint {
+                column: col.to_string(),
+                values: vec![scalar_string(v)?],
+            })
         }
         Expr::InList(list) if !list.negated => {
-            let Expr::Column(c) = list.expr.as_ref() else { return None };
+            let Expr::Column(c) = list.expr.as_ref() else {
+                return None;
+            };
             (schema.kind(&c.name) == Some(ColumnKind::Tag)).then_some(())?;
-            let values = list.list.iter().map(string_literal).collect::<Option<Vec<_>>>()?;
-            Some(TagConstraint { column: c.name.clone(), values })
+            let values = list
+                .list
+                .iter()
+                .map(string_literal)
+                .collect::<Option<Vec<_>>>()?;
+            Some(TagConstraint {
+                column: c.name.clone(),
+                values,
+            })
         }
         _ => None,
     }
@@ -155,7 +209,9 @@ fn string_literal(e: &Expr) -> Option<String> {
 
 fn scalar_string(v: &ScalarValue) -> Option<String> {
     match v {
-        ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::Utf8View(Some(s))
+        | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
         _ => None,
     }
 }
@@ -180,12 +236,16 @@ mod tests {
         let mut s = TableSchema::default();
         s.add_column("device", ColumnKind::Tag).unwrap();
         s.add_column("district", ColumnKind::Tag).unwrap();
-        s.add_column("tilt", ColumnKind::Field(FieldType::Float)).unwrap();
+        s.add_column("tilt", ColumnKind::Field(FieldType::Float))
+            .unwrap();
         s
     }
 
     fn ts(v: i64) -> Expr {
-        lit(ScalarValue::TimestampNanosecond(Some(v), Some("UTC".into())))
+        lit(ScalarValue::TimestampNanosecond(
+            Some(v),
+            Some("UTC".into()),
+        ))
     }
 
     #[test]
@@ -200,7 +260,13 @@ mod tests {
         ];
         let b = KeyBounds::from_filters(&filters, &schema());
         assert_eq!((b.min_time, b.max_time), (10, 19));
-        assert_eq!(b.tags, vec![TagConstraint { column: "device".into(), values: vec!["b".into()] }]);
+        assert_eq!(
+            b.tags,
+            vec![TagConstraint {
+                column: "device".into(),
+                values: vec!["b".into()]
+            }]
+        );
         assert!(!b.is_empty());
     }
 

@@ -70,8 +70,14 @@ impl ServeArgs {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data"));
-        let bind = self.http_bind.or(file.http_bind).unwrap_or_else(|| "127.0.0.1:8181".to_string());
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("data"));
+        let bind = self
+            .http_bind
+            .or(file.http_bind)
+            .unwrap_or_else(|| "127.0.0.1:8181".to_string());
         let http_bind: SocketAddr = bind
             .parse()
             .map_err(|_| format!("http-bind: '{bind}' is not an address like 127.0.0.1:8181"))?;
@@ -84,19 +90,34 @@ impl ServeArgs {
             let dir = citytsdb_storage::paths::local_store_dir(&data_dir);
             format!("file://{}", absolute(&dir).display())
         });
-        let interval = self.flush_interval.or(file.flush_interval).unwrap_or_else(|| "60s".to_string());
-        let flush_interval = parse_duration(&interval).map_err(|e| format!("flush-interval: {e}"))?;
+        let interval = self
+            .flush_interval
+            .or(file.flush_interval)
+            .unwrap_or_else(|| "60s".to_string());
+        let flush_interval =
+            parse_duration(&interval).map_err(|e| format!("flush-interval: {e}"))?;
         let flush_rows = self.flush_rows.or(file.flush_rows).unwrap_or(1_000_000);
         if flush_rows == 0 {
             return Err("flush-rows: must be at least 1".into());
         }
-        let max_body_size = self.max_body_size.or(file.max_body_size).unwrap_or(64 << 20);
-        Ok(ServeConfig { data_dir, http_bind, store, flush_interval, flush_rows, max_body_size })
+        let max_body_size = self
+            .max_body_size
+            .or(file.max_body_size)
+            .unwrap_or(64 << 20);
+        Ok(ServeConfig {
+            data_dir,
+            http_bind,
+            store,
+            flush_interval,
+            flush_rows,
+            max_body_size,
+        })
     }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
@@ -109,16 +130,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 30s or 5m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 30s or 5m"))?;
     let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "s" | "" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "'{s}': unknown unit '{unit}' (use ms, s, m, h or d)"
+            ))
+        }
     };
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(|| format!("'{s}' is too long"))
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{s}' is too long"))
 }
 
 #[cfg(test)]
@@ -135,15 +164,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "flush_rows = 5\nhttp_bind = \"127.0.0.1:9000\"\n").unwrap();
-        let args = ServeArgs { config: Some(file.clone()), http_bind: Some("127.0.0.1:9001".into()), ..Default::default() };
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            http_bind: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        };
         let c = args.resolve().unwrap();
         assert_eq!(c.flush_rows, 5);
         assert_eq!(c.http_bind.port(), 9001, "the flag wins over the file");
 
         std::fs::write(&file, "flush_rowz = 5\n").unwrap();
-        let err = ServeArgs { config: Some(file), ..Default::default() }.resolve().unwrap_err();
+        let err = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
-        let err = ServeArgs { http_bind: Some("0.0.0.0:1".into()), ..Default::default() }.resolve().unwrap_err();
+        let err = ServeArgs {
+            http_bind: Some("0.0.0.0:1".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.contains("loopback"), "{err}");
     }
 

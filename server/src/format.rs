@@ -7,17 +7,17 @@
 use std::fmt::Write as _;
 
 use chrono::DateTime;
-use unicode_width::UnicodeWidthStr;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, SchemaRef, TimeUnit,
-    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt16Type,
-    UInt32Type, UInt64Type, UInt8Type,
+    DataType, Date32Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type,
+    SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use unicode_width::UnicodeWidthStr;
 
 /// An output format of the query API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,11 @@ enum Cell {
 }
 
 /// Renders an answer in `format`.
-pub fn render(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+pub fn render(
+    format: Format,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, ArrowError> {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let mut out = String::new();
     match format {
@@ -138,7 +142,11 @@ pub fn render(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Re
 
 fn for_each_row(batches: &[RecordBatch], mut f: impl FnMut(Vec<Cell>)) -> Result<(), ArrowError> {
     for batch in batches {
-        let columns: Vec<ArrayRef> = batch.columns().iter().map(normalize).collect::<Result<_, _>>()?;
+        let columns: Vec<ArrayRef> = batch
+            .columns()
+            .iter()
+            .map(normalize)
+            .collect::<Result<_, _>>()?;
         let options = FormatOptions::default();
         let formatters: Vec<Option<ArrayFormatter<'_>>> = columns
             .iter()
@@ -216,10 +224,18 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
         DataType::Utf8View => Cell::Text(c.as_string_view().value(row).to_string()),
         DataType::Timestamp(unit, _) => {
             let nanos = match unit {
-                TimeUnit::Second => c.as_primitive::<TimestampSecondType>().value(row) as i128 * 1_000_000_000,
-                TimeUnit::Millisecond => c.as_primitive::<TimestampMillisecondType>().value(row) as i128 * 1_000_000,
-                TimeUnit::Microsecond => c.as_primitive::<TimestampMicrosecondType>().value(row) as i128 * 1_000,
-                TimeUnit::Nanosecond => c.as_primitive::<TimestampNanosecondType>().value(row) as i128,
+                TimeUnit::Second => {
+                    c.as_primitive::<TimestampSecondType>().value(row) as i128 * 1_000_000_000
+                }
+                TimeUnit::Millisecond => {
+                    c.as_primitive::<TimestampMillisecondType>().value(row) as i128 * 1_000_000
+                }
+                TimeUnit::Microsecond => {
+                    c.as_primitive::<TimestampMicrosecondType>().value(row) as i128 * 1_000
+                }
+                TimeUnit::Nanosecond => {
+                    c.as_primitive::<TimestampNanosecondType>().value(row) as i128
+                }
             };
             Cell::Text(rfc3339(nanos))
         }
@@ -227,17 +243,23 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
             let days = c.as_primitive::<Date32Type>().value(row) as i128;
             Cell::Text(rfc3339(days * 86_400_000_000_000)[..10].to_string())
         }
-        DataType::Decimal128(..) | DataType::Decimal256(..) => {
-            fmt.map(|f| Cell::Raw(f.value(row).to_string())).unwrap_or(Cell::Null)
-        }
-        _ => fmt.map(|f| Cell::Text(f.value(row).to_string())).unwrap_or(Cell::Null),
+        DataType::Decimal128(..) | DataType::Decimal256(..) => fmt
+            .map(|f| Cell::Raw(f.value(row).to_string()))
+            .unwrap_or(Cell::Null),
+        _ => fmt
+            .map(|f| Cell::Text(f.value(row).to_string()))
+            .unwrap_or(Cell::Null),
     }
 }
 
 fn float(v: f64) -> Cell {
     if v.is_finite() {
         // serde_json prints the shortest representation that reads back exactly.
-        Cell::Raw(serde_json::Number::from_f64(v).map(|n| n.to_string()).unwrap_or_default())
+        Cell::Raw(
+            serde_json::Number::from_f64(v)
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+        )
     } else {
         Cell::Null
     }
@@ -247,7 +269,10 @@ fn float(v: f64) -> Cell {
 pub fn rfc3339(nanos: i128) -> String {
     let secs = nanos.div_euclid(1_000_000_000);
     let frac = nanos.rem_euclid(1_000_000_000) as u32;
-    let Some(dt) = i64::try_from(secs).ok().and_then(|s| DateTime::from_timestamp(s, frac)) else {
+    let Some(dt) = i64::try_from(secs)
+        .ok()
+        .and_then(|s| DateTime::from_timestamp(s, frac))
+    else {
         return nanos.to_string();
     };
     let mut s = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
@@ -280,7 +305,11 @@ fn pretty_table(out: &mut String, names: &[&str], rows: &[Vec<String>]) {
             *w = (*w).max(c.width());
         }
     }
-    let rule: String = widths.iter().map(|w| format!("+{}", "-".repeat(w + 2))).collect::<String>() + "+\n";
+    let rule: String = widths
+        .iter()
+        .map(|w| format!("+{}", "-".repeat(w + 2)))
+        .collect::<String>()
+        + "+\n";
     let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
         for (c, w) in cells.zip(&widths) {
             let pad = w - c.width();
@@ -300,13 +329,19 @@ fn pretty_table(out: &mut String, names: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use datafusion::arrow::array::{
+        Float64Array, Int64Array, StringArray, TimestampNanosecondArray,
+    };
     use datafusion::arrow::datatypes::{Field, Schema};
     use std::sync::Arc;
 
     fn batch() -> (SchemaRef, RecordBatch) {
         let schema = Arc::new(Schema::new(vec![
-            Field::new("time", DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())), false),
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+                false,
+            ),
             Field::new("district", DataType::Utf8, true),
             Field::new("tilt", DataType::Float64, true),
             Field::new("count(*)", DataType::Int64, false),
@@ -314,7 +349,13 @@ mod tests {
         let b = RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(TimestampNanosecondArray::from(vec![1_764_547_200_000_000_000, 1_764_547_200_500_000_000]).with_timezone("UTC")),
+                Arc::new(
+                    TimestampNanosecondArray::from(vec![
+                        1_764_547_200_000_000_000,
+                        1_764_547_200_500_000_000,
+                    ])
+                    .with_timezone("UTC"),
+                ),
                 Arc::new(StringArray::from(vec![Some("金水区"), Some("a,\"b\"")])),
                 Arc::new(Float64Array::from(vec![Some(0.1), None])),
                 Arc::new(Int64Array::from(vec![3, 4])),

@@ -31,9 +31,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         flush_interval: config.flush_interval,
     })
     .await
-    .map_err(|e| format!("opening the storage engine in {}: {e}", config.data_dir.display()))?;
+    .map_err(|e| {
+        format!(
+            "opening the storage engine in {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
     let query = QueryEngine::new(storage.clone()).map_err(|e| e.to_string())?;
-    let state = Arc::new(AppState { storage: storage.clone(), query, max_body_size: config.max_body_size });
+    let state = Arc::new(AppState {
+        storage: storage.clone(),
+        query,
+        max_body_size: config.max_body_size,
+    });
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
         .map_err(|e| format!("binding {}: {e}", config.http_bind))?;
@@ -43,7 +52,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("serving: {e}"))?;
     tracing::info!("shutting down: flushing buffered rows");
-    storage.shutdown().await.map_err(|e| format!("final flush failed (rows stay in the WAL): {e}"))
+    storage
+        .shutdown()
+        .await
+        .map_err(|e| format!("final flush failed (rows stay in the WAL): {e}"))
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,7 @@
 //! The `citytsdb` command.
 
-use clap::{Parser, Subcommand};
 use citytsdb_server::config::ServeArgs;
+use clap::{Parser, Subcommand};
 
 /// citytsdb: the time-series store and query service of a city brain.
 #[derive(Debug, Parser)]
@@ -20,7 +20,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CITYTSDB_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CITYTSDB_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -38,7 +39,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => args.resolve().map(|config| runtime.block_on(citytsdb_server::serve(config))),
+        Command::Serve(args) => args
+            .resolve()
+            .map(|config| runtime.block_on(citytsdb_server::serve(config))),
     };
     match result {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,

@@ -19,11 +19,14 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, String> {
                 .to_file_path()
                 .map_err(|_| format!("store '{url}': not an absolute file path"))?;
             std::fs::create_dir_all(&path).map_err(|e| format!("store {}: {e}", path.display()))?;
-            let fs = LocalFileSystem::new_with_prefix(&path).map_err(|e| format!("store {}: {e}", path.display()))?;
+            let fs = LocalFileSystem::new_with_prefix(&path)
+                .map_err(|e| format!("store {}: {e}", path.display()))?;
             Ok(Arc::new(fs.with_automatic_cleanup(true)))
         }
         "s3" => {
-            let bucket = parsed.host_str().ok_or_else(|| format!("store '{url}': no bucket"))?;
+            let bucket = parsed
+                .host_str()
+                .ok_or_else(|| format!("store '{url}': no bucket"))?;
             let s3 = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
                 .build()
@@ -35,7 +38,9 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, String> {
                 Ok(Arc::new(PrefixStore::new(s3, prefix.to_string())))
             }
         }
-        other => Err(format!("store '{url}': unknown scheme '{other}' (use file://, memory:// or s3://)")),
+        other => Err(format!(
+            "store '{url}': unknown scheme '{other}' (use file://, memory:// or s3://)"
+        )),
     }
 }
 

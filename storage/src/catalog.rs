@@ -123,13 +123,25 @@ impl Catalog {
         if !self.databases.contains_key(db) {
             let id = self.next_db_id;
             self.next_db_id += 1;
-            self.databases.insert(db.to_string(), DatabaseCatalog { id, tables: BTreeMap::new() });
+            self.databases.insert(
+                db.to_string(),
+                DatabaseCatalog {
+                    id,
+                    tables: BTreeMap::new(),
+                },
+            );
         }
         let d = self.databases.get_mut(db).expect("inserted above");
         if !d.tables.contains_key(table) {
             let id = self.next_table_id;
             self.next_table_id += 1;
-            d.tables.insert(table.to_string(), TableCatalog { id, ..Default::default() });
+            d.tables.insert(
+                table.to_string(),
+                TableCatalog {
+                    id,
+                    ..Default::default()
+                },
+            );
         }
         (d.id, d.tables.get_mut(table).expect("inserted above"))
     }
@@ -149,7 +161,9 @@ pub struct Bitmap(pub RoaringBitmap);
 impl Serialize for Bitmap {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         let mut bytes = Vec::with_capacity(self.0.serialized_size());
-        self.0.serialize_into(&mut bytes).map_err(serde::ser::Error::custom)?;
+        self.0
+            .serialize_into(&mut bytes)
+            .map_err(serde::ser::Error::custom)?;
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 }
@@ -171,7 +185,9 @@ pub async fn load_latest(store: &Arc<dyn ObjectStore>) -> Result<Catalog> {
     let prefix = paths::catalog_prefix();
     let mut versions: Vec<(u64, object_store::path::Path)> = store
         .list(Some(&prefix))
-        .try_filter_map(|m| async move { Ok(paths::catalog_version(&m.location).map(|v| (v, m.location))) })
+        .try_filter_map(|m| async move {
+            Ok(paths::catalog_version(&m.location).map(|v| (v, m.location)))
+        })
         .try_collect()
         .await?;
     versions.sort();
@@ -197,9 +213,16 @@ const KEEP_OLD_VERSIONS: u64 = 4;
 pub async fn commit(store: &Arc<dyn ObjectStore>, catalog: &Catalog) -> Result<()> {
     let json = serde_json::to_vec(catalog)
         .map_err(|e| StorageError::Internal(format!("catalog does not serialize: {e}")))?;
-    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
     store
-        .put_opts(&paths::catalog_snapshot(catalog.version), PutPayload::from(json), opts)
+        .put_opts(
+            &paths::catalog_snapshot(catalog.version),
+            PutPayload::from(json),
+            opts,
+        )
         .await?;
     if catalog.version > KEEP_OLD_VERSIONS {
         let old = paths::catalog_snapshot(catalog.version - KEEP_OLD_VERSIONS - 1);
@@ -220,13 +243,26 @@ mod tests {
     async fn snapshots_are_versioned_and_never_overwritten() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         assert_eq!(load_latest(&store).await.unwrap().version, 0);
-        let mut c = Catalog { version: 1, ..Default::default() };
+        let mut c = Catalog {
+            version: 1,
+            ..Default::default()
+        };
         let (_, t) = c.table_mut("city", "manhole");
         let meta = SegmentMeta {
-            id: 7, day: 1, path: "p".into(), index_path: "i".into(), size: 1, rows: 1,
-            min_time: 0, max_time: 0, row_group_rows: vec![1],
+            id: 7,
+            day: 1,
+            path: "p".into(),
+            index_path: "i".into(),
+            size: 1,
+            rows: 1,
+            min_time: 0,
+            max_time: 0,
+            row_group_rows: vec![1],
         };
-        t.add_segment(meta, &[("device".to_string(), vec!["mh-1".to_string()])].into());
+        t.add_segment(
+            meta,
+            &[("device".to_string(), vec!["mh-1".to_string()])].into(),
+        );
         commit(&store, &c).await.unwrap();
         assert!(commit(&store, &c).await.is_err(), "create-only");
         let back = load_latest(&store).await.unwrap();

@@ -148,7 +148,11 @@ impl Engine {
                 .databases
                 .iter()
                 .map(|(db, d)| {
-                    let tables = d.tables.iter().map(|(t, tc)| (t.clone(), Arc::new(tc.schema.clone()))).collect();
+                    let tables = d
+                        .tables
+                        .iter()
+                        .map(|(t, tc)| (t.clone(), Arc::new(tc.schema.clone())))
+                        .collect();
                     (db.clone(), tables)
                 })
                 .collect(),
@@ -165,13 +169,23 @@ impl Engine {
             replay.torn_bytes += file.torn_bytes;
             for entry in file.entries {
                 replay.writes += 1;
-                replay.rows += entry.tables.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
+                replay.rows += entry
+                    .tables
+                    .iter()
+                    .map(|(_, b)| b.num_rows())
+                    .sum::<usize>();
                 apply_replayed(&mut state, entry);
             }
             last_seq = *seq;
         }
         if replay.files > 0 {
-            tracing::info!(files = replay.files, writes = replay.writes, rows = replay.rows, torn_bytes = replay.torn_bytes, "replayed the WAL");
+            tracing::info!(
+                files = replay.files,
+                writes = replay.writes,
+                rows = replay.rows,
+                torn_bytes = replay.torn_bytes,
+                "replayed the WAL"
+            );
         }
         let writer = WalWriter::create(&wal_dir, last_seq + 1)?;
         let state = Arc::new(RwLock::new(state));
@@ -218,8 +232,16 @@ impl Engine {
     ///
     /// Not durable by itself: a new column becomes durable with the first write that
     /// carries it (the WAL records each batch's schema).
-    pub fn update_schemas<R>(&self, db: &str, f: impl FnOnce(&mut BTreeMap<String, TableSchema>) -> R) -> R {
-        let _guard = self.inner.schema_lock.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn update_schemas<R>(
+        &self,
+        db: &str,
+        f: impl FnOnce(&mut BTreeMap<String, TableSchema>) -> R,
+    ) -> R {
+        let _guard = self
+            .inner
+            .schema_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut schemas: BTreeMap<String, TableSchema> = read(&self.inner.state)
             .schemas
             .get(db)
@@ -241,16 +263,35 @@ impl Engine {
     /// When this returns `Ok`, the rows are visible to every query, and — if `sync` —
     /// durable: on disk in the WAL and fsynced. With `sync = false` they are in the
     /// OS's page cache and survive a crash of the process but not of the machine.
-    pub async fn write(&self, db: &str, tables: Vec<(String, RecordBatch)>, sync: bool) -> Result<()> {
-        let entry = WalEntry { db: db.to_string(), tables };
+    pub async fn write(
+        &self,
+        db: &str,
+        tables: Vec<(String, RecordBatch)>,
+        sync: bool,
+    ) -> Result<()> {
+        let entry = WalEntry {
+            db: db.to_string(),
+            tables,
+        };
         let payload = entry.encode()?;
         let (done, wait) = oneshot::channel();
-        self.send(WalCommand::Write { payload, entry, sync, done }).await?;
+        self.send(WalCommand::Write {
+            payload,
+            entry,
+            sync,
+            done,
+        })
+        .await?;
         wait.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
     async fn send(&self, cmd: WalCommand) -> Result<()> {
-        let tx = self.inner.wal_tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let tx = self
+            .inner
+            .wal_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         match tx {
             Some(tx) => tx.send(cmd).await.map_err(|_| StorageError::ShuttingDown),
             None => Err(StorageError::ShuttingDown),
@@ -262,7 +303,12 @@ impl Engine {
         let state = read(&self.inner.state);
         let schemas = state.schemas.get(db)?.clone();
         let mut buffers: BTreeMap<String, Vec<TableBuffer>> = BTreeMap::new();
-        for buffer in state.persisting.iter().map(|p| &p.buffer).chain([&state.active]) {
+        for buffer in state
+            .persisting
+            .iter()
+            .map(|p| &p.buffer)
+            .chain([&state.active])
+        {
             if let Some(tables) = buffer.databases.get(db) {
                 for (t, b) in tables {
                     buffers.entry(t.clone()).or_default().push(b.clone());
@@ -318,13 +364,18 @@ impl Engine {
         for p in &persisting {
             for (db, ts) in &p.buffer.databases {
                 for (t, b) in ts {
-                    tables.entry((db.clone(), t.clone())).or_default().extend(b.batches.iter().cloned());
+                    tables
+                        .entry((db.clone(), t.clone()))
+                        .or_default()
+                        .extend(b.batches.iter().cloned());
                 }
             }
         }
         for ((db, table), batches) in tables {
             let Some(schema) = schemas.get(&db).and_then(|t| t.get(&table)).cloned() else {
-                return Err(StorageError::Internal(format!("buffered rows for {db}.{table} have no schema")));
+                return Err(StorageError::Internal(format!(
+                    "buffered rows for {db}.{table} have no schema"
+                )));
             };
             let days = {
                 let schema = schema.clone();
@@ -333,12 +384,26 @@ impl Engine {
                     .map_err(|e| StorageError::Internal(format!("flush task failed: {e}")))??
             };
             for (day, rows) in days {
-                self.write_segment(&mut next, &db, &table, &schema, day, rows, &mut stats, &mut replaced).await?;
+                self.write_segment(
+                    &mut next,
+                    &db,
+                    &table,
+                    &schema,
+                    day,
+                    rows,
+                    &mut stats,
+                    &mut replaced,
+                )
+                .await?;
             }
         }
         for (db, tables) in &schemas {
             for (table, schema) in tables {
-                if let Some(tc) = next.databases.get_mut(db).and_then(|d| d.tables.get_mut(table)) {
+                if let Some(tc) = next
+                    .databases
+                    .get_mut(db)
+                    .and_then(|d| d.tables.get_mut(table))
+                {
                     tc.schema = (**schema).clone();
                 }
             }
@@ -348,11 +413,16 @@ impl Engine {
         {
             let mut s = write(&self.inner.state);
             s.catalog = Arc::new(next);
-            s.persisting.retain(|p| !persisting.iter().any(|q| Arc::ptr_eq(p, q)));
+            s.persisting
+                .retain(|p| !persisting.iter().any(|q| Arc::ptr_eq(p, q)));
         }
         self.delete_wal_upto(wal_upto)?;
         if !replaced.is_empty() {
-            self.inner.graveyard.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), replaced));
+            self.inner
+                .graveyard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((Instant::now(), replaced));
         }
         tracing::debug!(?stats, "flushed");
         Ok(stats)
@@ -370,18 +440,30 @@ impl Engine {
         stats: &mut FlushStats,
         replaced: &mut Vec<ObjectPath>,
     ) -> Result<()> {
-        let Some((lo, hi)) = time_range(&rows) else { return Ok(()) };
+        let Some((lo, hi)) = time_range(&rows) else {
+            return Ok(());
+        };
         let segment_id = next.allocate_segment_id();
         let (db_id, tc) = next.table_mut(db, table);
         tc.schema = (**schema).clone();
         let table_id = tc.id;
         // Segments of a table never overlap in time, so a (series, time) lives in at most
         // one: late rows that overlap existing segments are merged into a new one.
-        let overlapping: Vec<SegmentMeta> = tc.segments.values().filter(|s| s.day == day && s.overlaps(lo, hi)).cloned().collect();
+        let overlapping: Vec<SegmentMeta> = tc
+            .segments
+            .values()
+            .filter(|s| s.day == day && s.overlaps(lo, hi))
+            .cloned()
+            .collect();
         let mut parts = Vec::with_capacity(overlapping.len() + 1);
         let arrow = schema.arrow_schema();
         for old in &overlapping {
-            let bytes = self.store().get(&ObjectPath::from(old.path.as_str())).await?.bytes().await?;
+            let bytes = self
+                .store()
+                .get(&ObjectPath::from(old.path.as_str()))
+                .await?
+                .bytes()
+                .await?;
             for b in segment::decode(bytes)? {
                 parts.push(align(&b, &arrow)?);
             }
@@ -403,8 +485,12 @@ impl Engine {
         let path = paths::segment_file(db_id, table_id, day, segment_id);
         let index_path = paths::segment_index(db_id, table_id, day, segment_id);
         let size = encoded.parquet.len() as u64;
-        self.store().put(&path, PutPayload::from(encoded.parquet.clone())).await?;
-        self.store().put(&index_path, PutPayload::from(encoded.index.encode()?)).await?;
+        self.store()
+            .put(&path, PutPayload::from(encoded.parquet.clone()))
+            .await?;
+        self.store()
+            .put(&index_path, PutPayload::from(encoded.index.encode()?))
+            .await?;
         let (min_time, max_time) = overlapping
             .iter()
             .fold((lo, hi), |(a, b), s| (a.min(s.min_time), b.max(s.max_time)));
@@ -449,8 +535,13 @@ impl Engine {
 
     async fn bury_expired(&self) {
         let due: Vec<ObjectPath> = {
-            let mut g = self.inner.graveyard.lock().unwrap_or_else(|e| e.into_inner());
-            let (due, keep): (Vec<_>, Vec<_>) = g.drain(..).partition(|(t, _)| t.elapsed() >= DELETE_GRACE);
+            let mut g = self
+                .inner
+                .graveyard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let (due, keep): (Vec<_>, Vec<_>) =
+                g.drain(..).partition(|(t, _)| t.elapsed() >= DELETE_GRACE);
             *g = keep;
             due.into_iter().flat_map(|(_, p)| p).collect()
         };
@@ -498,8 +589,17 @@ impl Engine {
     pub async fn shutdown(&self) -> Result<()> {
         self.inner.stop.notify_waiters();
         let flushed = self.flush().await;
-        self.inner.wal_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let thread = self.inner.wal_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.inner
+            .wal_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let thread = self
+            .inner
+            .wal_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(t) = thread {
             tokio::task::spawn_blocking(move || t.join())
                 .await
@@ -513,7 +613,10 @@ impl Engine {
 /// Sorts and merges a table's buffered batches and splits them by UTC day.
 fn merge_by_day(schema: &TableSchema, batches: &[RecordBatch]) -> Result<Vec<(i64, RecordBatch)>> {
     let arrow = schema.arrow_schema();
-    let aligned = batches.iter().map(|b| align(b, &arrow)).collect::<Result<Vec<_>>>()?;
+    let aligned = batches
+        .iter()
+        .map(|b| align(b, &arrow))
+        .collect::<Result<Vec<_>>>()?;
     let keys = key_columns(schema, &arrow)?;
     let merged = sort_dedup(&arrow, &aligned, &keys)?;
     let times = merged
@@ -576,7 +679,12 @@ fn wal_loop(
         let mut fsync = false;
         for cmd in group.drain(..) {
             match cmd {
-                WalCommand::Write { payload, entry, sync, done } => match writer.append(&payload) {
+                WalCommand::Write {
+                    payload,
+                    entry,
+                    sync,
+                    done,
+                } => match writer.append(&payload) {
                     Ok(()) => {
                         fsync |= sync;
                         pending.push((entry, done));
@@ -615,7 +723,9 @@ fn commit_group(
     if let Err(e) = writer.sync(fsync) {
         let msg = e.to_string();
         for (_, done) in pending.drain(..) {
-            let _ = done.send(Err(StorageError::Internal(format!("WAL sync failed: {msg}"))));
+            let _ = done.send(Err(StorageError::Internal(format!(
+                "WAL sync failed: {msg}"
+            ))));
         }
         return;
     }
@@ -637,7 +747,10 @@ fn rotate(writer: &mut WalWriter, state: &RwLock<State>) -> Result<()> {
     let mut s = write(state);
     let buffer = std::mem::take(&mut s.active);
     if !buffer.is_empty() {
-        s.persisting.push(Arc::new(Persisting { buffer, wal_upto: closed }));
+        s.persisting.push(Arc::new(Persisting {
+            buffer,
+            wal_upto: closed,
+        }));
     } else if let Some(last) = s.persisting.last_mut() {
         // Nothing new: the closed file holds nothing, so it can go with the last batch.
         if let Some(p) = Arc::get_mut(last) {
@@ -671,7 +784,10 @@ impl DbSnapshot {
         let Some(parts) = self.buffers.get(table) else {
             return (Vec::new(), None);
         };
-        let batches = parts.iter().flat_map(|b| b.batches.iter().cloned()).collect();
+        let batches = parts
+            .iter()
+            .flat_map(|b| b.batches.iter().cloned())
+            .collect();
         let range = parts
             .iter()
             .filter(|b| b.rows > 0)

@@ -83,14 +83,18 @@ impl SegmentIndex {
             for v in values {
                 if run.map(|(cur, _)| cur) != v || run.is_none() {
                     if let Some((cur, start)) = run {
-                        col.entry(cur.to_string()).or_default().insert_range(start..row);
+                        col.entry(cur.to_string())
+                            .or_default()
+                            .insert_range(start..row);
                     }
                     run = v.map(|v| (v, row));
                 }
                 row += 1;
             }
             if let Some((cur, start)) = run {
-                col.entry(cur.to_string()).or_default().insert_range(start..row);
+                col.entry(cur.to_string())
+                    .or_default()
+                    .insert_range(start..row);
             }
             out.insert(name, col);
         }
@@ -212,7 +216,11 @@ impl SegmentIndex {
             let rows = r.u64()?;
             let n = r.u32()? as usize;
             let page_starts = (0..n).map(|_| r.u64()).collect::<Result<_>>()?;
-            row_groups.push(RowGroupPages { first_row, rows, page_starts });
+            row_groups.push(RowGroupPages {
+                first_row,
+                rows,
+                page_starts,
+            });
         }
         let mut tags = BTreeMap::new();
         for _ in 0..r.u32()? {
@@ -221,7 +229,8 @@ impl SegmentIndex {
             for _ in 0..r.u32()? {
                 let v = r.string()?;
                 let bytes = r.bytes()?;
-                let bitmap = RoaringBitmap::deserialize_from(bytes).map_err(|e| corrupt(&e.to_string()))?;
+                let bitmap =
+                    RoaringBitmap::deserialize_from(bytes).map_err(|e| corrupt(&e.to_string()))?;
                 values.insert(v, bitmap);
             }
             tags.insert(name, values);
@@ -281,10 +290,14 @@ impl<'a> Cursor<'a> {
         Ok(h)
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.u32()? as usize;
@@ -303,12 +316,27 @@ mod tests {
         let devices = ["a", "a", "a", "b", "b", "c", "c", "c", "c", "c"];
         let districts = ["x", "x", "x", "x", "x", "y", "y", "y", "y", "y"];
         let mut idx = SegmentIndex::build([
-            ("device".to_string(), Box::new(devices.iter().map(|s| Some(*s))) as Box<dyn Iterator<Item = Option<&str>>>),
-            ("district".to_string(), Box::new(districts.iter().map(|s| Some(*s)))),
+            (
+                "device".to_string(),
+                Box::new(devices.iter().map(|s| Some(*s)))
+                    as Box<dyn Iterator<Item = Option<&str>>>,
+            ),
+            (
+                "district".to_string(),
+                Box::new(districts.iter().map(|s| Some(*s))),
+            ),
         ]);
         idx.row_groups = vec![
-            RowGroupPages { first_row: 0, rows: 6, page_starts: vec![0, 2, 4] },
-            RowGroupPages { first_row: 6, rows: 4, page_starts: vec![6, 8] },
+            RowGroupPages {
+                first_row: 0,
+                rows: 6,
+                page_starts: vec![0, 2, 4],
+            },
+            RowGroupPages {
+                first_row: 6,
+                rows: 4,
+                page_starts: vec![6, 8],
+            },
         ];
         idx
     }
@@ -317,7 +345,10 @@ mod tests {
     fn bitmaps_become_row_selections_and_page_costs() {
         let idx = index();
         let rows = idx
-            .matching_rows(&[TagConstraint { column: "device".into(), values: vec!["b".into()] }])
+            .matching_rows(&[TagConstraint {
+                column: "device".into(),
+                values: vec!["b".into()],
+            }])
             .unwrap();
         assert_eq!(rows.iter().collect::<Vec<_>>(), vec![3, 4]);
         let sel = idx.selection(Some(&rows));
@@ -338,11 +369,20 @@ mod tests {
     fn constraints_intersect_and_unknown_values_match_nothing() {
         let idx = index();
         let both = idx.matching_rows(&[
-            TagConstraint { column: "district".into(), values: vec!["y".into()] },
-            TagConstraint { column: "device".into(), values: vec!["a".into(), "c".into()] },
+            TagConstraint {
+                column: "district".into(),
+                values: vec!["y".into()],
+            },
+            TagConstraint {
+                column: "device".into(),
+                values: vec!["a".into(), "c".into()],
+            },
         ]);
         assert_eq!(both.unwrap().len(), 5);
-        let none = idx.matching_rows(&[TagConstraint { column: "device".into(), values: vec!["zz".into()] }]);
+        let none = idx.matching_rows(&[TagConstraint {
+            column: "device".into(),
+            values: vec!["zz".into()],
+        }]);
         assert!(none.unwrap().is_empty());
         assert_eq!(idx.matching_rows(&[]), None);
     }

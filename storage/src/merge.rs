@@ -40,15 +40,21 @@ pub fn key_columns(table: &TableSchema, schema: &SchemaRef) -> Result<Vec<usize>
         .tag_names()
         .filter_map(|t| schema.index_of(t).ok())
         .collect();
-    keys.push(schema.index_of(TIME_COLUMN).map_err(|_| {
-        StorageError::Internal("a batch to merge has no time column".into())
-    })?);
+    keys.push(
+        schema
+            .index_of(TIME_COLUMN)
+            .map_err(|_| StorageError::Internal("a batch to merge has no time column".into()))?,
+    );
     Ok(keys)
 }
 
 /// Concatenates `batches` (oldest write first), sorts by `keys`, and merges rows
 /// with equal keys so that each (series, time) appears once.
-pub fn sort_dedup(schema: &SchemaRef, batches: &[RecordBatch], keys: &[usize]) -> Result<RecordBatch> {
+pub fn sort_dedup(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    keys: &[usize],
+) -> Result<RecordBatch> {
     let all = concat_batches(schema, batches)?;
     let n = all.num_rows();
     if n == 0 {
@@ -79,7 +85,11 @@ pub fn sort_dedup(schema: &SchemaRef, batches: &[RecordBatch], keys: &[usize]) -
     }
     let unique = group_starts.len() == n;
     let first_of_group: Vec<u32> = group_starts.iter().map(|&s| order[s]).collect();
-    let first_idx = Arc::new(UInt32Array::from(if unique { order.clone() } else { first_of_group }));
+    let first_idx = Arc::new(UInt32Array::from(if unique {
+        order.clone()
+    } else {
+        first_of_group
+    }));
 
     let mut columns = Vec::with_capacity(all.num_columns());
     for (ci, col) in all.columns().iter().enumerate() {
@@ -112,18 +122,28 @@ pub fn is_key(table: &TableSchema, name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::schema::FieldType;
-    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use datafusion::arrow::array::{
+        Float64Array, Int64Array, StringArray, TimestampNanosecondArray,
+    };
     use datafusion::arrow::util::pretty::pretty_format_batches;
 
     fn table() -> TableSchema {
         let mut t = TableSchema::default();
         t.add_column("device", ColumnKind::Tag).unwrap();
-        t.add_column("a", ColumnKind::Field(FieldType::Float)).unwrap();
-        t.add_column("b", ColumnKind::Field(FieldType::Integer)).unwrap();
+        t.add_column("a", ColumnKind::Field(FieldType::Float))
+            .unwrap();
+        t.add_column("b", ColumnKind::Field(FieldType::Integer))
+            .unwrap();
         t
     }
 
-    fn batch(schema: &SchemaRef, t: Vec<i64>, d: Vec<&str>, a: Vec<Option<f64>>, b: Vec<Option<i64>>) -> RecordBatch {
+    fn batch(
+        schema: &SchemaRef,
+        t: Vec<i64>,
+        d: Vec<&str>,
+        a: Vec<Option<f64>>,
+        b: Vec<Option<i64>>,
+    ) -> RecordBatch {
         RecordBatch::try_new(
             schema.clone(),
             vec![
@@ -140,8 +160,20 @@ mod tests {
     fn later_writes_replace_only_the_fields_they_carry() {
         let t = table();
         let s = t.arrow_schema();
-        let b1 = batch(&s, vec![2, 1, 1], vec!["x", "y", "x"], vec![Some(1.0), Some(2.0), Some(3.0)], vec![Some(10), None, Some(30)]);
-        let b2 = batch(&s, vec![1, 1], vec!["x", "x"], vec![None, Some(5.0)], vec![Some(40), None]);
+        let b1 = batch(
+            &s,
+            vec![2, 1, 1],
+            vec!["x", "y", "x"],
+            vec![Some(1.0), Some(2.0), Some(3.0)],
+            vec![Some(10), None, Some(30)],
+        );
+        let b2 = batch(
+            &s,
+            vec![1, 1],
+            vec!["x", "x"],
+            vec![None, Some(5.0)],
+            vec![Some(40), None],
+        );
         let keys = key_columns(&t, &s).unwrap();
         let out = sort_dedup(&s, &[b1, b2], &keys).unwrap();
         let text = pretty_format_batches(&[out]).unwrap().to_string();
@@ -163,8 +195,12 @@ mod tests {
         let t = table();
         let s = t.arrow_schema();
         let narrow = RecordBatch::try_new(
-            Arc::new(datafusion::arrow::datatypes::Schema::new(vec![s.field(0).clone()])),
-            vec![Arc::new(TimestampNanosecondArray::from(vec![7]).with_timezone("UTC"))],
+            Arc::new(datafusion::arrow::datatypes::Schema::new(vec![s
+                .field(0)
+                .clone()])),
+            vec![Arc::new(
+                TimestampNanosecondArray::from(vec![7]).with_timezone("UTC"),
+            )],
         )
         .unwrap();
         let wide = align(&narrow, &s).unwrap();

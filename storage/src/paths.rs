@@ -64,10 +64,7 @@ mod tests {
     fn names_round_trip() {
         assert_eq!(catalog_version(&catalog_snapshot(42)), Some(42));
         let f = wal_file(Path::new("/d/wal"), 7);
-        assert_eq!(
-            wal_seq(f.file_name().unwrap().to_str().unwrap()),
-            Some(7)
-        );
+        assert_eq!(wal_seq(f.file_name().unwrap().to_str().unwrap()), Some(7));
         assert_eq!(
             segment_file(1, 2, 20425, 3).as_ref(),
             "segments/1/2/20425/0000000003.parquet"

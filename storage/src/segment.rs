@@ -64,7 +64,8 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
         let col = batch.column(i);
         let kind = table.kind(f.name());
         match kind {
-            Some(ColumnKind::Time) | Some(ColumnKind::Field(FieldType::Integer | FieldType::UInteger)) => {
+            Some(ColumnKind::Time)
+            | Some(ColumnKind::Field(FieldType::Integer | FieldType::UInteger)) => {
                 props = props
                     .set_column_dictionary_enabled(path.clone(), false)
                     .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
@@ -85,16 +86,29 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
             _ => {}
         }
         if matches!(kind, Some(ColumnKind::Tag)) {
-            sorting.push(SortingColumn { column_idx: i as i32, descending: false, nulls_first: true });
+            sorting.push(SortingColumn {
+                column_idx: i as i32,
+                descending: false,
+                nulls_first: true,
+            });
         }
         fields.push(f.clone());
         columns.push(col.clone());
     }
-    if let Some(t) = schema.fields().iter().position(|f| table.kind(f.name()) == Some(ColumnKind::Time)) {
-        sorting.push(SortingColumn { column_idx: t as i32, descending: false, nulls_first: true });
+    if let Some(t) = schema
+        .fields()
+        .iter()
+        .position(|f| table.kind(f.name()) == Some(ColumnKind::Time))
+    {
+        sorting.push(SortingColumn {
+            column_idx: t as i32,
+            descending: false,
+            nulls_first: true,
+        });
     }
     let props = props.set_sorting_columns(Some(sorting)).build();
-    let file_schema: SchemaRef = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let file_schema: SchemaRef =
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
     let file_batch = RecordBatch::try_new(file_schema.clone(), columns)?;
 
     let mut buf = Vec::with_capacity(batch.num_rows() * 4 + 1024);
@@ -105,7 +119,10 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
 
     let mut index = SegmentIndex::build(table.tag_names().filter_map(|name| {
         let col = batch.column_by_name(name)?.as_string_opt::<i32>()?;
-        Some((name.to_string(), Box::new(col.iter()) as Box<dyn Iterator<Item = Option<&str>>>))
+        Some((
+            name.to_string(),
+            Box::new(col.iter()) as Box<dyn Iterator<Item = Option<&str>>>,
+        ))
     }));
     let meta = ParquetMetaDataReader::new()
         .with_page_index_policy(PageIndexPolicy::Required)
@@ -118,13 +135,27 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
         let page_starts = offsets
             .and_then(|o| o.get(g))
             .and_then(|cols| cols.first())
-            .map(|c| c.page_locations().iter().map(|p| first_row + p.first_row_index as u64).collect())
+            .map(|c| {
+                c.page_locations()
+                    .iter()
+                    .map(|p| first_row + p.first_row_index as u64)
+                    .collect()
+            })
             .unwrap_or_default();
-        index.row_groups.push(RowGroupPages { first_row, rows, page_starts });
+        index.row_groups.push(RowGroupPages {
+            first_row,
+            rows,
+            page_starts,
+        });
         row_group_rows.push(rows);
         first_row += rows;
     }
-    Ok(EncodedSegment { parquet, index, rows: first_row, row_group_rows })
+    Ok(EncodedSegment {
+        parquet,
+        index,
+        rows: first_row,
+        row_group_rows,
+    })
 }
 
 /// The float column as exact scaled decimals, with the smallest scale that round-trips.
@@ -157,9 +188,7 @@ pub fn decode(parquet: Bytes) -> Result<Vec<RecordBatch>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(parquet)?
         .with_batch_size(64 * 1024)
         .build()?;
-    reader
-        .map(|b| b.map_err(StorageError::from))
-        .collect()
+    reader.map(|b| b.map_err(StorageError::from)).collect()
 }
 
 #[cfg(test)]
@@ -171,8 +200,10 @@ mod tests {
     fn table() -> TableSchema {
         let mut t = TableSchema::default();
         t.add_column("device", ColumnKind::Tag).unwrap();
-        t.add_column("level", ColumnKind::Field(FieldType::Float)).unwrap();
-        t.add_column("raw", ColumnKind::Field(FieldType::Float)).unwrap();
+        t.add_column("level", ColumnKind::Field(FieldType::Float))
+            .unwrap();
+        t.add_column("raw", ColumnKind::Field(FieldType::Float))
+            .unwrap();
         t
     }
 
@@ -181,14 +212,23 @@ mod tests {
         let t = table();
         let n: usize = 5000;
         let levels: Vec<Option<f64>> = (0..n)
-            .map(|i| if i % 7 == 0 { None } else { Some(((i as f64 * 0.37).round() - 1000.0) / 10.0) })
+            .map(|i| {
+                if i % 7 == 0 {
+                    None
+                } else {
+                    Some(((i as f64 * 0.37).round() - 1000.0) / 10.0)
+                }
+            })
             .collect();
         let raw: Vec<Option<f64>> = (0..n).map(|i| Some((i as f64).sqrt())).collect();
         let devices: Vec<String> = (0..n).map(|i| format!("mh-{:05}", i / 1000)).collect();
         let batch = RecordBatch::try_new(
             t.arrow_schema(),
             vec![
-                Arc::new(TimestampNanosecondArray::from((0..n as i64).collect::<Vec<_>>()).with_timezone("UTC")),
+                Arc::new(
+                    TimestampNanosecondArray::from((0..n as i64).collect::<Vec<_>>())
+                        .with_timezone("UTC"),
+                ),
                 Arc::new(StringArray::from(devices)),
                 Arc::new(Float64Array::from(levels.clone())),
                 Arc::new(Float64Array::from(raw.clone())),
@@ -197,18 +237,45 @@ mod tests {
         .unwrap();
         let seg = encode(&batch, &t).unwrap();
         assert_eq!(seg.rows, n as u64);
-        let file_schema = ParquetRecordBatchReaderBuilder::try_new(seg.parquet.clone()).unwrap().schema().clone();
-        assert_eq!(file_schema.field(2).data_type(), &DataType::Decimal128(18, 1), "level stored as DECIMAL");
-        assert_eq!(file_schema.field(3).data_type(), &DataType::Float64, "raw stays a double");
-        assert_eq!(seg.index.row_groups[0].page_starts.len(), n.div_ceil(PAGE_ROWS));
+        let file_schema = ParquetRecordBatchReaderBuilder::try_new(seg.parquet.clone())
+            .unwrap()
+            .schema()
+            .clone();
+        assert_eq!(
+            file_schema.field(2).data_type(),
+            &DataType::Decimal128(18, 1),
+            "level stored as DECIMAL"
+        );
+        assert_eq!(
+            file_schema.field(3).data_type(),
+            &DataType::Float64,
+            "raw stays a double"
+        );
+        assert_eq!(
+            seg.index.row_groups[0].page_starts.len(),
+            n.div_ceil(PAGE_ROWS)
+        );
         assert_eq!(seg.index.tags["device"]["mh-00001"].len(), 1000);
 
         let back = decode(seg.parquet).unwrap();
-        let back = align(&datafusion::arrow::compute::concat_batches(&back[0].schema(), &back).unwrap(), &t.arrow_schema()).unwrap();
-        let got: Vec<Option<u64>> = back.column(2).as_primitive::<Float64Type>().iter().map(|v| v.map(f64::to_bits)).collect();
+        let back = align(
+            &datafusion::arrow::compute::concat_batches(&back[0].schema(), &back).unwrap(),
+            &t.arrow_schema(),
+        )
+        .unwrap();
+        let got: Vec<Option<u64>> = back
+            .column(2)
+            .as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.map(f64::to_bits))
+            .collect();
         let want: Vec<Option<u64>> = levels.iter().map(|v| v.map(f64::to_bits)).collect();
         assert_eq!(got, want);
-        let got_raw: Vec<Option<f64>> = back.column(3).as_primitive::<Float64Type>().iter().collect();
+        let got_raw: Vec<Option<f64>> = back
+            .column(3)
+            .as_primitive::<Float64Type>()
+            .iter()
+            .collect();
         assert_eq!(got_raw, raw);
     }
 }

@@ -90,7 +90,9 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.buf.len() < n {
-            return Err(StorageError::Corrupt("WAL record shorter than it says".into()));
+            return Err(StorageError::Corrupt(
+                "WAL record shorter than it says".into(),
+            ));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -121,7 +123,10 @@ impl WalWriter {
     /// Creates WAL file `seq` in `dir` (which must exist) and makes its name durable.
     pub fn create(dir: &Path, seq: u64) -> Result<Self> {
         let path = paths::wal_file(dir, seq);
-        let mut file = OpenOptions::new().create_new(true).write(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)?;
         file.write_all(MAGIC)?;
         file.sync_all()?;
         sync_dir(dir)?;
@@ -148,7 +153,8 @@ impl WalWriter {
         let len = u32::try_from(payload.len())
             .map_err(|_| StorageError::InvalidInput("write too large for one WAL record".into()))?;
         self.file.write_all(&len.to_le_bytes())?;
-        self.file.write_all(&crc32fast::hash(payload).to_le_bytes())?;
+        self.file
+            .write_all(&crc32fast::hash(payload).to_le_bytes())?;
         self.file.write_all(payload)?;
         self.bytes += 8 + payload.len() as u64;
         Ok(())
@@ -305,7 +311,11 @@ mod tests {
             let whole = cut.saturating_sub(HEADER_LEN) / record_len;
             assert_eq!(r.entries.len(), whole, "cut at {cut}");
             let kept = fs::metadata(&path).unwrap().len() as usize;
-            let expect = if cut < HEADER_LEN { 0 } else { HEADER_LEN + whole * record_len };
+            let expect = if cut < HEADER_LEN {
+                0
+            } else {
+                HEADER_LEN + whole * record_len
+            };
             assert_eq!(kept, expect, "file truncated to whole records at cut {cut}");
         }
     }

@@ -54,7 +54,7 @@ pub fn target_dir() -> PathBuf {
 
 /// The `citytsdb` binary, built once per test process.
 ///
-/// `cargo build --workspace --bins` runs the first time this is
+/// `cargo build --workspace --all-targets` runs the first time this is
 /// called (output shown, the test fails if the build does); the binary is then
 /// `<target dir>/debug/citytsdb`. `$CITYTSDB_BIN`, when set, names a binary to use
 /// instead, without building.
@@ -68,17 +68,23 @@ pub fn binary() -> &'static Path {
             .or_else(|| option_env!("CARGO").map(Into::into))
             .unwrap_or_else(|| "cargo".into());
         let status = Command::new(&cargo)
-            .args(["build", "--workspace", "--bins"])
+            .args(["build", "--workspace", "--all-targets"])
             .current_dir(workspace_root())
             .stdin(Stdio::null())
             .status()
-            .unwrap_or_else(|e| panic!("could not run {cargo:?} build for the citytsdb binary: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("could not run {cargo:?} build for the citytsdb binary: {e}")
+            });
         assert!(
             status.success(),
-            "`cargo build --workspace --bins` failed ({status}); see its output above"
+            "`cargo build --workspace --all-targets` failed ({status}); see its output above"
         );
         let bin = target_dir().join("debug").join("citytsdb");
-        assert!(bin.is_file(), "cargo build succeeded but {} does not exist", bin.display());
+        assert!(
+            bin.is_file(),
+            "cargo build succeeded but {} does not exist",
+            bin.display()
+        );
         bin
     })
 }

@@ -21,12 +21,20 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 with `message`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), position: None }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            position: None,
+        }
     }
 
     /// Any status with `message`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), position: None }
+        Self {
+            status,
+            message: message.into(),
+            position: None,
+        }
     }
 }
 
@@ -46,9 +54,18 @@ impl IntoResponse for ApiError {
 impl From<QueryError> for ApiError {
     fn from(e: QueryError) -> Self {
         match e {
-            QueryError::Invalid { message, position } => Self { status: StatusCode::BAD_REQUEST, message, position },
-            QueryError::DatabaseNotFound(db) => Self::new(StatusCode::NOT_FOUND, format!("database not found: {db}")),
-            QueryError::ResourcesExhausted(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, format!("query exceeded its memory limit: {m}")),
+            QueryError::Invalid { message, position } => Self {
+                status: StatusCode::BAD_REQUEST,
+                message,
+                position,
+            },
+            QueryError::DatabaseNotFound(db) => {
+                Self::new(StatusCode::NOT_FOUND, format!("database not found: {db}"))
+            }
+            QueryError::ResourcesExhausted(m) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("query exceeded its memory limit: {m}"),
+            ),
             QueryError::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }

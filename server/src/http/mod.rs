@@ -34,7 +34,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/api/v1/write", post(write::write_v1))
-        .route("/api/v1/query", get(query::query_get).post(query::query_post))
+        .route(
+            "/api/v1/query",
+            get(query::query_get).post(query::query_post),
+        )
         .route("/api/v1/flush", post(flush))
         .fallback(not_found)
         .layer(DefaultBodyLimit::disable())
@@ -53,10 +56,16 @@ struct FlushParams {
 /// `POST /api/v1/flush`: persists every buffered row now. The `db` parameter, if
 /// given, must name an existing database; the flush covers all of them, because
 /// the WAL they share is released only as a whole.
-async fn flush(State(app): State<Arc<AppState>>, Query(p): Query<FlushParams>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn flush(
+    State(app): State<Arc<AppState>>,
+    Query(p): Query<FlushParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some(db) = p.db {
         if app.storage.snapshot(&db).is_none() {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("database not found: {db}")));
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("database not found: {db}"),
+            ));
         }
     }
     let stats = app.storage.flush().await?;
@@ -68,5 +77,8 @@ async fn flush(State(app): State<Arc<AppState>>, Query(p): Query<FlushParams>) -
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
 }

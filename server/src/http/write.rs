@@ -47,13 +47,18 @@ pub async fn write_v1(
     check_db_name(&db)?;
     let precision = match params.get("precision").map(String::as_str) {
         None | Some("") => Precision::Nanosecond,
-        Some(p) => Precision::parse(p)
-            .ok_or_else(|| ApiError::bad_request(format!("invalid precision '{p}': use ns, us, ms or s")))?,
+        Some(p) => Precision::parse(p).ok_or_else(|| {
+            ApiError::bad_request(format!("invalid precision '{p}': use ns, us, ms or s"))
+        })?,
     };
     let no_sync = match params.get("no_sync").map(String::as_str) {
         None | Some("") | Some("false") => false,
         Some("true") => true,
-        Some(v) => return Err(ApiError::bad_request(format!("invalid no_sync '{v}': use true or false"))),
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid no_sync '{v}': use true or false"
+            )))
+        }
     };
     let body = read_body(&headers, body, app.max_body_size).await?;
     let outcome = write_body(&app, &db, body, precision, !no_sync).await?;
@@ -61,7 +66,13 @@ pub async fn write_v1(
 }
 
 /// Parses, validates and writes a body; answers 204 or 400 with the rejected lines.
-pub async fn write_body(app: &AppState, db: &str, body: Bytes, precision: Precision, sync: bool) -> Result<Response, ApiError> {
+pub async fn write_body(
+    app: &AppState,
+    db: &str,
+    body: Bytes,
+    precision: Precision,
+    sync: bool,
+) -> Result<Response, ApiError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -71,15 +82,30 @@ pub async fn write_body(app: &AppState, db: &str, body: Bytes, precision: Precis
     let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared, ApiError> {
         let parsed = parse_body(&body);
         let mut rejected = parsed.rejected;
-        let validated = storage.update_schemas(&db_name, |schemas| validate(parsed.lines, precision, schemas));
+        let validated = storage.update_schemas(&db_name, |schemas| {
+            validate(parsed.lines, precision, schemas)
+        });
         rejected.extend(validated.rejected.iter().cloned());
         rejected.sort_by_key(|e| e.line);
-        let tables = build_batches(&validated, now)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("building batches: {e}")))?;
-        Ok(Prepared { tables, rejected, data_lines: parsed.data_lines })
+        let tables = build_batches(&validated, now).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("building batches: {e}"),
+            )
+        })?;
+        Ok(Prepared {
+            tables,
+            rejected,
+            data_lines: parsed.data_lines,
+        })
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("write task failed: {e}")))??;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("write task failed: {e}"),
+        )
+    })??;
 
     if !prepared.tables.is_empty() {
         app.storage.write(db, prepared.tables, sync).await?;
@@ -102,21 +128,37 @@ pub async fn write_body(app: &AppState, db: &str, body: Bytes, precision: Precis
 
 fn check_db_name(db: &str) -> Result<(), ApiError> {
     if db.chars().count() > 255 || db.chars().any(char::is_control) {
-        return Err(ApiError::bad_request("invalid database name: at most 255 characters, no control characters"));
+        return Err(ApiError::bad_request(
+            "invalid database name: at most 255 characters, no control characters",
+        ));
     }
     Ok(())
 }
 
 /// Reads a body up to `limit` bytes (after gunzip), answering 413 past it.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than the limit of {limit} bytes"));
-    if let Some(len) = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(too_large());
         }
     }
-    let raw = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
-    let encoding = headers.get("content-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let raw = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())?;
+    let encoding = headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     match encoding.trim().to_ascii_lowercase().as_str() {
         "" | "identity" => Ok(raw),
         "gzip" | "x-gzip" => {
