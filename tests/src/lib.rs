@@ -27,8 +27,8 @@ pub mod oracle;
 pub mod plan;
 pub mod server;
 pub mod wal;
-pub mod workload;
 
+pub use citytsdb_benches::workload;
 pub use server::{Client, Server};
 pub use workload::{Expected, Reading, Workload};
 

@@ -62,8 +62,8 @@ fn one_device_one_day_opens_one_segment_and_few_pages() {
     let decoded = metric(&m, "rows_decoded", &sql);
     assert!(decoded >= 24, "{report}");
     assert!(
-        decoded * 100 < 720_000,
-        "rows_decoded {decoded} is not under 1% of the table: {report}"
+        decoded * 200 < 720_000,
+        "rows_decoded {decoded} is not well under 1% (under 0.5%) of the table: {report}"
     );
 
     let rows = server.query_json(DB, &format!("{sql} ORDER BY time"));
