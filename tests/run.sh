@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install --quiet --disable-pip-version-check -r tests/oracle/requirements.txt
+python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

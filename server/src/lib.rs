@@ -24,6 +24,9 @@ use crate::http::AppState;
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let store = store::open(&config.store)?;
+    if config.store.starts_with("memory:") {
+        tracing::warn!("the memory:// store keeps segments in this process only: rows flushed to it are gone after a restart");
+    }
     let storage = Engine::open(EngineConfig {
         data_dir: config.data_dir.clone(),
         store,

@@ -26,7 +26,7 @@ except ImportError:
     sys.stderr.write(
         "duckdb_oracle: the Python package `duckdb` is not installed, so the "
         "oracle cannot answer. Run the test command in README.md, which installs "
-        "it (python3 -m pip install -r tests/oracle/requirements.txt).\n"
+        "it (python3 -m pip install -r tests/requirements.txt).\n"
     )
     sys.exit(3)
 

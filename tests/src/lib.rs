@@ -17,7 +17,7 @@
 //! The tests themselves live in `tests/`: one file per promise (oracle answers,
 //! durability under `kill -9`, torn WAL tails, pruning, HTTP errors, formats).
 //!
-//! Running them: `python3 -m pip install -r tests/oracle/requirements.txt` once
+//! Running them: `python3 -m pip install -r tests/requirements.txt` once
 //! (the oracle needs the `duckdb` package; without it the oracle test fails), then
 //! `cargo test -p citytsdb-tests`. `CITYTSDB_BIN=/path/to/citytsdb` uses a binary
 //! already built instead of building one; `PYTHON` picks the interpreter that runs

@@ -235,6 +235,11 @@ impl Server {
     /// Like [`Server::start`] with extra command-line arguments; a default flag
     /// the extra arguments name themselves is left out.
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_with_env(data_dir, extra_args, &[])
+    }
+
+    /// Like [`Server::start_with`], with extra environment variables for the server.
+    pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let bin = binary();
         fs::create_dir_all(data_dir)
             .unwrap_or_else(|e| panic!("create data dir {}: {e}", data_dir.display()));
@@ -276,6 +281,7 @@ impl Server {
                 .stdout(stdout)
                 .stderr(log)
                 .env("RUST_BACKTRACE", "1")
+                .envs(env.iter().copied())
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
             let mut server = Server {
