@@ -175,6 +175,8 @@ pub fn validate<'a>(
             }
         }
     }
+    // A table whose every line was rejected is not created.
+    schemas.retain(|name, s| s.columns().len() > 1 || out.tables.contains_key(name));
     for (table, (schema, _)) in out.tables.iter_mut() {
         if let Some(s) = schemas.get(table) {
             schema.clone_from(s);
@@ -497,6 +499,15 @@ parking
             ]
         );
         assert_eq!(rejected[0].text, "manhole,device=a tilt_deg=\"x\"");
+    }
+
+    #[test]
+    fn a_table_whose_lines_all_fail_is_not_created() {
+        let mut schemas = BTreeMap::new();
+        let (text, rejected) = run("parking occupied=t 9223372036854775807\n", &mut schemas);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(text, "");
+        assert!(schemas.is_empty(), "{schemas:?}");
     }
 
     #[test]

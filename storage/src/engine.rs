@@ -248,6 +248,10 @@ impl Engine {
             .map(|t| t.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect())
             .unwrap_or_default();
         let out = f(&mut schemas);
+        if schemas.is_empty() {
+            // Nothing was accepted: a database is created by its first written row.
+            return out;
+        }
         let mut state = write(&self.inner.state);
         let current = state.schemas.entry(db.to_string()).or_default();
         for (table, schema) in schemas {
