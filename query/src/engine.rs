@@ -8,12 +8,14 @@
 //! 3. Errors are classified (`error.rs`): the user's fault with a position, or ours.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use citytsdb_storage::Engine;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -28,6 +30,24 @@ use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
 const CATALOG: &str = "citytsdb";
 /// Nesting depth at which the parser refuses SQL, well before any stack is at risk.
 const RECURSION_LIMIT: usize = 64;
+
+/// What one query may use before it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Wall-clock time from parsing to the last row.
+    pub timeout: Duration,
+    /// Memory its operators may reserve (sorts and aggregates spill to disk first).
+    pub memory_bytes: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            memory_bytes: 1 << 30,
+        }
+    }
+}
 
 /// A query's answer, fully collected.
 #[derive(Debug)]
@@ -44,11 +64,51 @@ pub struct QueryEngine {
     storage: Engine,
     runtime: Arc<RuntimeEnv>,
     indexes: Arc<IndexCache>,
+    limits: QueryLimits,
+    executor: Arc<Executor>,
+}
+
+/// The threads queries run on, apart from the ones serving requests: a query that
+/// keeps every core busy cannot stall the HTTP server, its timers, or writes.
+struct Executor {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Executor {
+    fn new() -> Result<Self, QueryError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("citytsdb-query")
+            // Planning deeply nested SQL recurses; give it room.
+            .thread_stack_size(8 << 20)
+            .enable_all()
+            .build()
+            .map_err(|e| QueryError::Internal(format!("cannot start the query threads: {e}")))?;
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        // Only `drop` takes the runtime out.
+        self.runtime
+            .as_ref()
+            .expect("the query runtime lives until drop")
+            .handle()
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        // May run inside the server's runtime, where a blocking shutdown would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl QueryEngine {
     /// A query engine over `storage`, reading segments from its object store.
-    pub fn new(storage: Engine) -> Result<Self, QueryError> {
+    pub fn new(storage: Engine, limits: QueryLimits) -> Result<Self, QueryError> {
         let runtime = RuntimeEnvBuilder::new()
             .build_arc()
             .map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -58,11 +118,41 @@ impl QueryEngine {
             storage,
             runtime,
             indexes: Arc::new(IndexCache::default()),
+            limits,
+            executor: Arc::new(Executor::new()?),
         })
     }
 
-    /// Runs one read-only statement against `db` and collects the answer.
+    /// The limits every query runs under.
+    pub fn limits(&self) -> QueryLimits {
+        self.limits
+    }
+
+    /// Runs one read-only statement against `db` and collects the answer, stopping it
+    /// with [`QueryError::Timeout`] or [`QueryError::ResourcesExhausted`] past a limit.
     pub async fn query(&self, db: &str, sql: &str) -> Result<QueryOutput, QueryError> {
+        let this = self.clone();
+        let (db, sql) = (db.to_string(), sql.to_string());
+        let task = self
+            .executor
+            .handle()
+            .spawn(async move { this.collect(&db, &sql).await });
+        let abort = task.abort_handle();
+        match tokio::time::timeout(self.limits.timeout, task).await {
+            Ok(Ok(result)) => result.map_err(|e| self.explain_limit(e)),
+            Ok(Err(e)) => Err(QueryError::Internal(format!("the query task failed: {e}"))),
+            Err(_) => {
+                // Cancels the plan and every task it spawned at their next yield.
+                abort.abort();
+                Err(QueryError::Timeout(format!(
+                    "query exceeded its time limit of {:?}",
+                    self.limits.timeout
+                )))
+            }
+        }
+    }
+
+    async fn collect(&self, db: &str, sql: &str) -> Result<QueryOutput, QueryError> {
         let stream = self.query_stream(db, sql).await?;
         let schema = stream.schema();
         let batches = datafusion::physical_plan::common::collect(stream)
@@ -71,8 +161,19 @@ impl QueryEngine {
         Ok(QueryOutput { schema, batches })
     }
 
-    /// Plans one read-only statement against `db` and starts executing it.
-    pub async fn query_stream(
+    fn explain_limit(&self, e: QueryError) -> QueryError {
+        match e {
+            QueryError::ResourcesExhausted(m) => QueryError::ResourcesExhausted(format!(
+                "query exceeded its memory limit of {} bytes: {m}",
+                self.limits.memory_bytes
+            )),
+            other => other,
+        }
+    }
+
+    /// Plans one read-only statement against `db` and starts executing it on the
+    /// calling runtime.
+    async fn query_stream(
         &self,
         db: &str,
         sql: &str,
@@ -108,7 +209,17 @@ impl QueryEngine {
                 &RECURSION_LIMIT.to_string(),
             )
             .set_str("datafusion.execution.time_zone", "+00:00");
-        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        // Each query gets its own memory pool; caches, spill files and stores are shared.
+        let runtime = Arc::new(RuntimeEnv {
+            memory_pool: Arc::new(TrackConsumersPool::new(
+                GreedyMemoryPool::new(self.limits.memory_bytes),
+                std::num::NonZeroUsize::new(3).expect("3 is not zero"),
+            )),
+            disk_manager: self.runtime.disk_manager.clone(),
+            cache_manager: self.runtime.cache_manager.clone(),
+            object_store_registry: self.runtime.object_store_registry.clone(),
+        });
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         let catalog = MemoryCatalogProvider::new();
         let schema = DatabaseSchema::new(
             Arc::new(snapshot),

@@ -31,6 +31,9 @@ pub enum QueryError {
     /// The query needed more memory than it may use.
     #[error("{0}")]
     ResourcesExhausted(String),
+    /// The query ran past its time limit.
+    #[error("{0}")]
+    Timeout(String),
     /// The server failed: storage, I/O, or a bug.
     #[error("{0}")]
     Internal(String),
@@ -136,9 +139,13 @@ fn quoted_position(message: &str, sql: &str) -> Option<Position> {
     if name.is_empty() {
         return None;
     }
-    let lower = sql.to_lowercase();
-    let byte = lower.find(&name.to_lowercase())?;
-    let before = &sql[..byte];
+    // Compare ASCII case-insensitively on the original bytes, so offsets stay offsets
+    // into `sql` (lowercasing can change a string's length).
+    let (hay, needle) = (sql.as_bytes(), name.as_bytes());
+    let byte = (0..=hay.len().checked_sub(needle.len())?).find(|&i| {
+        sql.is_char_boundary(i) && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    })?;
+    let before = sql.get(..byte)?;
     let line = before.matches('\n').count() as u64 + 1;
     let column = before
         .rsplit('\n')

@@ -18,5 +18,5 @@ pub mod exec;
 pub mod provider;
 pub mod pruning;
 
-pub use engine::{QueryEngine, QueryOutput};
+pub use engine::{QueryEngine, QueryLimits, QueryOutput};
 pub use error::{Position, QueryError};

@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// Largest write body accepted, in bytes after decompression [default: 67108864]
     #[arg(long, env = "CITYTSDB_MAX_BODY_SIZE")]
     pub max_body_size: Option<usize>,
+    /// A query running longer is stopped with a 408, e.g. 30s [default: 60s]
+    #[arg(long, env = "CITYTSDB_QUERY_TIMEOUT")]
+    pub query_timeout: Option<String>,
+    /// Memory one query may hold, e.g. 512MiB; past it a 413 [default: 1GiB]
+    #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT")]
+    pub query_memory_limit: Option<String>,
 }
 
 /// The same settings as read from the TOML file.
@@ -44,6 +50,8 @@ struct FileConfig {
     flush_interval: Option<String>,
     flush_rows: Option<usize>,
     max_body_size: Option<usize>,
+    query_timeout: Option<String>,
+    query_memory_limit: Option<String>,
 }
 
 /// The resolved configuration of a server.
@@ -61,6 +69,8 @@ pub struct ServeConfig {
     pub flush_rows: usize,
     /// Write body limit, bytes.
     pub max_body_size: usize,
+    /// Per-query limits.
+    pub query_limits: citytsdb_query::QueryLimits,
 }
 
 impl ServeArgs {
@@ -104,6 +114,20 @@ impl ServeArgs {
             .max_body_size
             .or(file.max_body_size)
             .unwrap_or(64 << 20);
+        let timeout = self
+            .query_timeout
+            .or(file.query_timeout)
+            .unwrap_or_else(|| "60s".to_string());
+        let timeout = parse_duration(&timeout).map_err(|e| format!("query-timeout: {e}"))?;
+        let memory = self
+            .query_memory_limit
+            .or(file.query_memory_limit)
+            .unwrap_or_else(|| "1GiB".to_string());
+        let memory_bytes = parse_size(&memory).map_err(|e| format!("query-memory-limit: {e}"))?;
+        let query_limits = citytsdb_query::QueryLimits {
+            timeout,
+            memory_bytes,
+        };
         Ok(ServeConfig {
             data_dir,
             http_bind,
@@ -111,6 +135,7 @@ impl ServeArgs {
             flush_interval,
             flush_rows,
             max_body_size,
+            query_limits,
         })
     }
 }
@@ -148,6 +173,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     n.checked_mul(secs)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("'{s}' is too long"))
+}
+
+/// Parses a size: `1048576`, `512KiB`, `64MiB`, `1GiB` (also `KB`, `MB`, `GB` as powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        u => {
+            return Err(format!(
+                "'{s}': unknown unit '{u}' (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("'{s}' is not a usable size"))
 }
 
 #[cfg(test)]
@@ -188,6 +237,15 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 furlongs").is_err());
     }
 
     #[test]

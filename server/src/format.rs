@@ -15,8 +15,13 @@ use datafusion::arrow::datatypes::{
     TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
 };
 use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::errors::ParquetError;
+use datafusion::parquet::file::properties::WriterProperties;
 use unicode_width::UnicodeWidthStr;
 
 /// An output format of the query API.
@@ -30,6 +35,10 @@ pub enum Format {
     Csv,
     /// An aligned text table.
     Pretty,
+    /// An Arrow IPC stream.
+    Arrow,
+    /// A Parquet file.
+    Parquet,
 }
 
 impl Format {
@@ -40,6 +49,8 @@ impl Format {
             "jsonl" => Self::JsonLines,
             "csv" => Self::Csv,
             "pretty" => Self::Pretty,
+            "arrow" => Self::Arrow,
+            "parquet" => Self::Parquet,
             _ => return None,
         })
     }
@@ -51,6 +62,8 @@ impl Format {
             Self::JsonLines => "application/jsonl",
             Self::Csv => "text/csv; charset=utf-8",
             Self::Pretty => "text/plain; charset=utf-8",
+            Self::Arrow => "application/vnd.apache.arrow.stream",
+            Self::Parquet => "application/vnd.apache.parquet",
         }
     }
 }
@@ -70,6 +83,11 @@ pub fn render(
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<Vec<u8>, ArrowError> {
+    match format {
+        Format::Arrow => return arrow_stream(schema, batches),
+        Format::Parquet => return parquet_file(schema, batches),
+        _ => {}
+    }
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let mut out = String::new();
     match format {
@@ -122,6 +140,7 @@ pub fn render(
                 out.push('\n');
             })?;
         }
+        Format::Arrow | Format::Parquet => {}
         Format::Pretty => {
             let mut rows: Vec<Vec<String>> = Vec::new();
             for_each_row(batches, |row| {
@@ -138,6 +157,31 @@ pub fn render(
         }
     }
     Ok(out.into_bytes())
+}
+
+fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut out = Vec::new();
+    let mut w = StreamWriter::try_new(&mut out, schema)?;
+    for b in batches {
+        w.write(b)?;
+    }
+    w.finish()?;
+    drop(w);
+    Ok(out)
+}
+
+fn parquet_file(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut out = Vec::new();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let to_arrow = |e: ParquetError| ArrowError::ExternalError(Box::new(e));
+    let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props)).map_err(to_arrow)?;
+    for b in batches {
+        w.write(b).map_err(to_arrow)?;
+    }
+    w.close().map_err(to_arrow)?;
+    Ok(out)
 }
 
 fn for_each_row(batches: &[RecordBatch], mut f: impl FnMut(Vec<Cell>)) -> Result<(), ArrowError> {

@@ -1,5 +1,6 @@
 //! The citytsdb server: configuration, the HTTP API, and the `citytsdb` binary.
 //!
+//! 0. `cli.rs` is `citytsdb query`, a client of a running server.
 //! 1. `config.rs` resolves flags, `CITYTSDB_*` variables and the TOML file.
 //! 2. `store.rs` opens the object store the `--store` URL names.
 //! 3. `http/` serves API.md: `write.rs` (line protocol in), `query.rs` (SQL out,
@@ -8,6 +9,7 @@
 //!    shuts down cleanly on SIGINT/SIGTERM: stop accepting, finish requests in
 //!    flight, flush, exit.
 
+pub mod cli;
 pub mod config;
 pub mod format;
 pub mod http;
@@ -40,7 +42,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             config.data_dir.display()
         )
     })?;
-    let query = QueryEngine::new(storage.clone()).map_err(|e| e.to_string())?;
+    let query =
+        QueryEngine::new(storage.clone(), config.query_limits).map_err(|e| e.to_string())?;
     let state = Arc::new(AppState {
         storage: storage.clone(),
         query,

@@ -1,5 +1,6 @@
 //! The `citytsdb` command.
 
+use citytsdb_server::cli::QueryArgs;
 use citytsdb_server::config::ServeArgs;
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Run the server (with no flags: data under ./data, HTTP on 127.0.0.1:8181).
     Serve(ServeArgs),
+    /// Run SQL against a running server and print the answer (an aligned table by default).
+    Query(QueryArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => args
             .resolve()
             .map(|config| runtime.block_on(citytsdb_server::serve(config))),
+        Command::Query(args) => Ok(citytsdb_server::cli::query(&args)),
     };
     match result {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,

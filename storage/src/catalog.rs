@@ -209,7 +209,9 @@ pub async fn load_latest(store: &Arc<dyn ObjectStore>) -> Result<Catalog> {
 /// Number of older snapshots kept behind the newest, for readers still on them.
 const KEEP_OLD_VERSIONS: u64 = 4;
 
-/// Writes `catalog` as its version; fails if that version already exists.
+/// Writes `catalog` as its version; fails if that version already exists with other
+/// contents. Committing the very same snapshot again succeeds, so a commit whose
+/// answer was lost can be retried.
 pub async fn commit(store: &Arc<dyn ObjectStore>, catalog: &Catalog) -> Result<()> {
     let json = serde_json::to_vec(catalog)
         .map_err(|e| StorageError::Internal(format!("catalog does not serialize: {e}")))?;
@@ -217,13 +219,20 @@ pub async fn commit(store: &Arc<dyn ObjectStore>, catalog: &Catalog) -> Result<(
         mode: PutMode::Create,
         ..Default::default()
     };
-    store
-        .put_opts(
-            &paths::catalog_snapshot(catalog.version),
-            PutPayload::from(json),
-            opts,
-        )
-        .await?;
+    let path = paths::catalog_snapshot(catalog.version);
+    match store
+        .put_opts(&path, PutPayload::from(json.clone()), opts)
+        .await
+    {
+        Ok(_) => {}
+        Err(e @ object_store::Error::AlreadyExists { .. }) => {
+            let existing = store.get(&path).await?.bytes().await?;
+            if existing.as_ref() != json.as_slice() {
+                return Err(e.into());
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
     if catalog.version > KEEP_OLD_VERSIONS {
         let old = paths::catalog_snapshot(catalog.version - KEEP_OLD_VERSIONS - 1);
         match store.delete(&old).await {
@@ -264,7 +273,15 @@ mod tests {
             &[("device".to_string(), vec!["mh-1".to_string()])].into(),
         );
         commit(&store, &c).await.unwrap();
-        assert!(commit(&store, &c).await.is_err(), "create-only");
+        commit(&store, &c)
+            .await
+            .expect("the same snapshot again is a no-op");
+        let mut other = c.clone();
+        other.next_segment_id = 99;
+        assert!(
+            commit(&store, &other).await.is_err(),
+            "create-only: another snapshot of the same version fails"
+        );
         let back = load_latest(&store).await.unwrap();
         let t = &back.databases["city"].tables["manhole"];
         assert!(t.tag_segments["device"]["mh-1"].0.contains(7));

@@ -123,6 +123,9 @@ struct Inner {
     flush_wanted: Arc<Notify>,
     stop: Notify,
     graveyard: Mutex<Vec<(Instant, Vec<ObjectPath>)>>,
+    /// Segment ids handed out by this process never repeat, even across failed
+    /// flushes whose catalog commit may or may not have landed.
+    next_segment_id: std::sync::atomic::AtomicU32,
     replay: ReplayStats,
 }
 
@@ -210,6 +213,7 @@ impl Engine {
                 flush_wanted,
                 stop: Notify::new(),
                 graveyard: Mutex::new(Vec::new()),
+                next_segment_id: std::sync::atomic::AtomicU32::new(0),
                 replay,
             }),
         };
@@ -362,6 +366,10 @@ impl Engine {
         }
         let mut next = (*base).clone();
         next.version += 1;
+        let floor = &self.inner.next_segment_id;
+        next.next_segment_id = next
+            .next_segment_id
+            .max(floor.load(std::sync::atomic::Ordering::SeqCst));
         let mut stats = FlushStats::default();
         let mut replaced = Vec::new();
         let mut tables: BTreeMap<(String, String), Vec<RecordBatch>> = BTreeMap::new();
@@ -412,7 +420,13 @@ impl Engine {
                 }
             }
         }
-        catalog::commit(self.store(), &next).await?;
+        floor.fetch_max(next.next_segment_id, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = catalog::commit(self.store(), &next).await {
+            // The commit may have landed anyway (a timeout after the write): start the
+            // retry from whatever the store now holds.
+            self.reload_catalog().await;
+            return Err(e);
+        }
         let wal_upto = persisting.iter().map(|p| p.wal_upto).max().unwrap_or(0);
         {
             let mut s = write(&self.inner.state);
@@ -526,6 +540,22 @@ impl Engine {
         stats.segments_replaced += overlapping.len();
         stats.rows += encoded.rows;
         Ok(())
+    }
+
+    async fn reload_catalog(&self) {
+        match catalog::load_latest(self.store()).await {
+            Ok(latest) => {
+                let mut s = write(&self.inner.state);
+                if latest.version > s.catalog.version {
+                    tracing::warn!(
+                        version = latest.version,
+                        "a catalog commit reported failure but landed; using it"
+                    );
+                    s.catalog = Arc::new(latest);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload the catalog after a failed commit"),
+        }
     }
 
     fn delete_wal_upto(&self, upto: u64) -> Result<()> {
@@ -671,6 +701,9 @@ fn wal_loop(
     flush_rows: usize,
 ) {
     let mut group: Vec<WalCommand> = Vec::new();
+    // Set when a failed write could not be cut off the WAL: from then on nothing can
+    // be made durable safely, so every write is refused until a restart replays.
+    let mut broken: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -682,6 +715,18 @@ fn wal_loop(
         let mut pending: Vec<(WalEntry, oneshot::Sender<Result<()>>)> = Vec::new();
         let mut fsync = false;
         for cmd in group.drain(..) {
+            if let Some(why) = &broken {
+                let err = || {
+                    StorageError::Internal(format!(
+                        "the WAL is unusable ({why}); restart the server"
+                    ))
+                };
+                match cmd {
+                    WalCommand::Write { done, .. } => drop(done.send(Err(err()))),
+                    WalCommand::Rotate { done } => drop(done.send(Err(err()))),
+                }
+                continue;
+            }
             match cmd {
                 WalCommand::Write {
                     payload,
@@ -695,22 +740,44 @@ fn wal_loop(
                     }
                     Err(e) => {
                         let _ = done.send(Err(e));
+                        fail_group(&mut writer, &mut pending, &mut broken, "append");
+                        fsync = false;
                     }
                 },
                 WalCommand::Rotate { done } => {
-                    commit_group(&mut writer, &state, &mut pending, fsync);
+                    commit_group(&mut writer, &state, &mut pending, fsync, &mut broken);
                     fsync = false;
                     let _ = done.send(rotate(&mut writer, &state));
                 }
             }
         }
-        commit_group(&mut writer, &state, &mut pending, fsync);
+        commit_group(&mut writer, &state, &mut pending, fsync, &mut broken);
         if read(&state).active.rows >= flush_rows {
             flush_wanted.notify_one();
         }
     }
-    if let Err(e) = writer.sync(true) {
-        tracing::error!(error = %e, "final WAL sync failed");
+    if broken.is_none() {
+        if let Err(e) = writer.sync(true) {
+            tracing::error!(error = %e, "final WAL sync failed");
+        }
+    }
+}
+
+/// Fails every write appended since the last fsync and cuts them off the WAL.
+fn fail_group(
+    writer: &mut WalWriter,
+    pending: &mut Vec<(WalEntry, oneshot::Sender<Result<()>>)>,
+    broken: &mut Option<String>,
+    what: &str,
+) {
+    for (_, done) in pending.drain(..) {
+        let _ = done.send(Err(StorageError::Internal(format!(
+            "WAL {what} failed; the write was not made durable"
+        ))));
+    }
+    if let Err(e) = writer.discard_unsynced() {
+        tracing::error!(error = %e, "cannot cut failed writes off the WAL; refusing writes until restart");
+        *broken = Some(e.to_string());
     }
 }
 
@@ -720,17 +787,14 @@ fn commit_group(
     state: &RwLock<State>,
     pending: &mut Vec<(WalEntry, oneshot::Sender<Result<()>>)>,
     fsync: bool,
+    broken: &mut Option<String>,
 ) {
     if pending.is_empty() {
         return;
     }
     if let Err(e) = writer.sync(fsync) {
-        let msg = e.to_string();
-        for (_, done) in pending.drain(..) {
-            let _ = done.send(Err(StorageError::Internal(format!(
-                "WAL sync failed: {msg}"
-            ))));
-        }
+        tracing::error!(error = %e, "WAL sync failed");
+        fail_group(writer, pending, broken, "sync");
         return;
     }
     {

@@ -9,7 +9,7 @@
 //! checksum) is cut off and logged; the records before it are replayed.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::ipc::reader::StreamReader;
@@ -22,8 +22,6 @@ use crate::paths;
 const MAGIC: &[u8; 8] = b"CTSDBWAL";
 const HEADER_LEN: usize = 8;
 const FORMAT_VERSION: u8 = 1;
-/// Largest record accepted on replay; anything claiming more is a torn tail.
-const MAX_RECORD: usize = 1 << 31;
 
 /// One write as the WAL records it.
 #[derive(Debug, Clone)]
@@ -111,30 +109,55 @@ impl<'a> Reader<'a> {
 /// Appends records to the newest WAL file.
 ///
 /// Not thread-safe by itself: the engine's single WAL thread owns it, which is what
-/// makes group commit possible (many appends, one [`WalWriter::sync`]).
+/// makes group commit possible (many appends, one [`WalWriter::sync`]). After a
+/// failed append or sync, [`WalWriter::discard_unsynced`] cuts the file back to
+/// its last durable length, so no later record follows a broken one.
 pub struct WalWriter {
     dir: PathBuf,
     seq: u64,
-    file: BufWriter<File>,
-    bytes: u64,
+    file: File,
+    buf: Vec<u8>,
+    /// Bytes of the file holding acknowledged records: written out, and fsynced
+    /// unless the writes asked for no sync.
+    acked_len: u64,
+    /// Bytes written to the file so far (durable or not).
+    written_len: u64,
 }
+
+/// Appended bytes are handed to the OS once this many are waiting.
+const WRITE_CHUNK: usize = 1 << 20;
 
 impl WalWriter {
     /// Creates WAL file `seq` in `dir` (which must exist) and makes its name durable.
+    /// A file left half-made by a failed attempt is removed first.
     pub fn create(dir: &Path, seq: u64) -> Result<Self> {
         let path = paths::wal_file(dir, seq);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)?;
-        file.write_all(MAGIC)?;
-        file.sync_all()?;
-        sync_dir(dir)?;
+        let made = (|| -> Result<File> {
+            let mut file = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)?;
+            file.write_all(MAGIC)?;
+            file.sync_all()?;
+            sync_dir(dir)?;
+            Ok(file)
+        })();
+        let file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                if path.exists() {
+                    let _ = fs::remove_file(&path);
+                }
+                return Err(e);
+            }
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             seq,
-            file: BufWriter::with_capacity(1 << 20, file),
-            bytes: HEADER_LEN as u64,
+            file,
+            buf: Vec::with_capacity(WRITE_CHUNK),
+            acked_len: HEADER_LEN as u64,
+            written_len: HEADER_LEN as u64,
         })
     }
 
@@ -143,29 +166,51 @@ impl WalWriter {
         self.seq
     }
 
-    /// Bytes in the current file.
+    /// Bytes in the current file, appended records included.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.written_len + self.buf.len() as u64
     }
 
     /// Appends one record. Not durable until [`WalWriter::sync`].
     pub fn append(&mut self, payload: &[u8]) -> Result<()> {
         let len = u32::try_from(payload.len())
             .map_err(|_| StorageError::InvalidInput("write too large for one WAL record".into()))?;
-        self.file.write_all(&len.to_le_bytes())?;
-        self.file
-            .write_all(&crc32fast::hash(payload).to_le_bytes())?;
-        self.file.write_all(payload)?;
-        self.bytes += 8 + payload.len() as u64;
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf
+            .extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.buf.extend_from_slice(payload);
+        if self.buf.len() >= WRITE_CHUNK {
+            self.write_out()?;
+        }
         Ok(())
     }
 
-    /// Writes out buffered records; with `fsync`, also makes them durable.
+    fn write_out(&mut self) -> Result<()> {
+        self.file.write_all(&self.buf)?;
+        self.written_len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes out appended records; with `fsync`, also makes them durable.
     pub fn sync(&mut self, fsync: bool) -> Result<()> {
-        self.file.flush()?;
+        self.write_out()?;
         if fsync {
-            self.file.get_ref().sync_data()?;
+            self.file.sync_data()?;
         }
+        self.acked_len = self.written_len;
+        Ok(())
+    }
+
+    /// Drops every record appended since the last successful [`WalWriter::sync`],
+    /// from memory and from the file. Call it after a failed append or sync: those
+    /// records were not acknowledged, and a later record must never follow a broken one.
+    pub fn discard_unsynced(&mut self) -> Result<()> {
+        self.buf.clear();
+        self.file.set_len(self.acked_len)?;
+        self.file.seek(SeekFrom::Start(self.acked_len))?;
+        self.file.sync_data()?;
+        self.written_len = self.acked_len;
         Ok(())
     }
 
@@ -221,9 +266,9 @@ pub fn replay_file(path: &Path) -> Result<ReplayedFile> {
         };
         match WalEntry::decode(good) {
             Ok(entry) => out.entries.push(entry),
+            // Its checksum held, so the records after it are sound: skip only this one.
             Err(e) => {
-                tracing::error!(file = %path.display(), offset = pos, error = %e, "checksummed WAL record failed to decode; cutting here");
-                break;
+                tracing::error!(file = %path.display(), offset = pos, error = %e, "skipping a WAL record that does not decode")
             }
         }
         pos += 8 + good.len();
@@ -240,9 +285,6 @@ pub fn replay_file(path: &Path) -> Result<ReplayedFile> {
 fn next_record(data: &[u8]) -> Option<&[u8]> {
     let len = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
-    if len > MAX_RECORD {
-        return None;
-    }
     let payload = data.get(8..8 + len)?;
     (crc32fast::hash(payload) == crc).then_some(payload)
 }
@@ -318,6 +360,50 @@ mod tests {
             };
             assert_eq!(kept, expect, "file truncated to whole records at cut {cut}");
         }
+    }
+
+    #[test]
+    fn unsynced_records_are_discarded_after_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = WalWriter::create(dir.path(), 1).unwrap();
+        w.append(&entry(1.0).encode().unwrap()).unwrap();
+        w.sync(true).unwrap();
+        let durable = w.bytes();
+        w.append(&entry(2.0).encode().unwrap()).unwrap();
+        // Written out by a chunk-sized append, say, but never acknowledged.
+        w.write_out().unwrap();
+        w.discard_unsynced().unwrap();
+        assert_eq!(w.bytes(), durable);
+        w.append(&entry(3.0).encode().unwrap()).unwrap();
+        w.sync(true).unwrap();
+        let r = replay_file(&paths::wal_file(dir.path(), 1)).unwrap();
+        let values: Vec<f64> = r
+            .entries
+            .iter()
+            .map(|e| {
+                e.tables[0]
+                    .1
+                    .column(1)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .unwrap()
+                    .value(0)
+            })
+            .collect();
+        assert_eq!(
+            values,
+            vec![1.0, 3.0],
+            "the discarded record is gone and nothing follows a broken one"
+        );
+        assert_eq!(r.torn_bytes, 0);
+    }
+
+    #[test]
+    fn a_failed_create_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-dir");
+        assert!(WalWriter::create(&missing, 1).is_err());
+        assert!(!paths::wal_file(&missing, 1).exists());
     }
 
     #[test]

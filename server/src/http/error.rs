@@ -62,10 +62,8 @@ impl From<QueryError> for ApiError {
             QueryError::DatabaseNotFound(db) => {
                 Self::new(StatusCode::NOT_FOUND, format!("database not found: {db}"))
             }
-            QueryError::ResourcesExhausted(m) => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("query exceeded its memory limit: {m}"),
-            ),
+            QueryError::ResourcesExhausted(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, m),
+            QueryError::Timeout(m) => Self::new(StatusCode::REQUEST_TIMEOUT, m),
             QueryError::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }

@@ -38,6 +38,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/query",
             get(query::query_get).post(query::query_post),
         )
+        .route(
+            "/api/v3/query_sql",
+            get(query::query_get).post(query::query_post),
+        )
         .route("/api/v1/flush", post(flush))
         .fallback(not_found)
         .layer(DefaultBodyLimit::disable())

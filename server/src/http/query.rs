@@ -1,4 +1,5 @@
-//! `GET|POST /api/v1/query`: SQL in, rows out in the asked-for format.
+//! `GET|POST /api/v1/query` and `/api/v3/query_sql` (InfluxDB 3's path, which
+//! names the SQL `q`): SQL in, rows out in the asked-for format.
 
 use std::sync::Arc;
 
@@ -61,7 +62,7 @@ async fn run(app: &AppState, p: QueryParams) -> Result<Response, ApiError> {
         None | Some("") => Format::Json,
         Some(f) => Format::parse(f).ok_or_else(|| {
             ApiError::bad_request(format!(
-                "unknown format '{f}': use json, jsonl, csv or pretty"
+                "unknown format '{f}': use json, jsonl, csv, pretty, arrow or parquet"
             ))
         })?,
     };
