@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Largest write body accepted, in bytes after decompression [default: 67108864]
     #[arg(long, env = "CITYTSDB_MAX_BODY_SIZE")]
     pub max_body_size: Option<usize>,
+    /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB [default: 2GiB]
+    #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE")]
+    pub max_buffer_size: Option<String>,
     /// A query running longer is stopped with a 408, e.g. 30s [default: 60s]
     #[arg(long, env = "CITYTSDB_QUERY_TIMEOUT")]
     pub query_timeout: Option<String>,
@@ -52,6 +55,7 @@ struct FileConfig {
     max_body_size: Option<usize>,
     query_timeout: Option<String>,
     query_memory_limit: Option<String>,
+    max_buffer_size: Option<String>,
 }
 
 /// The resolved configuration of a server.
@@ -71,6 +75,8 @@ pub struct ServeConfig {
     pub max_body_size: usize,
     /// Per-query limits.
     pub query_limits: citytsdb_query::QueryLimits,
+    /// Most bytes buffered before writes are refused.
+    pub max_buffer_size: usize,
 }
 
 impl ServeArgs {
@@ -128,6 +134,11 @@ impl ServeArgs {
             timeout,
             memory_bytes,
         };
+        let buffer = self
+            .max_buffer_size
+            .or(file.max_buffer_size)
+            .unwrap_or_else(|| "2GiB".to_string());
+        let max_buffer_size = parse_size(&buffer).map_err(|e| format!("max-buffer-size: {e}"))?;
         Ok(ServeConfig {
             data_dir,
             http_bind,
@@ -136,6 +147,7 @@ impl ServeArgs {
             flush_rows,
             max_body_size,
             query_limits,
+            max_buffer_size,
         })
     }
 }

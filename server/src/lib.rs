@@ -34,6 +34,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         store,
         flush_rows: config.flush_rows,
         flush_interval: config.flush_interval,
+        max_buffer_bytes: config.max_buffer_size,
     })
     .await
     .map_err(|e| {

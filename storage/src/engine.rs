@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub flush_rows: usize,
     /// Flush buffered rows at least this often.
     pub flush_interval: Duration,
+    /// Writes are refused (see [`StorageError::BufferFull`]) while more than this
+    /// many bytes wait in memory for a flush, as when the object store is failing.
+    pub max_buffer_bytes: usize,
 }
 
 /// How long replaced segments stay readable for queries that started before the swap.
@@ -122,6 +125,7 @@ struct Inner {
     flush_lock: tokio::sync::Mutex<()>,
     flush_wanted: Arc<Notify>,
     stop: Notify,
+    stopping: std::sync::atomic::AtomicBool,
     graveyard: Mutex<Vec<(Instant, Vec<ObjectPath>)>>,
     /// Segment ids handed out by this process never repeat, even across failed
     /// flushes whose catalog commit may or may not have landed.
@@ -212,6 +216,7 @@ impl Engine {
                 flush_lock: tokio::sync::Mutex::new(()),
                 flush_wanted,
                 stop: Notify::new(),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 graveyard: Mutex::new(Vec::new()),
                 next_segment_id: std::sync::atomic::AtomicU32::new(0),
                 replay,
@@ -277,6 +282,14 @@ impl Engine {
         tables: Vec<(String, RecordBatch)>,
         sync: bool,
     ) -> Result<()> {
+        let buffered = self.buffered_bytes();
+        if buffered > self.inner.config.max_buffer_bytes {
+            self.inner.flush_wanted.notify_one();
+            return Err(StorageError::BufferFull(format!(
+                "{buffered} bytes are waiting to be persisted (limit {}); the object store is failing or behind",
+                self.inner.config.max_buffer_bytes
+            )));
+        }
         let entry = WalEntry {
             db: db.to_string(),
             tables,
@@ -334,6 +347,12 @@ impl Engine {
     /// Names of all databases.
     pub fn databases(&self) -> Vec<String> {
         read(&self.inner.state).schemas.keys().cloned().collect()
+    }
+
+    /// Approximate bytes of memory held by rows not yet persisted.
+    pub fn buffered_bytes(&self) -> usize {
+        let s = read(&self.inner.state);
+        s.active.bytes + s.persisting.iter().map(|p| p.buffer.bytes).sum::<usize>()
     }
 
     /// Rows buffered and not yet persisted.
@@ -597,6 +616,13 @@ impl Engine {
                     _ = engine.inner.flush_wanted.notified() => {}
                     _ = engine.inner.stop.notified() => return,
                 }
+                if engine
+                    .inner
+                    .stopping
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    return;
+                }
                 if engine.buffered_rows() == 0 {
                     continue;
                 }
@@ -621,6 +647,10 @@ impl Engine {
     ///
     /// A failed final flush loses nothing: the rows stay in the WAL for the next start.
     pub async fn shutdown(&self) -> Result<()> {
+        // The flag covers a flusher that is mid-flush and not waiting on `stop`.
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.stop.notify_waiters();
         let flushed = self.flush().await;
         self.inner

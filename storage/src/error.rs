@@ -30,6 +30,9 @@ pub enum StorageError {
     /// Parquet failed to encode or decode a segment.
     #[error("parquet error: {0}")]
     Parquet(#[from] ParquetError),
+    /// Too many rows wait in memory for a flush; the write is refused, not lost.
+    #[error("write buffer full: {0}")]
+    BufferFull(String),
     /// The engine is shutting down and takes no more writes.
     #[error("the storage engine is shutting down")]
     ShuttingDown,

@@ -118,3 +118,22 @@ fn late_rows_merge_into_the_days_segment() {
         "the field the retry did not carry kept its value"
     );
 }
+
+#[test]
+fn writes_are_refused_not_lost_while_the_buffer_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--max-buffer-size", "4KiB"]);
+    server.write_ok(DB, "s", readings(10, 20, 0.5));
+    let (status, body) = server.write(DB, "s", readings(1, 1, 7.5).replace("mh-00001", "mh-00099"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("write buffer full"), "{body}");
+    let rows = server.query_json(
+        DB,
+        "SELECT count(*) AS n FROM manhole WHERE device = 'mh-00099'",
+    );
+    assert_eq!(rows[0]["n"], 0, "a refused write is not written");
+    server.flush(DB);
+    server.write_ok(DB, "s", readings(1, 1, 7.5).replace("mh-00001", "mh-00099"));
+    let rows = server.query_json(DB, "SELECT count(*) AS n FROM manhole");
+    assert_eq!(rows[0]["n"], 201);
+}

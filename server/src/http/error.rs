@@ -74,7 +74,9 @@ impl From<StorageError> for ApiError {
         let status = match &e {
             StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
             StorageError::DatabaseNotFound(_) => StatusCode::NOT_FOUND,
-            StorageError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            StorageError::ShuttingDown | StorageError::BufferFull(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
