@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use chrono::DateTime;
+use chrono::{DateTime, NaiveDate};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
@@ -284,8 +284,15 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
             Cell::Text(rfc3339(nanos))
         }
         DataType::Date32 => {
-            let days = c.as_primitive::<Date32Type>().value(row) as i128;
-            Cell::Text(rfc3339(days * 86_400_000_000_000)[..10].to_string())
+            let days = c.as_primitive::<Date32Type>().value(row);
+            // 719,163 days lie between 0001-01-01 and 1970-01-01.
+            match days
+                .checked_add(719_163)
+                .and_then(NaiveDate::from_num_days_from_ce_opt)
+            {
+                Some(d) => Cell::Text(d.format("%Y-%m-%d").to_string()),
+                None => Cell::Text(days.to_string()),
+            }
         }
         DataType::Decimal128(..) | DataType::Decimal256(..) => fmt
             .map(|f| Cell::Raw(f.value(row).to_string()))
@@ -407,6 +414,26 @@ mod tests {
         )
         .unwrap();
         (schema, b)
+    }
+
+    #[test]
+    fn dates_print_whole_at_any_year() {
+        use datafusion::arrow::array::Date32Array;
+        let schema = Arc::new(Schema::new(vec![Field::new("d", DataType::Date32, true)]));
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Date32Array::from(vec![
+                Some(20423),
+                Some(3_000_000),
+                None,
+            ]))],
+        )
+        .unwrap();
+        let csv = String::from_utf8(render(Format::Csv, &schema, &[b]).unwrap()).unwrap();
+        assert_eq!(
+            csv, "d\n2025-12-01\n+10183-09-21\n\n",
+            "ISO 8601 expanded years past 9999"
+        );
     }
 
     #[test]
