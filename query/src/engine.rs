@@ -230,6 +230,9 @@ impl QueryEngine {
             .register_schema("public", Arc::new(schema))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         ctx.register_catalog(CATALOG, Arc::new(catalog));
+        // TimescaleDB's name for the same bucketing (origin 1970-01-01T00:00:00Z).
+        let date_bin = datafusion::functions::datetime::date_bin();
+        ctx.register_udf(date_bin.as_ref().clone().with_aliases(["time_bucket"]));
         Ok(ctx)
     }
 }

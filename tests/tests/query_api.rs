@@ -149,6 +149,25 @@ fn arrow_parquet_and_query_sql_answer_like_json() {
 }
 
 #[test]
+fn time_bucket_buckets_like_date_bin() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    city(&server, 4, 45);
+    let by = |f: &str| {
+        server.query_json(
+            DB,
+            &format!("SELECT {f}(INTERVAL '10 minutes', time) AS bucket, count(*) AS n, avg(tilt_deg) AS tilt FROM manhole GROUP BY bucket ORDER BY bucket"),
+        )
+    };
+    let buckets = by("time_bucket");
+    assert_eq!(buckets, by("date_bin"));
+    assert_eq!(buckets.len(), 5);
+    assert_eq!(buckets[0]["bucket"], "2025-12-01T00:00:00Z");
+    assert_eq!(buckets[4]["bucket"], "2025-12-01T00:40:00Z");
+    assert_eq!(buckets[4]["n"], 20);
+}
+
+#[test]
 fn the_query_command_prints_a_table_and_explains_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"));
