@@ -17,6 +17,11 @@ use datafusion::physical_plan::{
     ExecutionPlanProperties, Partitioning, PlanProperties, ReplaceChildrenOptions,
 };
 
+/// A storage failure inside a query, as DataFusion carries it.
+pub fn external(e: citytsdb_storage::StorageError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
 /// What the scan's pruning decided, shown by `EXPLAIN` and `EXPLAIN ANALYZE`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanReport {
@@ -234,8 +239,7 @@ impl ExecutionPlan for DedupExec {
             for s in streams {
                 batches.extend(common::collect(s).await?);
             }
-            sort_dedup(&out_schema, &batches, &keys)
-                .map_err(|e| DataFusionError::External(Box::new(e)))
+            sort_dedup(&out_schema, &batches, &keys).map_err(external)
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             schema,

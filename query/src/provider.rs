@@ -25,7 +25,7 @@ use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema, DataFusionError, Result};
+use datafusion::common::{Column, DFSchema, Result};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, RowGroupAccess};
@@ -42,7 +42,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::exec::{CityScanExec, DedupExec, ScanReport};
+use crate::exec::{external, CityScanExec, DedupExec, ScanReport};
 use crate::pruning::KeyBounds;
 
 /// The URL under which the engine's object store is registered with DataFusion.
@@ -68,9 +68,7 @@ impl IndexCache {
             return Ok(i.clone());
         }
         let bytes = store.get(&ObjectPath::from(key)).await?.bytes().await?;
-        let index = Arc::new(
-            SegmentIndex::decode(&bytes).map_err(|e| DataFusionError::External(Box::new(e)))?,
-        );
+        let index = Arc::new(SegmentIndex::decode(&bytes).map_err(external)?);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= INDEX_CACHE_ENTRIES {
             entries.clear();
@@ -260,9 +258,7 @@ impl TableProvider for CityTable {
         // With a merge, every source must carry the key columns.
         let mut read_cols = projection.clone();
         if !overlapping.is_empty() {
-            for k in key_columns(&self.schema, &self.arrow)
-                .map_err(|e| DataFusionError::External(Box::new(e)))?
-            {
+            for k in key_columns(&self.schema, &self.arrow).map_err(external)? {
                 if !read_cols.contains(&k) {
                     read_cols.push(k);
                 }
@@ -287,8 +283,7 @@ impl TableProvider for CityTable {
             (true, Some(m)) => parts.push(m),
             (false, Some(m)) => {
                 let seg = self.parquet_exec(overlapping, &read_cols, predicate)?;
-                let keys = key_columns(&self.schema, &read_schema)
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let keys = key_columns(&self.schema, &read_schema).map_err(external)?;
                 parts.push(Arc::new(DedupExec::new(
                     read_schema.clone(),
                     vec![seg, m],
@@ -332,10 +327,9 @@ impl CityTable {
         if lo > bounds.max_time || hi < bounds.min_time {
             return Ok(None);
         }
-        let to_err = |e: citytsdb_storage::StorageError| DataFusionError::External(Box::new(e));
         let mut kept = Vec::with_capacity(batches.len());
         for b in &batches {
-            let b = align(b, &self.arrow).map_err(to_err)?;
+            let b = align(b, &self.arrow).map_err(external)?;
             let b = filter_by_bounds(&b, bounds)?;
             if b.num_rows() > 0 {
                 kept.push(b);
@@ -344,8 +338,10 @@ impl CityTable {
         if kept.is_empty() {
             return Ok(None);
         }
-        let keys = key_columns(&self.schema, &self.arrow).map_err(to_err)?;
-        Ok(Some(sort_dedup(&self.arrow, &kept, &keys).map_err(to_err)?))
+        let keys = key_columns(&self.schema, &self.arrow).map_err(external)?;
+        Ok(Some(
+            sort_dedup(&self.arrow, &kept, &keys).map_err(external)?,
+        ))
     }
 
     /// The pushed-down filters on key columns only, as a physical predicate for the

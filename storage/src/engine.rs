@@ -97,9 +97,9 @@ pub struct FlushStats {
     pub segments_replaced: usize,
 }
 
-/// What opening found in the WAL.
+/// What opening found in the WAL, for the log.
 #[derive(Debug, Clone, Default)]
-pub struct ReplayStats {
+struct ReplayStats {
     /// WAL files read.
     pub files: usize,
     /// Writes replayed.
@@ -130,7 +130,6 @@ struct Inner {
     /// Segment ids handed out by this process never repeat, even across failed
     /// flushes whose catalog commit may or may not have landed.
     next_segment_id: std::sync::atomic::AtomicU32,
-    replay: ReplayStats,
 }
 
 fn read(state: &RwLock<State>) -> RwLockReadGuard<'_, State> {
@@ -139,6 +138,18 @@ fn read(state: &RwLock<State>) -> RwLockReadGuard<'_, State> {
 
 fn write(state: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
     state.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Locking that outlives a panicked holder: every guarded value here stays
+/// consistent between statements, so a poisoned lock is still safe to use.
+trait Locked<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Engine {
@@ -219,16 +230,10 @@ impl Engine {
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 graveyard: Mutex::new(Vec::new()),
                 next_segment_id: std::sync::atomic::AtomicU32::new(0),
-                replay,
             }),
         };
         engine.spawn_flusher();
         Ok(engine)
-    }
-
-    /// What the WAL replay on open found.
-    pub fn replay_stats(&self) -> &ReplayStats {
-        &self.inner.replay
     }
 
     /// The object store holding segments and the catalog.
@@ -246,11 +251,7 @@ impl Engine {
         db: &str,
         f: impl FnOnce(&mut BTreeMap<String, TableSchema>) -> R,
     ) -> R {
-        let _guard = self
-            .inner
-            .schema_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _guard = self.inner.schema_lock.locked();
         let mut schemas: BTreeMap<String, TableSchema> = read(&self.inner.state)
             .schemas
             .get(db)
@@ -307,12 +308,7 @@ impl Engine {
     }
 
     async fn send(&self, cmd: WalCommand) -> Result<()> {
-        let tx = self
-            .inner
-            .wal_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let tx = self.inner.wal_tx.locked().clone();
         match tx {
             Some(tx) => tx.send(cmd).await.map_err(|_| StorageError::ShuttingDown),
             None => Err(StorageError::ShuttingDown),
@@ -457,8 +453,7 @@ impl Engine {
         if !replaced.is_empty() {
             self.inner
                 .graveyard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .push((Instant::now(), replaced));
         }
         tracing::debug!(?stats, "flushed");
@@ -588,11 +583,7 @@ impl Engine {
 
     async fn bury_expired(&self) {
         let due: Vec<ObjectPath> = {
-            let mut g = self
-                .inner
-                .graveyard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut g = self.inner.graveyard.locked();
             let (due, keep): (Vec<_>, Vec<_>) =
                 g.drain(..).partition(|(t, _)| t.elapsed() >= DELETE_GRACE);
             *g = keep;
@@ -653,17 +644,8 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.stop.notify_waiters();
         let flushed = self.flush().await;
-        self.inner
-            .wal_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let thread = self
-            .inner
-            .wal_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.inner.wal_tx.locked().take();
+        let thread = self.inner.wal_thread.locked().take();
         if let Some(t) = thread {
             tokio::task::spawn_blocking(move || t.join())
                 .await

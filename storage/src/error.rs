@@ -40,10 +40,3 @@ pub enum StorageError {
     #[error("internal error: {0}")]
     Internal(String),
 }
-
-impl StorageError {
-    /// True when the error is the caller's fault rather than the server's.
-    pub fn is_user_error(&self) -> bool {
-        matches!(self, Self::InvalidInput(_) | Self::DatabaseNotFound(_))
-    }
-}

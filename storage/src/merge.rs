@@ -12,7 +12,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 
 use crate::error::{Result, StorageError};
-use crate::schema::{ColumnKind, TableSchema, TIME_COLUMN};
+use crate::schema::{TableSchema, TIME_COLUMN};
 
 /// Reshapes `batch` to `target`: columns by name, missing ones null, types cast.
 ///
@@ -113,15 +113,10 @@ pub fn sort_dedup(
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-/// True when the schema's column is a series key column of `table`.
-pub fn is_key(table: &TableSchema, name: &str) -> bool {
-    matches!(table.kind(name), Some(ColumnKind::Tag | ColumnKind::Time))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::FieldType;
+    use crate::schema::{ColumnKind, FieldType};
     use datafusion::arrow::array::{
         Float64Array, Int64Array, StringArray, TimestampNanosecondArray,
     };
