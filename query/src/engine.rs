@@ -24,7 +24,10 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 
 use crate::error::{Position, QueryError};
+use crate::first_last::FirstLastByTime;
+use crate::latest::LatestFromCache;
 use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
+use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
 
 /// The catalog name DataFusion sees; the database's tables are in its `public` schema.
 const CATALOG: &str = "citytsdb";
@@ -66,6 +69,7 @@ pub struct QueryEngine {
     indexes: Arc<IndexCache>,
     limits: QueryLimits,
     executor: Arc<Executor>,
+    alerts: Option<Arc<dyn AlertSource>>,
 }
 
 /// The threads queries run on, apart from the ones serving requests: a query that
@@ -120,7 +124,15 @@ impl QueryEngine {
             indexes: Arc::new(IndexCache::default()),
             limits,
             executor: Arc::new(Executor::new()?),
+            alerts: None,
         })
+    }
+
+    /// Serves `system.rules`, `system.alerts` and `system.alert_events` from
+    /// `alerts` (they are empty without one).
+    pub fn with_alerts(mut self, alerts: Arc<dyn AlertSource>) -> Self {
+        self.alerts = Some(alerts);
+        self
     }
 
     /// The limits every query runs under.
@@ -221,15 +233,35 @@ impl QueryEngine {
         });
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let catalog = MemoryCatalogProvider::new();
+        let snapshot = Arc::new(snapshot);
         let schema = DatabaseSchema::new(
-            Arc::new(snapshot),
+            snapshot.clone(),
             self.storage.store().clone(),
             self.indexes.clone(),
         );
         catalog
             .register_schema("public", Arc::new(schema))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let system = SystemSchema::new(self.storage.clone(), snapshot.clone(), self.alerts.clone());
+        catalog
+            .register_schema(SYSTEM_SCHEMA, Arc::new(system))
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
         ctx.register_catalog(CATALOG, Arc::new(catalog));
+        for f in crate::first_last::functions() {
+            ctx.register_udaf(f);
+        }
+        ctx.add_analyzer_rule(Arc::new(FirstLastByTime));
+        let tables = snapshot
+            .schemas
+            .iter()
+            .map(|(t, s)| (t.clone(), s.clone()))
+            .collect();
+        ctx.add_analyzer_rule(Arc::new(LatestFromCache::new(
+            self.storage.clone(),
+            db,
+            tables,
+            CATALOG,
+        )));
         // TimescaleDB's name for the same bucketing (origin 1970-01-01T00:00:00Z).
         let date_bin = datafusion::functions::datetime::date_bin();
         ctx.register_udf(date_bin.as_ref().clone().with_aliases(["time_bucket"]));

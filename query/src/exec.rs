@@ -41,6 +41,9 @@ pub struct ScanReport {
     pub buffer_rows: usize,
     /// Segments merged with buffered rows because they overlap in time.
     pub segments_merged: usize,
+    /// Set when the rows come from the series registry instead of the table: one
+    /// latest row per series, this many (`latest.rs`).
+    pub cached_series: Option<usize>,
 }
 
 /// The root of a table scan: passes rows through and reports the pruning.
@@ -60,6 +63,13 @@ impl CityScanExec {
 impl DisplayAs for CityScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = &self.report;
+        if let Some(series) = r.cached_series {
+            return write!(
+                f,
+                "LastValueCacheExec: table={} series={} segments_opened=0 rows_decoded=0",
+                r.table, series
+            );
+        }
         write!(
             f,
             "CityScanExec: table={} segments_total={} segments_opened={} rows_total={} rows_selected={} rows_decoded={} buffer_rows={} segments_merged={}",
@@ -70,7 +80,11 @@ impl DisplayAs for CityScanExec {
 
 impl ExecutionPlan for CityScanExec {
     fn name(&self) -> &str {
-        "CityScanExec"
+        if self.report.cached_series.is_some() {
+            "LastValueCacheExec"
+        } else {
+            "CityScanExec"
+        }
     }
 
     fn properties(&self) -> &Arc<PlanProperties> {

@@ -10,13 +10,19 @@
 //!    access plan, and adds the buffered rows.
 //! 3. `exec.rs` — `DedupExec` merges segments and buffered rows that overlap;
 //!    `CityScanExec` reports what was pruned, for `EXPLAIN ANALYZE`.
-//! 4. `error.rs` — failures classified as the user's (with a position) or ours.
+//! 4. `first_last.rs`, `latest.rs` — analyzer rules: `first(x)`/`last(x)` become
+//!    ordered aggregates; latest-per-series `DISTINCT ON` reads the series registry.
+//! 5. `system.rs` — the `system` schema: tables, segments, devices, alert state.
+//! 6. `error.rs` — failures classified as the user's (with a position) or ours.
 
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod first_last;
+pub mod latest;
 pub mod provider;
 pub mod pruning;
+pub mod system;
 
 pub use engine::{QueryEngine, QueryLimits, QueryOutput};
 pub use error::{Position, QueryError};

@@ -61,6 +61,9 @@ pub struct TableCatalog {
     pub segments: BTreeMap<u32, SegmentMeta>,
     /// Tag column -> tag value -> ids of the segments holding it.
     pub tag_segments: BTreeMap<String, BTreeMap<String, Bitmap>>,
+    /// Key of the series registry (`series.rs`) of the rows this version holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<String>,
 }
 
 /// What the catalog knows of one segment.

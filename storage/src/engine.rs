@@ -34,6 +34,7 @@ use crate::merge::{align, key_columns, sort_dedup};
 use crate::paths;
 use crate::schema::{TableSchema, TIME_COLUMN};
 use crate::segment;
+use crate::series::{SeriesRows, SeriesTable};
 use crate::wal::{self, WalEntry, WalWriter};
 
 /// How the engine is set up.
@@ -66,12 +67,33 @@ struct Persisting {
     wal_upto: u64,
 }
 
+/// Database -> table -> series registry.
+type SeriesMap = BTreeMap<String, BTreeMap<String, SeriesTable>>;
+
 #[derive(Debug, Default)]
 struct State {
     catalog: Arc<Catalog>,
     schemas: BTreeMap<String, BTreeMap<String, Arc<TableSchema>>>,
     active: WriteBuffer,
     persisting: Vec<Arc<Persisting>>,
+    /// Every acknowledged row's series, buffered or persisted.
+    series: SeriesMap,
+    /// The series of the rows `catalog` holds: where the next flush starts from.
+    persisted_series: SeriesMap,
+}
+
+impl State {
+    fn apply_series(&mut self, db: &str, table: &str, batch: &RecordBatch) {
+        let registry = self
+            .series
+            .entry(db.to_string())
+            .or_default()
+            .entry(table.to_string())
+            .or_default();
+        if let Err(e) = registry.apply(batch) {
+            tracing::error!(db, table, error = %e, "cannot update the series registry");
+        }
+    }
 }
 
 enum WalCommand {
@@ -161,7 +183,10 @@ impl Engine {
         let wal_dir = paths::wal_dir(&config.data_dir);
         std::fs::create_dir_all(&wal_dir)?;
         let catalog = catalog::load_latest(&config.store).await?;
+        let persisted_series = load_series(&config.store, &catalog).await?;
         let mut state = State {
+            series: persisted_series.clone(),
+            persisted_series,
             schemas: catalog
                 .databases
                 .iter()
@@ -340,6 +365,18 @@ impl Engine {
         })
     }
 
+    /// Every series of a table with its latest row, or `None` if the table does not
+    /// exist. Built from memory: no segment is read.
+    pub fn series_rows(&self, db: &str, table: &str) -> Option<Result<SeriesRows>> {
+        let state = read(&self.inner.state);
+        let schema = state.schemas.get(db)?.get(table)?.clone();
+        let registry = state.series.get(db).and_then(|t| t.get(table));
+        Some(match registry {
+            Some(r) => r.rows(&schema),
+            None => SeriesTable::default().rows(&schema),
+        })
+    }
+
     /// Names of all databases.
     pub fn databases(&self) -> Vec<String> {
         read(&self.inner.state).schemas.keys().cloned().collect()
@@ -371,9 +408,14 @@ impl Engine {
         self.send(WalCommand::Rotate { done }).await?;
         wait.await.map_err(|_| StorageError::ShuttingDown)??;
 
-        let (base, persisting, schemas) = {
+        let (base, persisting, schemas, mut series) = {
             let s = read(&self.inner.state);
-            (s.catalog.clone(), s.persisting.clone(), s.schemas.clone())
+            (
+                s.catalog.clone(),
+                s.persisting.clone(),
+                s.schemas.clone(),
+                s.persisted_series.clone(),
+            )
         };
         self.bury_expired().await;
         if persisting.is_empty() {
@@ -404,6 +446,33 @@ impl Engine {
                     "buffered rows for {db}.{table} have no schema"
                 )));
             };
+            let registry = {
+                let mut registry = series
+                    .get(&db)
+                    .and_then(|t| t.get(&table))
+                    .cloned()
+                    .unwrap_or_default();
+                let (schema, batches) = (schema.clone(), batches.clone());
+                tokio::task::spawn_blocking(move || {
+                    for b in &batches {
+                        registry.apply(b)?;
+                    }
+                    registry.encode(&schema).map(|bytes| (registry, bytes))
+                })
+                .await
+                .map_err(|e| StorageError::Internal(format!("flush task failed: {e}")))??
+            };
+            let version = next.version;
+            let (db_id, tc) = next.table_mut(&db, &table);
+            let key = paths::series_file(db_id, tc.id, version);
+            self.store().put(&key, PutPayload::from(registry.1)).await?;
+            if let Some(old) = tc.series.replace(key.to_string()) {
+                replaced.push(ObjectPath::from(old));
+            }
+            series
+                .entry(db.clone())
+                .or_default()
+                .insert(table.clone(), registry.0);
             let days = {
                 let schema = schema.clone();
                 tokio::task::spawn_blocking(move || merge_by_day(&schema, &batches))
@@ -446,6 +515,7 @@ impl Engine {
         {
             let mut s = write(&self.inner.state);
             s.catalog = Arc::new(next);
+            s.persisted_series = series;
             s.persisting
                 .retain(|p| !persisting.iter().any(|q| Arc::ptr_eq(p, q)));
         }
@@ -686,8 +756,8 @@ fn merge_by_day(schema: &TableSchema, batches: &[RecordBatch]) -> Result<Vec<(i6
 }
 
 fn apply_replayed(state: &mut State, entry: WalEntry) {
-    let tables = state.schemas.entry(entry.db.clone()).or_default();
     for (name, batch) in entry.tables {
+        let tables = state.schemas.entry(entry.db.clone()).or_default();
         let incoming = match TableSchema::from_arrow(batch.schema_ref()) {
             Ok(s) => s,
             Err(e) => {
@@ -701,8 +771,29 @@ fn apply_replayed(state: &mut State, entry: WalEntry) {
             continue;
         }
         tables.insert(name.clone(), Arc::new(schema));
+        state.apply_series(&entry.db, &name, &batch);
         state.active.push(&entry.db, &name, batch);
     }
+}
+
+/// Loads the series registry of every table the catalog lists.
+async fn load_series(store: &Arc<dyn ObjectStore>, catalog: &Catalog) -> Result<SeriesMap> {
+    let mut out = SeriesMap::new();
+    for (db, d) in &catalog.databases {
+        for (table, tc) in &d.tables {
+            let Some(key) = &tc.series else { continue };
+            let bytes = store
+                .get(&ObjectPath::from(key.as_str()))
+                .await?
+                .bytes()
+                .await?;
+            let registry = SeriesTable::decode(&bytes)?;
+            out.entry(db.clone())
+                .or_default()
+                .insert(table.clone(), registry);
+        }
+    }
+    Ok(out)
 }
 
 fn wal_loop(
@@ -813,6 +904,7 @@ fn commit_group(
         let mut s = write(state);
         for (entry, _) in pending.iter() {
             for (table, batch) in &entry.tables {
+                s.apply_series(&entry.db, table, batch);
                 s.active.push(&entry.db, table, batch.clone());
             }
         }

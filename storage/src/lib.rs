@@ -13,6 +13,9 @@
 //! 6. `catalog.rs` — a new immutable catalog version lists the segments and the
 //!    tag -> segment bitmaps; then the WAL files it covers are deleted.
 //!
+//! `series.rs` keeps every series' latest row and time span in memory, updated
+//! with the buffer and persisted with each catalog version.
+//!
 //! Every object key is built in `paths.rs`. Readers take an [`engine::DbSnapshot`]:
 //! a catalog version plus the buffered rows not yet in it.
 
@@ -25,6 +28,7 @@ pub mod merge;
 pub mod paths;
 pub mod schema;
 pub mod segment;
+pub mod series;
 pub mod wal;
 
 pub use engine::{DbSnapshot, Engine, EngineConfig, FlushStats};

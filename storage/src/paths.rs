@@ -36,6 +36,11 @@ pub fn segment_index(db_id: u32, table_id: u32, day: i64, segment_id: u32) -> Ob
     ))
 }
 
+/// Key of a table's series registry as of catalog `version`.
+pub fn series_file(db_id: u32, table_id: u32, version: u64) -> ObjectPath {
+    ObjectPath::from(format!("series/{db_id}/{table_id}/{version:020}.arrow"))
+}
+
 /// The local directory of WAL files under a data directory.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")

@@ -1,0 +1,433 @@
+//! The `system` schema: live state of the database as tables, built from memory
+//! when a query names them (no segment is read).
+//!
+//! - `system.tables`: one row per table, with its columns, series, segments and
+//!   buffered rows.
+//! - `system.segments`: one row per persisted segment.
+//! - `system.devices`: one row per table and device (the `device` tag), from the
+//!   series registry, so "devices silent for 10 minutes" is a cheap query.
+//! - `system.rules`, `system.alerts`, `system.alert_events`: the alert engine's
+//!   rules, active instances and state changes, from [`AlertSource`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use citytsdb_storage::{ColumnKind, DbSnapshot, Engine};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, TimestampNanosecondArray,
+    UInt64Array,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
+use datafusion::common::Result;
+
+use crate::exec::external;
+
+/// Name of the schema holding the system tables.
+pub const SYSTEM_SCHEMA: &str = "system";
+
+/// Names of the system tables.
+pub const SYSTEM_TABLES: [&str; 6] = [
+    "tables",
+    "segments",
+    "devices",
+    "rules",
+    "alerts",
+    "alert_events",
+];
+
+/// Where `system.rules`, `system.alerts` and `system.alert_events` come from: the
+/// alert engine, as batches in the schemas of [`rules_schema`], [`alerts_schema`]
+/// and [`alert_events_schema`].
+pub trait AlertSource: Send + Sync + fmt::Debug {
+    /// The database's rules.
+    fn rules(&self, db: &str) -> Result<RecordBatch>;
+    /// The database's active alert instances.
+    fn alerts(&self, db: &str) -> Result<RecordBatch>;
+    /// The database's alert state changes, oldest first.
+    fn alert_events(&self, db: &str) -> Result<RecordBatch>;
+}
+
+fn time_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+fn utf8(name: &str) -> Field {
+    Field::new(name, DataType::Utf8, true)
+}
+
+fn time(name: &str) -> Field {
+    Field::new(name, time_type(), true)
+}
+
+fn count(name: &str) -> Field {
+    Field::new(name, DataType::UInt64, false)
+}
+
+/// Columns of `system.rules`.
+pub fn rules_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("id"),
+        utf8("name"),
+        utf8("department"),
+        utf8("db"),
+        utf8("sql"),
+        utf8("every"),
+        utf8("for"),
+        utf8("keep_firing_for"),
+        utf8("severity"),
+        utf8("labels"),
+        utf8("annotations"),
+        utf8("webhook"),
+    ]))
+}
+
+/// Columns of `system.alerts`.
+pub fn alerts_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("rule_id"),
+        utf8("rule_name"),
+        utf8("department"),
+        utf8("fingerprint"),
+        utf8("state"),
+        utf8("labels"),
+        utf8("annotations"),
+        time("active_at"),
+        time("fired_at"),
+    ]))
+}
+
+/// Columns of `system.alert_events`.
+pub fn alert_events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        time("time"),
+        utf8("rule_id"),
+        utf8("rule_name"),
+        utf8("department"),
+        utf8("fingerprint"),
+        utf8("from_state"),
+        utf8("to_state"),
+        utf8("labels"),
+    ]))
+}
+
+fn tables_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("table_name"),
+        count("columns"),
+        utf8("tags"),
+        utf8("fields"),
+        count("series"),
+        count("segments"),
+        count("segment_rows"),
+        count("segment_bytes"),
+        count("buffered_rows"),
+        time("min_time"),
+        time("max_time"),
+    ]))
+}
+
+fn segments_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("table_name"),
+        count("segment_id"),
+        Field::new("day", DataType::Date32, false),
+        utf8("path"),
+        count("rows"),
+        count("bytes"),
+        time("min_time"),
+        time("max_time"),
+    ]))
+}
+
+fn devices_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("table_name"),
+        utf8("device"),
+        utf8("district"),
+        time("first_time"),
+        time("last_time"),
+        count("rows"),
+        utf8("tags"),
+    ]))
+}
+
+/// The `system` schema of one database.
+pub struct SystemSchema {
+    storage: Engine,
+    snapshot: Arc<DbSnapshot>,
+    alerts: Option<Arc<dyn AlertSource>>,
+}
+
+impl fmt::Debug for SystemSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SystemSchema")
+            .field("db", &self.snapshot.name)
+            .finish()
+    }
+}
+
+impl SystemSchema {
+    /// The system tables of `snapshot`'s database; without `alerts`, the alert
+    /// tables are empty.
+    pub fn new(
+        storage: Engine,
+        snapshot: Arc<DbSnapshot>,
+        alerts: Option<Arc<dyn AlertSource>>,
+    ) -> Self {
+        Self {
+            storage,
+            snapshot,
+            alerts,
+        }
+    }
+
+    fn tables(&self) -> Result<RecordBatch> {
+        let mut cols: (Vec<String>, Vec<u64>, Vec<String>, Vec<String>) = Default::default();
+        let mut nums: [Vec<u64>; 5] = Default::default();
+        let mut times: (Vec<Option<i64>>, Vec<Option<i64>>) = Default::default();
+        for (name, schema) in &self.snapshot.schemas {
+            let catalog = self.snapshot.table_catalog(name);
+            let (buffered, range) = self.snapshot.buffered(name);
+            let series = match self.storage.series_rows(&self.snapshot.name, name) {
+                Some(r) => r.map_err(external)?.rows.len() as u64,
+                None => 0,
+            };
+            let of_kind = |tag: bool| {
+                schema
+                    .columns()
+                    .iter()
+                    .filter(|c| match c.kind {
+                        ColumnKind::Tag => tag,
+                        ColumnKind::Field(_) => !tag,
+                        ColumnKind::Time => false,
+                    })
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            cols.0.push(name.clone());
+            cols.1.push(schema.columns().len() as u64);
+            cols.2.push(of_kind(true));
+            cols.3.push(of_kind(false));
+            let segments = catalog.map(|c| c.segments.values().collect::<Vec<_>>());
+            let segments = segments.unwrap_or_default();
+            nums[0].push(series);
+            nums[1].push(segments.len() as u64);
+            nums[2].push(segments.iter().map(|s| s.rows).sum());
+            nums[3].push(segments.iter().map(|s| s.size).sum());
+            nums[4].push(buffered.iter().map(|b| b.num_rows() as u64).sum());
+            let lo = segments
+                .iter()
+                .map(|s| s.min_time)
+                .chain(range.map(|r| r.0));
+            let hi = segments
+                .iter()
+                .map(|s| s.max_time)
+                .chain(range.map(|r| r.1));
+            times.0.push(lo.min());
+            times.1.push(hi.max());
+        }
+        let [series, segments, rows, bytes, buffered] = nums;
+        batch(
+            tables_schema(),
+            vec![
+                Arc::new(StringArray::from(cols.0)),
+                Arc::new(UInt64Array::from(cols.1)),
+                Arc::new(StringArray::from(cols.2)),
+                Arc::new(StringArray::from(cols.3)),
+                Arc::new(UInt64Array::from(series)),
+                Arc::new(UInt64Array::from(segments)),
+                Arc::new(UInt64Array::from(rows)),
+                Arc::new(UInt64Array::from(bytes)),
+                Arc::new(UInt64Array::from(buffered)),
+                timestamps(times.0),
+                timestamps(times.1),
+            ],
+        )
+    }
+
+    fn segments(&self) -> Result<RecordBatch> {
+        let mut table = Vec::new();
+        let mut id = Vec::new();
+        let mut day = Vec::new();
+        let mut path = Vec::new();
+        let mut rows = Vec::new();
+        let mut bytes = Vec::new();
+        let mut lo = Vec::new();
+        let mut hi = Vec::new();
+        for name in self.snapshot.schemas.keys() {
+            let Some(c) = self.snapshot.table_catalog(name) else {
+                continue;
+            };
+            let mut segments: Vec<_> = c.segments.values().collect();
+            segments.sort_by_key(|s| (s.day, s.id));
+            for s in segments {
+                table.push(name.clone());
+                id.push(u64::from(s.id));
+                day.push(i32::try_from(s.day).unwrap_or(i32::MAX));
+                path.push(s.path.clone());
+                rows.push(s.rows);
+                bytes.push(s.size);
+                lo.push(Some(s.min_time));
+                hi.push(Some(s.max_time));
+            }
+        }
+        batch(
+            segments_schema(),
+            vec![
+                Arc::new(StringArray::from(table)),
+                Arc::new(UInt64Array::from(id)),
+                Arc::new(Date32Array::from(day)),
+                Arc::new(StringArray::from(path)),
+                Arc::new(UInt64Array::from(rows)),
+                Arc::new(UInt64Array::from(bytes)),
+                timestamps(lo),
+                timestamps(hi),
+            ],
+        )
+    }
+
+    fn devices(&self) -> Result<RecordBatch> {
+        let mut out = DeviceColumns::default();
+        for (name, schema) in &self.snapshot.schemas {
+            if schema.kind("device") != Some(ColumnKind::Tag) {
+                continue;
+            }
+            let Some(rows) = self.storage.series_rows(&self.snapshot.name, name) else {
+                continue;
+            };
+            let rows = rows.map_err(external)?;
+            let latest = &rows.latest;
+            let times = latest
+                .column_by_name(citytsdb_storage::schema::TIME_COLUMN)
+                .map(|c| c.as_primitive::<datafusion::arrow::datatypes::TimestampNanosecondType>())
+                .ok_or_else(|| {
+                    external(citytsdb_storage::StorageError::Internal("no time".into()))
+                })?;
+            let tags: Vec<(&str, &StringArray)> = schema
+                .tag_names()
+                .filter_map(|t| Some((t, latest.column_by_name(t)?.as_string::<i32>())))
+                .collect();
+            let device_col = tags
+                .iter()
+                .find(|(t, _)| *t == "device")
+                .map(|(_, a)| *a)
+                .ok_or_else(|| {
+                    external(citytsdb_storage::StorageError::Internal("no device".into()))
+                })?;
+            // Device -> its series, merged: span and count over all of them, tags
+            // and district from the one that reported last.
+            let mut devices: BTreeMap<&str, (i64, i64, u64, usize)> = BTreeMap::new();
+            for i in 0..latest.num_rows() {
+                if device_col.is_null(i) {
+                    continue;
+                }
+                let (first, last) = (rows.first_time[i], times.value(i));
+                let e = devices
+                    .entry(device_col.value(i))
+                    .or_insert((first, last, 0, i));
+                e.0 = e.0.min(first);
+                if last > e.1 || (last == e.1 && i > e.3) {
+                    e.1 = last;
+                    e.3 = i;
+                }
+                e.2 += rows.rows[i];
+            }
+            for (device, (first, last, count, i)) in devices {
+                let tag_json: serde_json::Map<String, serde_json::Value> = tags
+                    .iter()
+                    .filter(|(_, a)| a.is_valid(i))
+                    .map(|(t, a)| (t.to_string(), a.value(i).into()))
+                    .collect();
+                out.table.push(name.clone());
+                out.device.push(device.to_string());
+                out.district.push(
+                    tags.iter()
+                        .find(|(t, _)| *t == "district")
+                        .and_then(|(_, a)| a.is_valid(i).then(|| a.value(i).to_string())),
+                );
+                out.first.push(Some(first));
+                out.last.push(Some(last));
+                out.rows.push(count);
+                out.tags
+                    .push(serde_json::Value::Object(tag_json).to_string());
+            }
+        }
+        batch(
+            devices_schema(),
+            vec![
+                Arc::new(StringArray::from(out.table)),
+                Arc::new(StringArray::from(out.device)),
+                Arc::new(StringArray::from(out.district)),
+                timestamps(out.first),
+                timestamps(out.last),
+                Arc::new(UInt64Array::from(out.rows)),
+                Arc::new(StringArray::from(out.tags)),
+            ],
+        )
+    }
+}
+
+#[derive(Default)]
+struct DeviceColumns {
+    table: Vec<String>,
+    device: Vec<String>,
+    district: Vec<Option<String>>,
+    first: Vec<Option<i64>>,
+    last: Vec<Option<i64>>,
+    rows: Vec<u64>,
+    tags: Vec<String>,
+}
+
+fn timestamps(values: Vec<Option<i64>>) -> ArrayRef {
+    Arc::new(TimestampNanosecondArray::from(values).with_timezone("UTC"))
+}
+
+fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn table(batch: RecordBatch) -> Result<Arc<dyn TableProvider>> {
+    Ok(Arc::new(MemTable::try_new(
+        batch.schema(),
+        vec![vec![batch]],
+    )?))
+}
+
+#[async_trait]
+impl SchemaProvider for SystemSchema {
+    fn table_names(&self) -> Vec<String> {
+        SYSTEM_TABLES.iter().map(|t| t.to_string()).collect()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        let db = &self.snapshot.name;
+        let empty = |schema: SchemaRef| RecordBatch::new_empty(schema);
+        let batch = match name {
+            "tables" => self.tables()?,
+            "segments" => self.segments()?,
+            "devices" => self.devices()?,
+            "rules" => match &self.alerts {
+                Some(a) => a.rules(db)?,
+                None => empty(rules_schema()),
+            },
+            "alerts" => match &self.alerts {
+                Some(a) => a.alerts(db)?,
+                None => empty(alerts_schema()),
+            },
+            "alert_events" => match &self.alerts {
+                Some(a) => a.alert_events(db)?,
+                None => empty(alert_events_schema()),
+            },
+            _ => return Ok(None),
+        };
+        table(batch).map(Some)
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        SYSTEM_TABLES.contains(&name)
+    }
+}
