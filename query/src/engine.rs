@@ -17,6 +17,7 @@ use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
@@ -25,6 +26,7 @@ use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 
 use crate::error::{Position, QueryError};
 use crate::first_last::FirstLastByTime;
+use crate::gapfill::{CityQueryPlanner, GapFillRule};
 use crate::latest::LatestFromCache;
 use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
 use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
@@ -231,7 +233,13 @@ impl QueryEngine {
             cache_manager: self.runtime.cache_manager.clone(),
             object_store_registry: self.runtime.object_store_registry.clone(),
         });
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_query_planner(Arc::new(CityQueryPlanner))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let catalog = MemoryCatalogProvider::new();
         let snapshot = Arc::new(snapshot);
         let schema = DatabaseSchema::new(
@@ -250,7 +258,11 @@ impl QueryEngine {
         for f in crate::first_last::functions() {
             ctx.register_udaf(f);
         }
+        for f in crate::gapfill::functions() {
+            ctx.register_udf(f);
+        }
         ctx.add_analyzer_rule(Arc::new(FirstLastByTime));
+        ctx.add_analyzer_rule(Arc::new(GapFillRule));
         let tables = snapshot
             .schemas
             .iter()

@@ -12,6 +12,8 @@
 //!    `CityScanExec` reports what was pruned, for `EXPLAIN ANALYZE`.
 //! 4. `first_last.rs`, `latest.rs` — analyzer rules: `first(x)`/`last(x)` become
 //!    ordered aggregates; latest-per-series `DISTINCT ON` reads the series registry.
+//!    `gapfill.rs` plans `date_bin_gapfill` with `locf`/`interpolate` as a
+//!    `GapFill` node and runs it as `GapFillExec`.
 //! 5. `system.rs` — the `system` schema: tables, segments, devices, alert state.
 //! 6. `error.rs` — failures classified as the user's (with a position) or ours.
 
@@ -19,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod first_last;
+pub mod gapfill;
 pub mod latest;
 pub mod provider;
 pub mod pruning;
