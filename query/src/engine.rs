@@ -23,6 +23,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use futures::StreamExt;
 
 use crate::error::{Position, QueryError};
 use crate::first_last::FirstLastByTime;
@@ -61,6 +62,46 @@ pub struct QueryOutput {
     pub schema: SchemaRef,
     /// The rows.
     pub batches: Vec<RecordBatch>,
+}
+
+/// Batches a running query may have made and the reader not yet taken.
+pub const STREAM_AHEAD: usize = 2;
+
+/// A running query's answer, batch by batch.
+pub struct QueryStream {
+    /// Column names and types.
+    pub schema: SchemaRef,
+    rx: tokio::sync::mpsc::Receiver<Result<RecordBatch, QueryError>>,
+    deadline: tokio::time::Instant,
+    timeout: QueryError,
+    _guard: AbortOnDrop,
+}
+
+impl QueryStream {
+    /// The next batch; `None` after the last. An error is the last item.
+    pub async fn next(&mut self) -> Option<Result<RecordBatch, QueryError>> {
+        // The time limit holds even if the query's operators never yield.
+        match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+            Ok(item) => item,
+            Err(_) => {
+                self.rx.close();
+                Some(Err(std::mem::replace(
+                    &mut self.timeout,
+                    QueryError::Internal("the query already timed out".into()),
+                )))
+            }
+        }
+    }
+}
+
+/// Cancels a query's task when its stream is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        // Cancels the plan and every task it spawned at their next yield.
+        self.0.abort();
+    }
 }
 
 /// Runs SQL over a storage engine's databases. Cheap to clone.
@@ -145,34 +186,72 @@ impl QueryEngine {
     /// Runs one read-only statement against `db` and collects the answer, stopping it
     /// with [`QueryError::Timeout`] or [`QueryError::ResourcesExhausted`] past a limit.
     pub async fn query(&self, db: &str, sql: &str) -> Result<QueryOutput, QueryError> {
+        let mut stream = self.stream(db, sql).await?;
+        let mut batches = Vec::new();
+        while let Some(b) = stream.next().await {
+            batches.push(b?);
+        }
+        Ok(QueryOutput {
+            schema: stream.schema,
+            batches,
+        })
+    }
+
+    /// Plans one read-only statement against `db` and starts it; its batches come
+    /// out of the returned stream as they are made, at most [`STREAM_AHEAD`] ahead
+    /// of the reader. The limits hold for the whole stream: past one, the stream's
+    /// last item is the error. Dropping the stream cancels the query.
+    pub async fn stream(&self, db: &str, sql: &str) -> Result<QueryStream, QueryError> {
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
+        let (schema_tx, schema_rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         let (db, sql) = (db.to_string(), sql.to_string());
-        let task = self
-            .executor
-            .handle()
-            .spawn(async move { this.collect(&db, &sql).await });
-        let abort = task.abort_handle();
-        match tokio::time::timeout(self.limits.timeout, task).await {
-            Ok(Ok(result)) => result.map_err(|e| self.explain_limit(e)),
-            Ok(Err(e)) => Err(QueryError::Internal(format!("the query task failed: {e}"))),
-            Err(_) => {
-                // Cancels the plan and every task it spawned at their next yield.
-                abort.abort();
-                Err(QueryError::Timeout(format!(
-                    "query exceeded its time limit of {:?}",
-                    self.limits.timeout
-                )))
-            }
+        let timeout = self.timeout_error();
+        let task = self.executor.handle().spawn(async move {
+            let work = async {
+                let mut stream = this.query_stream(&db, &sql).await?;
+                let _ = schema_tx.send(stream.schema());
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(|e| QueryError::from_datafusion(e, &sql))?;
+                    if tx.send(Ok(batch)).await.is_err() {
+                        break; // The reader went away.
+                    }
+                }
+                Ok(())
+            };
+            let failure = match tokio::time::timeout_at(deadline, work).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => this.explain_limit(e),
+                Err(_) => timeout,
+            };
+            let _ = tx.send(Err(failure)).await;
+        });
+        let guard = AbortOnDrop(task.abort_handle());
+        // Planning, within the time limit even if the planner never yields.
+        match tokio::time::timeout_at(deadline, schema_rx).await {
+            Ok(Ok(schema)) => Ok(QueryStream {
+                schema,
+                rx,
+                deadline,
+                timeout: self.timeout_error(),
+                _guard: guard,
+            }),
+            Ok(Err(_)) => match rx.recv().await {
+                Some(Err(e)) => Err(e),
+                _ => Err(QueryError::Internal(
+                    "the query task ended without an answer".into(),
+                )),
+            },
+            Err(_) => Err(self.timeout_error()),
         }
     }
 
-    async fn collect(&self, db: &str, sql: &str) -> Result<QueryOutput, QueryError> {
-        let stream = self.query_stream(db, sql).await?;
-        let schema = stream.schema();
-        let batches = datafusion::physical_plan::common::collect(stream)
-            .await
-            .map_err(|e| QueryError::from_datafusion(e, sql))?;
-        Ok(QueryOutput { schema, batches })
+    fn timeout_error(&self) -> QueryError {
+        QueryError::Timeout(format!(
+            "query exceeded its time limit of {:?}",
+            self.limits.timeout
+        ))
     }
 
     fn explain_limit(&self, e: QueryError) -> QueryError {

@@ -77,110 +77,194 @@ enum Cell {
     Text(String),
 }
 
-/// Renders an answer in `format`.
+/// Writes an answer in one format batch by batch, so a long answer streams out
+/// without being held whole. Only `pretty`, whose column widths depend on every
+/// row, keeps its rows until [`Encoder::finish`].
+pub struct Encoder {
+    format: Format,
+    names: Vec<String>,
+    rows_written: usize,
+    /// Bytes the Arrow and Parquet writers have produced and not yet handed out.
+    sink: SharedBuf,
+    arrow: Option<StreamWriter<SharedBuf>>,
+    parquet: Option<ArrowWriter<SharedBuf>>,
+    pretty_rows: Vec<Vec<String>>,
+}
+
+/// A byte buffer two owners share: the Arrow and Parquet writers write to it and
+/// the encoder drains it after every batch.
+#[derive(Clone, Default)]
+struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn parquet_error(e: ParquetError) -> ArrowError {
+    ArrowError::ExternalError(Box::new(e))
+}
+
+impl Encoder {
+    /// Starts an answer of `schema`; returns the encoder and the answer's first bytes.
+    pub fn new(format: Format, schema: &SchemaRef) -> Result<(Self, Vec<u8>), ArrowError> {
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let sink = SharedBuf::default();
+        let mut enc = Self {
+            format,
+            names,
+            rows_written: 0,
+            sink: sink.clone(),
+            arrow: None,
+            parquet: None,
+            pretty_rows: Vec::new(),
+        };
+        let head = match format {
+            Format::Json => b"[".to_vec(),
+            Format::JsonLines | Format::Pretty => Vec::new(),
+            Format::Csv => {
+                let header: Vec<String> = enc.names.iter().map(|n| csv_field(n)).collect();
+                (header.join(",") + "\n").into_bytes()
+            }
+            Format::Arrow => {
+                enc.arrow = Some(StreamWriter::try_new(sink, schema)?);
+                enc.sink.take()
+            }
+            Format::Parquet => {
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                    .build();
+                enc.parquet = Some(
+                    ArrowWriter::try_new(sink, schema.clone(), Some(props))
+                        .map_err(parquet_error)?,
+                );
+                enc.sink.take()
+            }
+        };
+        Ok((enc, head))
+    }
+
+    /// The bytes of one more batch of rows.
+    pub fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+        if let Some(w) = &mut self.arrow {
+            w.write(batch)?;
+            return Ok(self.sink.take());
+        }
+        if let Some(w) = &mut self.parquet {
+            w.write(batch).map_err(parquet_error)?;
+            return Ok(self.sink.take());
+        }
+        let mut out = String::new();
+        let names = &self.names;
+        let rows_written = &mut self.rows_written;
+        let pretty_rows = &mut self.pretty_rows;
+        match self.format {
+            Format::Json | Format::JsonLines => {
+                let json = self.format == Format::Json;
+                for_each_row(std::slice::from_ref(batch), |row| {
+                    if json && *rows_written > 0 {
+                        out.push(',');
+                    }
+                    *rows_written += 1;
+                    out.push('{');
+                    for (i, (name, cell)) in names.iter().zip(row).enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        push_json_string(&mut out, name);
+                        out.push(':');
+                        match cell {
+                            Cell::Null => out.push_str("null"),
+                            Cell::Raw(s) => out.push_str(&s),
+                            Cell::Text(s) => push_json_string(&mut out, &s),
+                        }
+                    }
+                    out.push('}');
+                    if !json {
+                        out.push('\n');
+                    }
+                })?;
+            }
+            Format::Csv => {
+                for_each_row(std::slice::from_ref(batch), |row| {
+                    let fields: Vec<String> = row
+                        .into_iter()
+                        .map(|c| match c {
+                            Cell::Null => String::new(),
+                            Cell::Raw(s) | Cell::Text(s) => csv_field(&s),
+                        })
+                        .collect();
+                    out.push_str(&fields.join(","));
+                    out.push('\n');
+                })?;
+            }
+            Format::Pretty => {
+                for_each_row(std::slice::from_ref(batch), |row| {
+                    pretty_rows.push(
+                        row.into_iter()
+                            .map(|c| match c {
+                                Cell::Null => String::new(),
+                                Cell::Raw(s) | Cell::Text(s) => s.replace('\n', "\\n"),
+                            })
+                            .collect(),
+                    )
+                })?;
+            }
+            Format::Arrow | Format::Parquet => {}
+        }
+        Ok(out.into_bytes())
+    }
+
+    /// The answer's last bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>, ArrowError> {
+        if let Some(mut w) = self.arrow.take() {
+            w.finish()?;
+            drop(w);
+            return Ok(self.sink.take());
+        }
+        if let Some(w) = self.parquet.take() {
+            w.close().map_err(parquet_error)?;
+            return Ok(self.sink.take());
+        }
+        Ok(match self.format {
+            Format::Json => b"]".to_vec(),
+            Format::Pretty => {
+                let mut out = String::new();
+                let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+                pretty_table(&mut out, &names, &self.pretty_rows);
+                out.into_bytes()
+            }
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// Renders a whole answer in `format`.
 pub fn render(
     format: Format,
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<Vec<u8>, ArrowError> {
-    match format {
-        Format::Arrow => return arrow_stream(schema, batches),
-        Format::Parquet => return parquet_file(schema, batches),
-        _ => {}
-    }
-    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    let mut out = String::new();
-    match format {
-        Format::Json | Format::JsonLines => {
-            let json = format == Format::Json;
-            if json {
-                out.push('[');
-            }
-            let mut first = true;
-            for_each_row(batches, |row| {
-                if json && !first {
-                    out.push(',');
-                }
-                first = false;
-                out.push('{');
-                for (i, (name, cell)) in names.iter().zip(row).enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    push_json_string(&mut out, name);
-                    out.push(':');
-                    match cell {
-                        Cell::Null => out.push_str("null"),
-                        Cell::Raw(s) => out.push_str(&s),
-                        Cell::Text(s) => push_json_string(&mut out, &s),
-                    }
-                }
-                out.push('}');
-                if !json {
-                    out.push('\n');
-                }
-            })?;
-            if json {
-                out.push(']');
-            }
-        }
-        Format::Csv => {
-            let header: Vec<String> = names.iter().map(|n| csv_field(n)).collect();
-            out.push_str(&header.join(","));
-            out.push('\n');
-            for_each_row(batches, |row| {
-                let fields: Vec<String> = row
-                    .into_iter()
-                    .map(|c| match c {
-                        Cell::Null => String::new(),
-                        Cell::Raw(s) | Cell::Text(s) => csv_field(&s),
-                    })
-                    .collect();
-                out.push_str(&fields.join(","));
-                out.push('\n');
-            })?;
-        }
-        Format::Arrow | Format::Parquet => {}
-        Format::Pretty => {
-            let mut rows: Vec<Vec<String>> = Vec::new();
-            for_each_row(batches, |row| {
-                rows.push(
-                    row.into_iter()
-                        .map(|c| match c {
-                            Cell::Null => String::new(),
-                            Cell::Raw(s) | Cell::Text(s) => s.replace('\n', "\\n"),
-                        })
-                        .collect(),
-                )
-            })?;
-            pretty_table(&mut out, &names, &rows);
-        }
-    }
-    Ok(out.into_bytes())
-}
-
-fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut out = Vec::new();
-    let mut w = StreamWriter::try_new(&mut out, schema)?;
+    let (mut enc, mut out) = Encoder::new(format, schema)?;
     for b in batches {
-        w.write(b)?;
+        out.extend(enc.batch(b)?);
     }
-    w.finish()?;
-    drop(w);
-    Ok(out)
-}
-
-fn parquet_file(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut out = Vec::new();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
-    let to_arrow = |e: ParquetError| ArrowError::ExternalError(Box::new(e));
-    let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props)).map_err(to_arrow)?;
-    for b in batches {
-        w.write(b).map_err(to_arrow)?;
-    }
-    w.close().map_err(to_arrow)?;
+    out.extend(enc.finish()?);
     Ok(out)
 }
 

@@ -1,5 +1,6 @@
 //! `GET|POST /api/v1/query` and `/api/v3/query_sql` (InfluxDB 3's path, which
-//! names the SQL `q`): SQL in, rows out in the asked-for format.
+//! names the SQL `q`): SQL in, rows out in the asked-for format, streamed as the
+//! query makes them.
 
 use std::sync::Arc;
 
@@ -7,11 +8,15 @@ use axum::extract::{Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use citytsdb_query::QueryStream;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::format::{render, Format};
+use crate::format::{Encoder, Format};
 
 /// The parameters of a query, from the URL or a JSON body.
 #[derive(Debug, Default, Deserialize)]
@@ -66,12 +71,78 @@ async fn run(app: &AppState, p: QueryParams) -> Result<Response, ApiError> {
             ))
         })?,
     };
-    let out = app.query.query(&db, &sql).await?;
-    let body = render(format, &out.schema, &out.batches).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("rendering the answer: {e}"),
-        )
-    })?;
-    Ok(([(CONTENT_TYPE, format.content_type())], body).into_response())
+    let mut stream = app.query.stream(&db, &sql).await?;
+    // The first batch decides the status: an error before any row is a clean 4xx.
+    let first = match stream.next().await {
+        Some(Err(e)) => return Err(e.into()),
+        Some(Ok(batch)) => Some(batch),
+        None => None,
+    };
+    let (encoder, head) = Encoder::new(format, &stream.schema).map_err(render_error)?;
+    let body = Body {
+        head: Some(head),
+        first,
+        stream,
+        encoder: Some(encoder),
+    };
+    let chunks = futures::stream::unfold(Some(body), |body| async move {
+        let mut body = body?;
+        let (chunk, more) = body.next_chunk().await;
+        Some((chunk, more.then_some(body)))
+    });
+    Ok((
+        [(CONTENT_TYPE, format.content_type())],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
+}
+
+fn render_error(e: ArrowError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("rendering the answer: {e}"),
+    )
+}
+
+/// An answer on its way out: encoded batch by batch as the client reads.
+struct Body {
+    head: Option<Vec<u8>>,
+    first: Option<RecordBatch>,
+    stream: QueryStream,
+    encoder: Option<Encoder>,
+}
+
+impl Body {
+    /// The next bytes, and whether more follow. A failure after the status went
+    /// out can only cut the answer short: the connection is closed mid-body, so
+    /// no client mistakes a partial answer for a whole one.
+    async fn next_chunk(&mut self) -> (Result<Bytes, std::io::Error>, bool) {
+        if let Some(head) = self.head.take() {
+            return (Ok(head.into()), true);
+        }
+        let item = match self.first.take() {
+            Some(batch) => Some(Ok(batch)),
+            None => self.stream.next().await,
+        };
+        let Some(encoder) = self.encoder.as_mut() else {
+            return (Ok(Bytes::new()), false);
+        };
+        match item {
+            Some(Ok(batch)) => match encoder.batch(&batch) {
+                Ok(bytes) => (Ok(bytes.into()), true),
+                Err(e) => (Err(cut_short(e.to_string())), false),
+            },
+            Some(Err(e)) => (Err(cut_short(e.to_string())), false),
+            None => match self.encoder.take().map(Encoder::finish) {
+                Some(Ok(bytes)) => (Ok(bytes.into()), false),
+                Some(Err(e)) => (Err(cut_short(e.to_string())), false),
+                None => (Ok(Bytes::new()), false),
+            },
+        }
+    }
+}
+
+fn cut_short(why: String) -> std::io::Error {
+    tracing::warn!(error = %why, "a query failed while its answer was streaming; the answer was cut short");
+    std::io::Error::other(why)
 }
