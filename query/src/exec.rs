@@ -11,6 +11,9 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{
+    BaselineMetrics, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet, Time,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan,
@@ -46,17 +49,51 @@ pub struct ScanReport {
     pub cached_series: Option<usize>,
 }
 
-/// The root of a table scan: passes rows through and reports the pruning.
+/// The root of a table scan: passes rows through and reports the pruning, the
+/// rows it gave and the time it took (`scan_time`: reading and decoding included).
 #[derive(Debug)]
 pub struct CityScanExec {
     report: ScanReport,
     input: Arc<dyn ExecutionPlan>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl CityScanExec {
     /// Wraps the plan that reads the table's sources.
     pub fn new(report: ScanReport, input: Arc<dyn ExecutionPlan>) -> Self {
-        Self { report, input }
+        Self {
+            report,
+            input,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+}
+
+/// A scan's output, timed.
+struct TimedStream {
+    input: SendableRecordBatchStream,
+    baseline: BaselineMetrics,
+    scan_time: Time,
+}
+
+impl futures::Stream for TimedStream {
+    type Item = Result<datafusion::arrow::record_batch::RecordBatch>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let timer = this.scan_time.timer();
+        let poll = this.input.as_mut().poll_next(cx);
+        timer.done();
+        this.baseline.record_poll(poll)
+    }
+}
+
+impl datafusion::physical_plan::RecordBatchStream for TimedStream {
+    fn schema(&self) -> SchemaRef {
+        self.input.schema()
     }
 }
 
@@ -115,10 +152,10 @@ impl ExecutionPlan for CityScanExec {
         mut children: Vec<Arc<dyn ExecutionPlan>>,
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self {
-            report: self.report.clone(),
-            input: children.swap_remove(0),
-        }))
+        Ok(Arc::new(Self::new(
+            self.report.clone(),
+            children.swap_remove(0),
+        )))
     }
 
     #[allow(deprecated)]
@@ -137,7 +174,16 @@ impl ExecutionPlan for CityScanExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        self.input.execute(partition, context)
+        let input = self.input.execute(partition, context)?;
+        Ok(Box::pin(TimedStream {
+            input,
+            baseline: BaselineMetrics::new(&self.metrics, partition),
+            scan_time: MetricBuilder::new(&self.metrics).subset_time("scan_time", partition),
+        }))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
     }
 }
 

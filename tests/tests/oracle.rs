@@ -137,6 +137,59 @@ fn queries() -> Vec<Query> {
              WHERE device = 'mh-00321' AND (water_level_cm < 30 OR water_level_cm > 60) \
              AND NOT cover_open ORDER BY time LIMIT 40",
         ),
+        // first(x)/last(x): the value at the group's earliest/latest time where x is
+        // not NULL; DuckDB says it with arg_min/arg_max.
+        Query::pair(
+            "SELECT device, first(tilt_deg) AS f_tilt, last(tilt_deg) AS l_tilt, \
+             first(battery_pct) AS f_battery, last(cover_open) AS l_open, last(water_level_cm) AS l_level \
+             FROM manhole WHERE device < 'mh-00100' GROUP BY device ORDER BY device",
+            "SELECT device, arg_min(tilt_deg, time) FILTER (WHERE tilt_deg IS NOT NULL) AS f_tilt, \
+             arg_max(tilt_deg, time) FILTER (WHERE tilt_deg IS NOT NULL) AS l_tilt, \
+             arg_min(battery_pct, time) FILTER (WHERE battery_pct IS NOT NULL) AS f_battery, \
+             arg_max(cover_open, time) FILTER (WHERE cover_open IS NOT NULL) AS l_open, \
+             arg_max(water_level_cm, time) FILTER (WHERE water_level_cm IS NOT NULL) AS l_level \
+             FROM manhole WHERE device < 'mh-00100' GROUP BY device ORDER BY device",
+        ),
+        Query::pair(
+            "SELECT device, date_bin(INTERVAL '6 hours', time) AS quarter, last(water_level_cm) AS level \
+             FROM manhole WHERE device >= 'mh-00950' GROUP BY device, date_bin(INTERVAL '6 hours', time) \
+             ORDER BY device, quarter",
+            "SELECT device, time_bucket(INTERVAL '6 hours', time) AS quarter, \
+             arg_max(water_level_cm, time) FILTER (WHERE water_level_cm IS NOT NULL) AS level \
+             FROM manhole WHERE device >= 'mh-00950' GROUP BY device, time_bucket(INTERVAL '6 hours', time) \
+             ORDER BY device, quarter",
+        ),
+        // Latest per device: answered from the series registry, checked against a scan.
+        Query::same(
+            "SELECT DISTINCT ON (device) device, district, time, tilt_deg, water_level_cm, battery_pct, cover_open \
+             FROM manhole ORDER BY device, time DESC",
+        ),
+        Query::same(
+            "SELECT DISTINCT ON (device) device, time, water_level_cm FROM manhole \
+             WHERE district = '金水区' AND time >= '2025-12-01T12:00:00Z' ORDER BY device, time DESC",
+        ),
+        // Gap filling: 150-second buckets over 5-minute readings leave every other
+        // bucket empty; DuckDB fills them with a series of buckets and a window.
+        Query::pair(
+            "SELECT date_bin_gapfill(INTERVAL '150 seconds', time) AS bucket, device, \
+             avg(water_level_cm) AS level, locf(avg(water_level_cm)) AS carried, count(*) AS n \
+             FROM manhole WHERE device IN ('mh-00001', 'mh-00002', 'mh-00003') \
+             AND time >= '2025-12-01T01:00:00Z' AND time < '2025-12-01T03:00:00Z' \
+             GROUP BY bucket, device ORDER BY device, bucket",
+            "WITH buckets AS (SELECT unnest(generate_series(TIMESTAMP '2025-12-01 01:00:00', \
+             TIMESTAMP '2025-12-01 02:57:30', INTERVAL '150 seconds')) AS bucket), \
+             devices AS (SELECT DISTINCT device FROM manhole WHERE device IN ('mh-00001', 'mh-00002', 'mh-00003') \
+             AND time >= TIMESTAMP '2025-12-01 01:00:00' AND time < TIMESTAMP '2025-12-01 03:00:00'), \
+             agg AS (SELECT time_bucket(INTERVAL '150 seconds', time) AS bucket, device, \
+             avg(water_level_cm) AS level, count(*) AS n FROM manhole \
+             WHERE device IN ('mh-00001', 'mh-00002', 'mh-00003') \
+             AND time >= TIMESTAMP '2025-12-01 01:00:00' AND time < TIMESTAMP '2025-12-01 03:00:00' GROUP BY 1, 2) \
+             SELECT b.bucket, d.device, a.level, \
+             last_value(a.level IGNORE NULLS) OVER (PARTITION BY d.device ORDER BY b.bucket \
+             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS carried, a.n \
+             FROM buckets b CROSS JOIN devices d LEFT JOIN agg a ON a.bucket = b.bucket AND a.device = d.device \
+             ORDER BY d.device, b.bucket",
+        ),
     ]
 }
 
