@@ -271,14 +271,15 @@ impl QueryEngine {
         db: &str,
         sql: &str,
     ) -> Result<SendableRecordBatchStream, QueryError> {
-        check_read_only(sql)?;
+        let rewritten = check_read_only(sql)?;
+        let text = rewritten.as_deref().unwrap_or(sql);
         let ctx = self.context(db)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
         let df = ctx
-            .sql_with_options(sql, options)
+            .sql_with_options(text, options)
             .await
             .map_err(|e| QueryError::from_datafusion(e, sql))?;
         df.execute_stream()
@@ -360,8 +361,9 @@ impl QueryEngine {
     }
 }
 
-/// Refuses anything but exactly one SELECT, EXPLAIN or SHOW statement.
-fn check_read_only(sql: &str) -> Result<(), QueryError> {
+/// Refuses anything but exactly one SELECT, EXPLAIN or SHOW statement; returns the
+/// statement rewritten where DataFusion's own reading would surprise (`SHOW`).
+fn check_read_only(sql: &str) -> Result<Option<String>, QueryError> {
     let statements = DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
         .map_err(|e| QueryError::from_datafusion(e, sql))?;
     let mut iter = statements.iter();
@@ -382,7 +384,55 @@ fn check_read_only(sql: &str) -> Result<(), QueryError> {
             position: first_token_position(sql),
         });
     }
-    Ok(())
+    Ok(rewrite_show(first))
+}
+
+/// `SHOW COLUMNS FROM t` means the database's table `t`, not every schema's (the
+/// `system` schema has tables of the same names); `SHOW TABLES` lists in a stable
+/// order.
+fn rewrite_show(statement: &DfStatement) -> Option<String> {
+    let DfStatement::Statement(s) = statement else {
+        return None;
+    };
+    match s.as_ref() {
+        SqlStatement::ShowColumns {
+            extended,
+            full,
+            show_options,
+        } => {
+            let name = show_options.show_in.as_ref()?.parent_name.as_ref()?;
+            if name.0.len() != 1 || show_options.filter_position.is_some() {
+                return None;
+            }
+            let mut qualified = name.clone();
+            qualified.0.insert(
+                0,
+                datafusion::sql::sqlparser::ast::ObjectNamePart::Identifier("public".into()),
+            );
+            let mut options = show_options.clone();
+            if let Some(show_in) = options.show_in.as_mut() {
+                show_in.parent_name = Some(qualified);
+            }
+            Some(
+                SqlStatement::ShowColumns {
+                    extended: *extended,
+                    full: *full,
+                    show_options: options,
+                }
+                .to_string(),
+            )
+        }
+        SqlStatement::ShowTables { show_options, .. }
+            if show_options.show_in.is_none() && show_options.filter_position.is_none() =>
+        {
+            Some(
+                "SELECT table_catalog, table_schema, table_name, table_type \
+                 FROM information_schema.tables ORDER BY table_schema, table_name"
+                    .to_string(),
+            )
+        }
+        _ => None,
+    }
 }
 
 fn is_read_only(s: &DfStatement) -> bool {

@@ -58,15 +58,20 @@ impl QueryError {
         let message = strip_prefixes(&root.to_string());
         match root {
             DataFusionError::SQL(p, _) => Self::Invalid {
-                position: position.or_else(|| parser_position(p)),
+                position: position
+                    .or_else(|| parser_position(p))
+                    .or_else(|| p.to_string().contains("found: EOF").then(|| end_of(sql))),
                 message: parser_message(p),
             },
             DataFusionError::Plan(_)
             | DataFusionError::SchemaError(..)
-            | DataFusionError::NotImplemented(_) => Self::Invalid {
-                position: position.or_else(|| quoted_position(&message, sql)),
-                message,
-            },
+            | DataFusionError::NotImplemented(_) => {
+                let position = position.or_else(|| quoted_position(&message, sql));
+                Self::Invalid {
+                    position,
+                    message: user_message(&message),
+                }
+            }
             DataFusionError::ResourcesExhausted(_) => Self::ResourcesExhausted(message),
             DataFusionError::ArrowError(a, _) if user_arrow_error(a) => Self::invalid(message),
             DataFusionError::Execution(_) => Self::invalid(message),
@@ -102,6 +107,31 @@ fn strip_prefixes(s: &str) -> String {
         s = s.strip_prefix(p).unwrap_or(s);
     }
     s.to_string()
+}
+
+/// A planning error DataFusion words as its own bug ("Internal error: ... filing a
+/// bug report ...") when the user's SQL is at fault, as with a function called
+/// with arguments it does not take: keep the part that speaks to the user.
+fn user_message(message: &str) -> String {
+    const REPORT: &str = "https://github.com/apache/datafusion/issues.";
+    if let Some(at) = message.find(REPORT) {
+        let rest = message[at + REPORT.len()..].trim();
+        if !rest.is_empty() {
+            return rest.to_string();
+        }
+    }
+    message
+        .strip_prefix("Internal error: ")
+        .unwrap_or(message)
+        .to_string()
+}
+
+/// The position just past the end of `sql`, where an unfinished statement stops.
+fn end_of(sql: &str) -> Position {
+    let trimmed = sql.trim_end();
+    let line = trimmed.matches('\n').count() as u64 + 1;
+    let column = trimmed.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u64 + 1;
+    Position { line, column }
 }
 
 fn parser_message(p: &ParserError) -> String {
@@ -171,5 +201,16 @@ mod tests {
             "SELECT *\nFROM nope",
         );
         assert_eq!(q, Some(Position { line: 2, column: 6 }));
+        assert_eq!(
+            end_of("SELECT x\nFROM t WHERE  \n"),
+            Position {
+                line: 2,
+                column: 13
+            }
+        );
+        assert_eq!(
+            user_message("Internal error: f failed.\nThis issue was likely caused by a bug in DataFusion's code. Please help us to resolve this by filing a bug report in our issue tracker: https://github.com/apache/datafusion/issues. No function matches 'f(Utf8)'."),
+            "No function matches 'f(Utf8)'."
+        );
     }
 }

@@ -26,6 +26,7 @@
 pub mod oracle;
 pub mod plan;
 pub mod server;
+pub mod slt;
 pub mod wal;
 
 pub use citytsdb_benches::workload;
