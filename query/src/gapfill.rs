@@ -43,9 +43,9 @@ use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext
 use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, Between, BinaryExpr, ColumnarValue, Expr, Extension, LogicalPlan, Operator,
-    Projection, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, UserDefinedLogicalNode,
-    UserDefinedLogicalNodeCore,
+    Aggregate, Between, BinaryExpr, ColumnarValue, Expr, ExprSchemable, Extension, LogicalPlan,
+    Operator, Projection, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::AnalyzerRule;
@@ -423,6 +423,14 @@ fn rewrite(node: LogicalPlan, config: &ConfigOptions) -> Result<Transformed<Logi
                 let k = kind.name();
                 return plan_err!("{k}() takes an aggregate of the query, as in {k}(avg(x))");
             };
+            if fill == Fill::Interpolate {
+                let data_type = source.get_type(agg.input.schema())?;
+                if !data_type.is_numeric() {
+                    return plan_err!(
+                        "interpolate() needs a numeric column; {source_name} is {data_type}"
+                    );
+                }
+            }
             let filled = format!("{}({source_name})", kind.name());
             if !fills.iter().any(|(n, _)| *n == filled) {
                 aggr_expr.push(source.clone().alias(filled.clone()));
