@@ -13,7 +13,8 @@ use std::time::Duration;
 use citytsdb_storage::Engine;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider};
+use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
@@ -287,11 +288,8 @@ impl QueryEngine {
             .map_err(|e| QueryError::from_datafusion(e, sql))
     }
 
-    fn context(&self, db: &str) -> Result<SessionContext, QueryError> {
-        let snapshot = self
-            .storage
-            .snapshot(db)
-            .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;
+    /// A session with our configuration, functions and rules, and no tables yet.
+    fn session(&self) -> SessionContext {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_create_default_catalog_and_schema(false)
@@ -320,6 +318,26 @@ impl QueryEngine {
             .with_query_planner(Arc::new(CityQueryPlanner))
             .build();
         let ctx = SessionContext::new_with_state(state);
+        for f in crate::first_last::functions() {
+            ctx.register_udaf(f);
+        }
+        for f in crate::gapfill::functions() {
+            ctx.register_udf(f);
+        }
+        ctx.add_analyzer_rule(Arc::new(FirstLastByTime));
+        ctx.add_analyzer_rule(Arc::new(GapFillRule));
+        // TimescaleDB's name for the same bucketing (origin 1970-01-01T00:00:00Z).
+        let date_bin = datafusion::functions::datetime::date_bin();
+        ctx.register_udf(date_bin.as_ref().clone().with_aliases(["time_bucket"]));
+        ctx
+    }
+
+    fn context(&self, db: &str) -> Result<SessionContext, QueryError> {
+        let snapshot = self
+            .storage
+            .snapshot(db)
+            .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;
+        let ctx = self.session();
         let catalog = MemoryCatalogProvider::new();
         let snapshot = Arc::new(snapshot);
         let schema = DatabaseSchema::new(
@@ -335,14 +353,6 @@ impl QueryEngine {
             .register_schema(SYSTEM_SCHEMA, Arc::new(system))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         ctx.register_catalog(CATALOG, Arc::new(catalog));
-        for f in crate::first_last::functions() {
-            ctx.register_udaf(f);
-        }
-        for f in crate::gapfill::functions() {
-            ctx.register_udf(f);
-        }
-        ctx.add_analyzer_rule(Arc::new(FirstLastByTime));
-        ctx.add_analyzer_rule(Arc::new(GapFillRule));
         let tables = snapshot
             .schemas
             .iter()
@@ -354,10 +364,99 @@ impl QueryEngine {
             tables,
             CATALOG,
         )));
-        // TimescaleDB's name for the same bucketing (origin 1970-01-01T00:00:00Z).
-        let date_bin = datafusion::functions::datetime::date_bin();
-        ctx.register_udf(date_bin.as_ref().clone().with_aliases(["time_bucket"]));
         Ok(ctx)
+    }
+
+    /// Plans `sql` against `db` without running it: its answer's columns, and
+    /// whether it is a plain filter on one table (no aggregate, grouping, window,
+    /// ordering, limit, join or subquery), which can be checked row by row.
+    pub async fn describe(&self, db: &str, sql: &str) -> Result<Described, QueryError> {
+        let rewritten = check_read_only(sql)?;
+        let text = rewritten.as_deref().unwrap_or(sql);
+        let ctx = self.context(db)?;
+        let state = ctx.state();
+        let err = |e| QueryError::from_datafusion(e, sql);
+        let plan = state.create_logical_plan(text).await.map_err(err)?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(err)?;
+        let filter_table = plain_filter_table(&plan);
+        let physical = state.create_physical_plan(&plan).await.map_err(err)?;
+        Ok(Described {
+            schema: physical.schema(),
+            filter_table,
+        })
+    }
+
+    /// Runs `sql` over `batch` alone, as the contents of table `table` (for the
+    /// checks of rules on every written batch). The batch must have the table's
+    /// whole schema.
+    pub async fn query_batch(
+        &self,
+        table: &str,
+        batch: RecordBatch,
+        sql: &str,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
+        let ctx = self.session();
+        let catalog = MemoryCatalogProvider::new();
+        let schema = datafusion::catalog::MemorySchemaProvider::new();
+        let provider = datafusion::catalog::MemTable::try_new(batch.schema(), vec![vec![batch]])
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        schema
+            .register_table(table.to_string(), Arc::new(provider))
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        catalog
+            .register_schema("public", Arc::new(schema))
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        ctx.register_catalog(CATALOG, Arc::new(catalog));
+        let df = ctx
+            .sql(sql)
+            .await
+            .map_err(|e| QueryError::from_datafusion(e, sql))?;
+        df.collect()
+            .await
+            .map_err(|e| QueryError::from_datafusion(e, sql))
+    }
+}
+
+/// What [`QueryEngine::describe`] learns of a query.
+#[derive(Debug, Clone)]
+pub struct Described {
+    /// The answer's columns.
+    pub schema: SchemaRef,
+    /// The table, when the query is a plain filter on one table of the database.
+    pub filter_table: Option<String>,
+}
+
+/// The table a plan filters and projects, if that is all it does.
+fn plain_filter_table(plan: &datafusion::logical_expr::LogicalPlan) -> Option<String> {
+    use datafusion::logical_expr::{Expr, LogicalPlan};
+    let no_subquery = |e: &Expr| {
+        !e.exists(|x| {
+            Ok(matches!(
+                x,
+                Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+            ))
+        })
+        .unwrap_or(true)
+    };
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Projection(p) if p.expr.iter().all(no_subquery) => node = &p.input,
+            LogicalPlan::Filter(f) if no_subquery(&f.predicate) => node = &f.input,
+            LogicalPlan::SubqueryAlias(a) => node = &a.input,
+            LogicalPlan::TableScan(scan) => {
+                let r = &scan.table_name;
+                let ours = r.schema().is_none_or(|s| s == "public")
+                    && r.catalog().is_none_or(|c| c == CATALOG);
+                return ours.then(|| r.table().to_string());
+            }
+            _ => return None,
+        }
     }
 }
 

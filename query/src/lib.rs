@@ -27,5 +27,5 @@ pub mod provider;
 pub mod pruning;
 pub mod system;
 
-pub use engine::{QueryEngine, QueryLimits, QueryOutput, QueryStream};
+pub use engine::{Described, QueryEngine, QueryLimits, QueryOutput, QueryStream};
 pub use error::{Position, QueryError};

@@ -5,10 +5,13 @@
 //! 2. `store.rs` opens the object store the `--store` URL names.
 //! 3. `http/` serves API.md: `write.rs` (line protocol in), `query.rs` (SQL out,
 //!    rendered by `format.rs`), `error.rs` (every error to one status and body).
-//! 4. [`serve`] wires the storage engine, the query engine and the router, and
+//! 4. `alerts/` is the alert-rule engine: rules, their evaluation, the fast path on
+//!    written batches, and notifications from a persisted outbox.
+//! 5. [`serve`] wires the storage engine, the query engine and the router, and
 //!    shuts down cleanly on SIGINT/SIGTERM: stop accepting, finish requests in
 //!    flight, flush, exit.
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod format;
@@ -20,6 +23,7 @@ use std::sync::Arc;
 use citytsdb_query::QueryEngine;
 use citytsdb_storage::{Engine, EngineConfig};
 
+use crate::alerts::{AlertEngine, AlertTables};
 use crate::config::ServeConfig;
 use crate::http::AppState;
 
@@ -43,12 +47,23 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             config.data_dir.display()
         )
     })?;
-    let query =
-        QueryEngine::new(storage.clone(), config.query_limits).map_err(|e| e.to_string())?;
+    let alert_tables = Arc::new(AlertTables::default());
+    let query = QueryEngine::new(storage.clone(), config.query_limits)
+        .map_err(|e| e.to_string())?
+        .with_alerts(alert_tables.clone());
+    let alerts = AlertEngine::open(
+        &config.data_dir,
+        query.clone(),
+        storage.clone(),
+        &alert_tables,
+    )
+    .await
+    .map_err(|e| format!("opening the alert engine: {e}"))?;
     let state = Arc::new(AppState {
         storage: storage.clone(),
         query,
         max_body_size: config.max_body_size,
+        alerts: alerts.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
@@ -58,6 +73,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("serving: {e}"))?;
+    alerts.shutdown();
     tracing::info!("shutting down: flushing buffered rows");
     storage
         .shutdown()

@@ -2,10 +2,12 @@
 
 pub mod error;
 pub mod query;
+pub mod rules;
 pub mod write;
 
 use std::sync::Arc;
 
+use crate::alerts::AlertEngine;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
@@ -26,6 +28,8 @@ pub struct AppState {
     pub query: QueryEngine,
     /// Largest write body, bytes after decompression.
     pub max_body_size: usize,
+    /// The alert-rule engine.
+    pub alerts: AlertEngine,
 }
 
 /// All routes.
@@ -43,6 +47,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(query::query_get).post(query::query_post),
         )
         .route("/api/v1/flush", post(flush))
+        .route("/api/v1/rules", get(rules::list).post(rules::create))
+        .route(
+            "/api/v1/rules/{id}",
+            get(rules::get).put(rules::replace).delete(rules::delete),
+        )
+        .route("/api/v1/alerts", get(rules::alerts))
+        .route("/api/v1/alerts/history", get(rules::history))
         .fallback(not_found)
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

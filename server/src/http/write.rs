@@ -108,7 +108,10 @@ pub async fn write_body(
     })??;
 
     if !prepared.tables.is_empty() {
+        // Batches share their buffers: the copy for the alert fast path is cheap.
+        let written = prepared.tables.clone();
         app.storage.write(db, prepared.tables, sync).await?;
+        app.alerts.on_write(db, &written);
     }
     if prepared.rejected.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());

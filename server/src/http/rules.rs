@@ -1,0 +1,137 @@
+//! The alert API: `/api/v1/rules` (register, list, read, replace, delete) and
+//! `/api/v1/alerts` (active instances and their history).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::alerts::rule::RuleSpec;
+use crate::alerts::RuleError;
+
+impl From<RuleError> for ApiError {
+    fn from(e: RuleError) -> Self {
+        let status = match &e {
+            RuleError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RuleError::NotFound(_) => StatusCode::NOT_FOUND,
+            RuleError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+fn spec(body: &[u8]) -> Result<RuleSpec, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the rule is not valid JSON of a rule: {e} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// `POST /api/v1/rules`: 201 with the stored rule.
+pub async fn create(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let rule = app.alerts.create(spec(&body)?).await?;
+    Ok((StatusCode::CREATED, Json(rule)).into_response())
+}
+
+/// `GET /api/v1/rules[?department=]`.
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Json<Value> {
+    Json(Value::Array(
+        app.alerts.list(p.get("department").map(String::as_str)),
+    ))
+}
+
+/// `GET /api/v1/rules/{id}`.
+pub async fn get(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.alerts
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| RuleError::NotFound(id).into())
+}
+
+/// `PUT /api/v1/rules/{id}`: replaces the definition, keeps the id.
+pub async fn replace(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(app.alerts.replace(&id, spec(&body)?).await?))
+}
+
+/// `DELETE /api/v1/rules/{id}`: 204.
+pub async fn delete(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.alerts.delete(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/v1/alerts?state=pending|firing&department=&rule=`.
+pub async fn alerts(
+    State(app): State<Arc<AppState>>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let state = p.get("state").map(String::as_str).filter(|s| !s.is_empty());
+    if let Some(s) = state {
+        if s != "pending" && s != "firing" {
+            return Err(ApiError::bad_request(format!(
+                "invalid state '{s}': use pending or firing"
+            )));
+        }
+    }
+    let department = p
+        .get("department")
+        .map(String::as_str)
+        .filter(|s| !s.is_empty());
+    let rule = p.get("rule").map(String::as_str).filter(|s| !s.is_empty());
+    Ok(Json(Value::Array(
+        app.alerts.alerts(state, department, rule),
+    )))
+}
+
+fn time_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    let Some(v) = p.get(name).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    chrono::DateTime::parse_from_rfc3339(v)
+        .ok()
+        .and_then(|t| t.timestamp_nanos_opt())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid {name} '{v}': use an RFC 3339 time such as 2025-12-01T00:00:00Z"
+            ))
+        })
+}
+
+/// `GET /api/v1/alerts/history?since=&until=&department=`: state changes, oldest first.
+pub async fn history(
+    State(app): State<Arc<AppState>>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let since = time_param(&p, "since")?;
+    let until = time_param(&p, "until")?;
+    let department = p
+        .get("department")
+        .map(String::as_str)
+        .filter(|s| !s.is_empty());
+    Ok(Json(Value::Array(
+        app.alerts.history(since, until, department),
+    )))
+}
