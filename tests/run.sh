@@ -2,9 +2,46 @@
 # Runs every test of citytsdb: formatting, lints, unit tests and the end-to-end suite
 # (the real binary over HTTP, DuckDB as the SQL oracle). Installs what the tests need
 # first; safe to run again and again.
+#
+# What is installed, each only when missing:
+# - Python packages of tests/requirements.txt (DuckDB for the SQL oracle), with pip;
+# - Debian packages, with apt-get (as root; `apt-get update` runs only when something
+#   is missing): prometheus-alertmanager, the real Alertmanager the alert tests
+#   start (/usr/bin/prometheus-alertmanager). Their services are never started:
+#   while installing, a policy-rc.d that forbids it is put in place if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# need_deb PACKAGE BINARY: installs Debian's PACKAGE unless BINARY is on PATH.
+need_deb() {
+    local package=$1 binary=$2
+    command -v "$binary" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "run.sh: $binary is missing; install the Debian package $package as root" >&2
+        return 1
+    fi
+    echo "run.sh: installing $package" >&2
+    # Installing a package with a service would start it; forbid that unless a
+    # policy is already in place (containers usually have one).
+    local policy=/usr/sbin/policy-rc.d added_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && added_policy=1
+    fi
+    local status=0
+    {
+        apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                "$package"
+    } >/tmp/run-sh-apt-"$package".log 2>&1 || status=$?
+    if [ -n "$added_policy" ]; then rm -f "$policy"; fi
+    if [ "$status" -ne 0 ] || ! command -v "$binary" >/dev/null 2>&1; then
+        cat /tmp/run-sh-apt-"$package".log >&2
+        echo "run.sh: installing $package did not provide $binary" >&2
+        return 1
+    fi
+}
+
+need_deb prometheus-alertmanager prometheus-alertmanager
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 
 cargo fmt --all -- --check

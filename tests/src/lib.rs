@@ -23,8 +23,10 @@
 //! already built instead of building one; `PYTHON` picks the interpreter that runs
 //! the oracle (default `python3`).
 
+pub mod alertmanager;
 pub mod oracle;
 pub mod plan;
+pub mod receiver;
 pub mod server;
 pub mod slt;
 pub mod wal;

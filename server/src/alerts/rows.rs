@@ -126,10 +126,16 @@ fn cell(column: &ArrayRef, row: usize) -> Value {
     }
 }
 
+/// A value as templates print it: numbers in their shortest exact form (`25`,
+/// `17.25`, `0.1`), NULL as nothing.
 fn text(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
         other => other.to_string(),
     }
 }
@@ -215,6 +221,9 @@ mod tests {
             "cover mh-1 tilted 17.5° ({{nope}})"
         );
         assert_eq!(render("no {{ end", &row), "no {{ end");
+        assert_eq!(text(&Value::from(25.0)), "25");
+        assert_eq!(text(&Value::from(-0.5)), "-0.5");
+        assert_eq!(text(&Value::from(1e20)), "1e+20");
         assert_eq!(references("{{a}} and {{ b }}"), ["a", "b"]);
     }
 
