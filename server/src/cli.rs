@@ -19,6 +19,9 @@ pub struct QueryArgs {
     /// The server
     #[arg(long, env = "CITYTSDB_URL", default_value = "http://127.0.0.1:8181")]
     pub url: String,
+    /// A token with read:DB, when the server has auth on
+    #[arg(long, env = "CITYTSDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Runs the query and prints the answer to stdout; an error answer becomes `Err`
@@ -36,8 +39,11 @@ pub fn query(args: &QueryArgs) -> Result<(), String> {
         .build()
         .into();
     let url = format!("{}/api/v1/query", args.url.trim_end_matches('/'));
-    let mut response = agent
-        .get(&url)
+    let mut request = agent.get(&url);
+    if let Some(token) = &args.token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request
         .query("db", &args.db)
         .query("sql", &args.sql)
         .query("format", &args.format)

@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Memory one query may hold, e.g. 512MiB; past it a 413 [default: 1GiB]
     #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT")]
     pub query_memory_limit: Option<String>,
+    /// Turns auth on with this admin token (at least 16 characters); without it
+    /// auth is off and the server binds loopback addresses only
+    #[arg(long, env = "CITYTSDB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// The same settings as read from the TOML file.
@@ -56,6 +60,7 @@ struct FileConfig {
     query_timeout: Option<String>,
     query_memory_limit: Option<String>,
     max_buffer_size: Option<String>,
+    admin_token: Option<String>,
 }
 
 /// The resolved configuration of a server.
@@ -65,6 +70,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// HTTP address.
     pub http_bind: SocketAddr,
+    /// The admin token; auth is on when it is set.
+    pub admin_token: Option<String>,
     /// Object store URL.
     pub store: String,
     /// Age-based flush period.
@@ -97,7 +104,8 @@ impl ServeArgs {
         let http_bind: SocketAddr = bind
             .parse()
             .map_err(|_| format!("http-bind: '{bind}' is not an address like 127.0.0.1:8181"))?;
-        if !http_bind.ip().is_loopback() {
+        let admin_token = self.admin_token.or(file.admin_token);
+        if !http_bind.ip().is_loopback() && admin_token.is_none() {
             return Err(format!(
                 "http-bind: {http_bind} is not a loopback address; without auth the server binds loopback only"
             ));
@@ -142,6 +150,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             data_dir,
             http_bind,
+            admin_token,
             store,
             flush_interval,
             flush_rows,
@@ -249,6 +258,17 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.contains("loopback"), "{err}");
+        let with_auth = ServeArgs {
+            http_bind: Some("0.0.0.0:1".into()),
+            admin_token: Some("0123456789abcdef".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(
+            !with_auth.http_bind.ip().is_loopback(),
+            "auth on: any address"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //!    flight, flush, exit.
 
 pub mod alerts;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod format;
@@ -59,7 +60,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     )
     .await
     .map_err(|e| format!("opening the alert engine: {e}"))?;
+    let auth = match &config.admin_token {
+        Some(t) => Some(Arc::new(auth::Auth::open(&config.data_dir, t)?)),
+        None => None,
+    };
     let state = Arc::new(AppState {
+        auth,
         storage: storage.clone(),
         query,
         max_body_size: config.max_body_size,

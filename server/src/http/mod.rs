@@ -3,14 +3,20 @@
 pub mod error;
 pub mod query;
 pub mod rules;
+pub mod tokens;
 pub mod write;
 
 use std::sync::Arc;
 
 use crate::alerts::AlertEngine;
+use crate::auth::{token_of, Auth, Caller};
+use axum::extract::Request;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use citytsdb_query::QueryEngine;
 use citytsdb_storage::Engine;
@@ -22,6 +28,8 @@ use self::error::ApiError;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// Tokens, when auth is on.
+    pub auth: Option<Arc<Auth>>,
     /// The storage engine.
     pub storage: Engine,
     /// The SQL engine over it.
@@ -54,9 +62,59 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/alerts", get(rules::alerts))
         .route("/api/v1/alerts/history", get(rules::history))
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::delete))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Finds the request's caller: everyone is admin while auth is off; with auth on,
+/// a request without a known token gets a 401 (but `GET /health`).
+async fn authenticate(
+    State(app): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let caller = match &app.auth {
+        None => Caller::admin(),
+        Some(_) if req.uri().path() == "/health" => Caller::admin(),
+        Some(auth) => {
+            let header = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let Some(token) = token_of(header, req.uri().query()) else {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "auth is on: send a token as Authorization: Bearer <token>",
+                ));
+            };
+            auth.caller(&token)
+                .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the token is not valid"))?
+        }
+    };
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+/// A 403 unless `allowed`, naming what was needed.
+pub fn require(caller: &Caller, allowed: bool, needed: &str) -> Result<(), ApiError> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the token's scopes ({}) do not include {needed}",
+                caller.describe()
+            ),
+        ))
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -73,8 +131,10 @@ struct FlushParams {
 /// the WAL they share is released only as a whole.
 async fn flush(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Query(p): Query<FlushParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&caller, caller.is_admin(), "admin")?;
     if let Some(db) = p.db {
         if app.storage.snapshot(&db).is_none() {
             return Err(ApiError::new(

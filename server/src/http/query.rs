@@ -16,7 +16,9 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::Caller;
 use crate::format::{Encoder, Format};
+use axum::Extension;
 
 /// The parameters of a query, from the URL or a JSON body.
 #[derive(Debug, Default, Deserialize)]
@@ -34,14 +36,16 @@ pub struct QueryParams {
 /// `GET /api/v1/query?db=&sql=&format=`.
 pub async fn query_get(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Query(p): Query<QueryParams>,
 ) -> Result<Response, ApiError> {
-    run(&app, p).await
+    run(&app, &caller, p).await
 }
 
 /// `POST /api/v1/query` with `{"db", "sql", "format"}`.
 pub async fn query_post(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let p: QueryParams = serde_json::from_slice(&body).map_err(|e| {
@@ -51,13 +55,14 @@ pub async fn query_post(
             e.column()
         ))
     })?;
-    run(&app, p).await
+    run(&app, &caller, p).await
 }
 
-async fn run(app: &AppState, p: QueryParams) -> Result<Response, ApiError> {
+async fn run(app: &AppState, caller: &Caller, p: QueryParams) -> Result<Response, ApiError> {
     let db =
         p.db.filter(|d| !d.is_empty())
             .ok_or_else(|| ApiError::bad_request("missing parameter db"))?;
+    super::require(caller, caller.can_read(&db), &format!("read:{db}"))?;
     let sql = p
         .sql
         .or(p.q)

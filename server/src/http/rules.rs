@@ -12,9 +12,11 @@ use axum::Json;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::AppState;
+use super::{require, AppState};
 use crate::alerts::rule::RuleSpec;
 use crate::alerts::RuleError;
+use crate::auth::Caller;
+use axum::Extension;
 
 impl From<RuleError> for ApiError {
     fn from(e: RuleError) -> Self {
@@ -38,26 +40,56 @@ fn spec(body: &[u8]) -> Result<RuleSpec, ApiError> {
 }
 
 /// `POST /api/v1/rules`: 201 with the stored rule.
-pub async fn create(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
-    let rule = app.alerts.create(spec(&body)?).await?;
+pub async fn create(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let spec = spec(&body)?;
+    may_manage(&caller, &spec.department)?;
+    let rule = app.alerts.create(spec).await?;
     Ok((StatusCode::CREATED, Json(rule)).into_response())
 }
 
 /// `GET /api/v1/rules[?department=]`.
 pub async fn list(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Json<Value> {
-    Json(Value::Array(
-        app.alerts.list(p.get("department").map(String::as_str)),
-    ))
+    let rules = app
+        .alerts
+        .list(p.get("department").map(String::as_str))
+        .into_iter()
+        .filter(|r| caller.can_manage(r["department"].as_str().unwrap_or("")))
+        .collect();
+    Json(Value::Array(rules))
+}
+
+fn may_manage(caller: &Caller, department: &str) -> Result<(), ApiError> {
+    require(
+        caller,
+        caller.can_manage(department),
+        &format!("rules:{department}"),
+    )
+}
+
+/// The rule's department must be one the caller manages.
+fn may_manage_rule(app: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    let department = app
+        .alerts
+        .department_of(id)
+        .ok_or_else(|| ApiError::from(RuleError::NotFound(id.to_string())))?;
+    may_manage(caller, &department)
 }
 
 /// `GET /api/v1/rules/{id}`.
 pub async fn get(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    may_manage_rule(&app, &caller, &id)?;
     app.alerts
         .get(&id)
         .map(Json)
@@ -67,17 +99,23 @@ pub async fn get(
 /// `PUT /api/v1/rules/{id}`: replaces the definition, keeps the id.
 pub async fn replace(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(app.alerts.replace(&id, spec(&body)?).await?))
+    may_manage_rule(&app, &caller, &id)?;
+    let spec = spec(&body)?;
+    may_manage(&caller, &spec.department)?;
+    Ok(Json(app.alerts.replace(&id, spec).await?))
 }
 
 /// `DELETE /api/v1/rules/{id}`: 204.
 pub async fn delete(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    may_manage_rule(&app, &caller, &id)?;
     app.alerts.delete(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -85,6 +123,7 @@ pub async fn delete(
 /// `GET /api/v1/alerts?state=pending|firing&department=&rule=`.
 pub async fn alerts(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let state = p.get("state").map(String::as_str).filter(|s| !s.is_empty());
@@ -100,9 +139,13 @@ pub async fn alerts(
         .map(String::as_str)
         .filter(|s| !s.is_empty());
     let rule = p.get("rule").map(String::as_str).filter(|s| !s.is_empty());
-    Ok(Json(Value::Array(
-        app.alerts.alerts(state, department, rule),
-    )))
+    let alerts = app
+        .alerts
+        .alerts(state, department, rule)
+        .into_iter()
+        .filter(|a| caller.can_manage(a["department"].as_str().unwrap_or("")))
+        .collect();
+    Ok(Json(Value::Array(alerts)))
 }
 
 fn time_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
@@ -123,6 +166,7 @@ fn time_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Ap
 /// `GET /api/v1/alerts/history?since=&until=&department=`: state changes, oldest first.
 pub async fn history(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let since = time_param(&p, "since")?;
@@ -131,7 +175,11 @@ pub async fn history(
         .get("department")
         .map(String::as_str)
         .filter(|s| !s.is_empty());
-    Ok(Json(Value::Array(
-        app.alerts.history(since, until, department),
-    )))
+    let events = app
+        .alerts
+        .history(since, until, department)
+        .into_iter()
+        .filter(|e| caller.can_manage(e["department"].as_str().unwrap_or("")))
+        .collect();
+    Ok(Json(Value::Array(events)))
 }

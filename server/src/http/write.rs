@@ -35,6 +35,7 @@ struct Prepared {
 /// `POST /api/v1/write?db=&precision=&no_sync=`.
 pub async fn write_v1(
     State(app): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
@@ -45,6 +46,7 @@ pub async fn write_v1(
         .ok_or_else(|| ApiError::bad_request("missing query parameter db"))?
         .clone();
     check_db_name(&db)?;
+    super::require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
     let precision = match params.get("precision").map(String::as_str) {
         None | Some("") => Precision::Nanosecond,
         Some(p) => Precision::parse(p).ok_or_else(|| {

@@ -1,0 +1,100 @@
+//! `/api/v1/tokens` (admin only): create a token (its secret shown once), list
+//! tokens, delete one.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{require, AppState};
+use crate::auth::{Auth, Caller};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    #[serde(default)]
+    name: String,
+    scopes: Vec<String>,
+}
+
+fn auth<'a>(app: &'a AppState, caller: &Caller) -> Result<&'a Auth, ApiError> {
+    require(caller, caller.is_admin(), "admin")?;
+    app.auth.as_deref().ok_or_else(|| {
+        ApiError::bad_request("auth is off: start the server with --admin-token to use tokens")
+    })
+}
+
+fn now() -> String {
+    crate::format::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0),
+    )
+}
+
+/// `POST /api/v1/tokens` with `{"name", "scopes": [...]}`: 201 with the secret.
+pub async fn create(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let auth = auth(&app, &caller)?;
+    let req: NewToken = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not {{\"name\": ..., \"scopes\": [...]}}: {e} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let (token, secret) = auth
+        .create(&req.name, &req.scopes, now())
+        .map_err(ApiError::bad_request)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"id": token.id, "name": token.name, "scopes": token.scopes,
+                    "created_at": token.created_at, "token": secret}),
+        ),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/tokens`: every token, without secrets.
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    let auth = auth(&app, &caller)?;
+    let tokens: Vec<Value> = auth
+        .list()
+        .into_iter()
+        .map(
+            |t| json!({"id": t.id, "name": t.name, "scopes": t.scopes, "created_at": t.created_at}),
+        )
+        .collect();
+    Ok(Json(Value::Array(tokens)))
+}
+
+/// `DELETE /api/v1/tokens/{id}`: 204.
+pub async fn delete(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let auth = auth(&app, &caller)?;
+    match auth.delete(&id) {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no token with id {id}"),
+        )),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
