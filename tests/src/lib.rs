@@ -29,6 +29,7 @@ pub mod plan;
 pub mod receiver;
 pub mod server;
 pub mod slt;
+pub mod sqlgen;
 pub mod wal;
 
 pub use citytsdb_benches::workload;
