@@ -659,12 +659,18 @@ impl AlertEngine {
                 .map_err(|e| format!("stored rule {} is invalid: {e}", rule.id))?;
             // Planned again when its database is there; until then it is evaluated
             // as a query (and fails, visibly, in last_error).
-            let described = engine
+            let described = match engine
                 .shared
                 .query
                 .describe(&rule.spec.db, &rule.spec.sql)
                 .await
-                .ok();
+            {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!(rule = %rule.spec.name, error = %e, "a stored rule does not plan now; it is evaluated on its schedule and its errors show in last_error");
+                    None
+                }
+            };
             let entry = Entry {
                 fast_table: described.as_ref().and_then(|d| d.filter_table.clone()),
                 identity: described
