@@ -587,6 +587,12 @@ fn a_restart_keeps_firing_and_pending_instances_without_new_messages() {
         told_before,
         "no new message after the restart"
     );
+    let (_, history) = call(&server, "GET", "/api/v1/alerts/history", None);
+    assert_eq!(
+        history.as_array().map(Vec::len),
+        Some(5),
+        "the history survives too (three pending, two firing): {history}"
+    );
     server.stop();
 }
 

@@ -14,7 +14,8 @@
 //!    `keep_firing_for`.
 //! 4. `notify.rs` — changes worth telling become outbox entries, persisted with the
 //!    instance states (`<data-dir>/alerts/state.json`) before they are sent; a
-//!    delivery thread posts them and retries until they are accepted.
+//!    delivery thread posts them and retries until they are accepted. State changes
+//!    are appended to `<data-dir>/alerts/history.jsonl`.
 //! 5. Rules live in `<data-dir>/alerts/rules.json`. Both files are replaced
 //!    atomically (write, fsync, rename), so a restart finds rules, states (with
 //!    their `active_at`) and the outbox as they were: a firing instance stays
@@ -122,13 +123,16 @@ struct Persisted {
     instances: BTreeMap<String, RuleInstances>,
     outbox: BTreeMap<u64, Notification>,
     next_id: u64,
-    history: VecDeque<Event>,
 }
 
 #[derive(Default)]
 struct Inner {
     rules: BTreeMap<String, Entry>,
     state: Persisted,
+    /// The newest state changes; also appended to `history.jsonl`.
+    history: VecDeque<Event>,
+    /// Lines in `history.jsonl`; past twice [`HISTORY`] it is rewritten.
+    history_lines: usize,
     last_resend: HashMap<String, i64>,
 }
 
@@ -219,6 +223,37 @@ impl Shared {
             .map_err(|e| RuleError::Internal(format!("storing the rules: {e}")))
     }
 
+    fn history_path(&self) -> PathBuf {
+        self.dir.join("history.jsonl")
+    }
+
+    /// Appends changes to `history.jsonl` (not fsynced: the history informs, the
+    /// states and the outbox are what must survive), rewriting it with only the
+    /// kept changes once it has grown to twice their number.
+    fn append_history(&self, inner: &mut Inner, lines: &str, count: usize) {
+        let result = if inner.history_lines + count > 2 * HISTORY {
+            let mut all = String::new();
+            for e in &inner.history {
+                if let Ok(line) = serde_json::to_string(e) {
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+            }
+            inner.history_lines = inner.history.len();
+            write_atomically(&self.history_path(), all.as_bytes())
+        } else {
+            inner.history_lines += count;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.history_path())
+                .and_then(|mut f| f.write_all(lines.as_bytes()))
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot append to the alert history file");
+        }
+    }
+
     fn save_state(&self, inner: &Inner) {
         let result = serde_json::to_vec(&inner.state)
             .map_err(|e| e.to_string())
@@ -238,9 +273,10 @@ impl Shared {
             return;
         };
         let rule = entry.rule.clone();
+        let mut lines = String::new();
         for c in &changes {
             tracing::info!(rule = %rule.spec.name, fingerprint = %c.instance.fingerprint, from = %c.from, to = %c.to, "alert state changed");
-            inner.state.history.push_back(Event {
+            let event = Event {
                 time: c.time,
                 rule_id: rule.id.clone(),
                 rule_name: rule.spec.name.clone(),
@@ -250,11 +286,17 @@ impl Shared {
                 from: c.from.clone(),
                 to: c.to.clone(),
                 labels: c.instance.labels.clone(),
-            });
+            };
+            if let Ok(line) = serde_json::to_string(&event) {
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+            inner.history.push_back(event);
         }
-        while inner.state.history.len() > HISTORY {
-            inner.state.history.pop_front();
+        while inner.history.len() > HISTORY {
+            inner.history.pop_front();
         }
+        self.append_history(inner, &lines, changes.len());
         let now = now_nanos();
         for (target, body) in notify::messages(&rule, &changes) {
             self.enqueue(inner, &rule.id, target, body, now);
@@ -422,9 +464,16 @@ impl Shared {
                 return;
             }
         };
-        // The series whose newest reading here no longer matches stop being returned.
+        // The series whose newest reading here no longer matches stop being returned
+        // (worth finding only while the rule has active instances).
         let mut stopped = Vec::new();
-        if let Some(latest) = latest_rows(batch, identity) {
+        let any_active = !matched.is_empty()
+            || lock(&self.inner)
+                .state
+                .instances
+                .get(&rule.id)
+                .is_some_and(|r| !r.active.is_empty());
+        if let Some(latest) = any_active.then(|| latest_rows(batch, identity)).flatten() {
             let still: BTreeSet<String> =
                 match self.query.query_batch(table, latest.clone(), sql).await {
                     Ok(out) => rows::observations(rule, &out)
@@ -634,6 +683,20 @@ impl AlertEngine {
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let rules: Vec<Rule> = read_json(&dir.join("rules.json"))?;
         let state: Persisted = read_json(&dir.join("state.json"))?;
+        let mut history: VecDeque<Event> = VecDeque::new();
+        let mut history_lines = 0;
+        if let Ok(text) = std::fs::read_to_string(dir.join("history.jsonl")) {
+            for line in text.lines() {
+                history_lines += 1;
+                // A torn last line (a crash mid-append) is skipped.
+                if let Ok(e) = serde_json::from_str::<Event>(line) {
+                    history.push_back(e);
+                    if history.len() > HISTORY {
+                        history.pop_front();
+                    }
+                }
+            }
+        }
         let (fast_tx, fast_rx) = mpsc::channel(FAST_PATH_QUEUE);
         let shared = Arc::new(Shared {
             dir,
@@ -641,6 +704,8 @@ impl AlertEngine {
             storage,
             inner: Mutex::new(Inner {
                 state,
+                history,
+                history_lines,
                 ..Default::default()
             }),
             outbox_wake: Condvar::new(),
@@ -967,7 +1032,6 @@ impl AlertEngine {
     ) -> Vec<Value> {
         let inner = lock(&self.shared.inner);
         inner
-            .state
             .history
             .iter()
             .filter(|e| since.is_none_or(|s| e.time >= s) && until.is_none_or(|u| e.time <= u))
@@ -1123,7 +1187,7 @@ impl AlertSource for AlertTables {
             return Ok(RecordBatch::new_empty(alert_events_schema()));
         };
         let inner = lock(&shared.inner);
-        let events: Vec<&Event> = inner.state.history.iter().filter(|e| e.db == db).collect();
+        let events: Vec<&Event> = inner.history.iter().filter(|e| e.db == db).collect();
         let col = |f: &dyn Fn(&Event) -> Option<String>| strings(events.iter().map(|e| f(e)));
         Ok(RecordBatch::try_new(
             alert_events_schema(),
