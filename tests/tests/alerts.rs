@@ -507,6 +507,18 @@ fn notifications_are_retried_until_delivered_and_survive_a_crash() {
     server.stop();
 }
 
+/// Active instances as "rule/device" -> (state, active_at).
+fn states(server: &Server) -> BTreeMap<String, (String, String)> {
+    alerts(server, "")
+        .into_iter()
+        .map(|a| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            let key = format!("{}/{}", text(&a["rule"]), text(&a["labels"]["device"]));
+            (key, (text(&a["state"]), text(&a["active_at"])))
+        })
+        .collect()
+}
+
 #[test]
 fn a_restart_keeps_firing_and_pending_instances_without_new_messages() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -540,23 +552,11 @@ fn a_restart_keeps_firing_and_pending_instances_without_new_messages() {
         |r| has(r, "firing", "mh-1") && has(r, "firing", "mh-2"),
         WAIT,
     );
-    let before: BTreeMap<String, (String, String)> = alerts(&server, "")
-        .into_iter()
-        .map(|a| {
-            let key = format!(
-                "{}/{}",
-                a["rule"].as_str().unwrap(),
-                a["labels"]["device"].as_str().unwrap()
-            );
-            (
-                key,
-                (
-                    a["state"].as_str().unwrap().to_string(),
-                    a["active_at"].as_str().unwrap().to_string(),
-                ),
-            )
-        })
-        .collect();
+    // Both rules check the same batch, one after the other.
+    wait_until("three active instances", WAIT, || {
+        states(&server).len() == 3
+    });
+    let before = states(&server);
     assert_eq!(before["tilted-long/mh-2"].0, "pending");
     assert_eq!(before["tilted/mh-1"].0, "firing");
     let told_before = hook.count();
@@ -564,23 +564,7 @@ fn a_restart_keeps_firing_and_pending_instances_without_new_messages() {
     server.kill9();
     let server = Server::start(&data);
     std::thread::sleep(Duration::from_secs(3));
-    let after: BTreeMap<String, (String, String)> = alerts(&server, "")
-        .into_iter()
-        .map(|a| {
-            let key = format!(
-                "{}/{}",
-                a["rule"].as_str().unwrap(),
-                a["labels"]["device"].as_str().unwrap()
-            );
-            (
-                key,
-                (
-                    a["state"].as_str().unwrap().to_string(),
-                    a["active_at"].as_str().unwrap().to_string(),
-                ),
-            )
-        })
-        .collect();
+    let after = states(&server);
     assert_eq!(after, before, "states and their active_at survive kill -9");
     assert_eq!(
         hook.count(),
