@@ -27,6 +27,9 @@ pub enum Precision {
     Millisecond,
     /// Seconds.
     Second,
+    /// Each timestamp by its magnitude, as InfluxDB 3's `auto`: below 5e9 seconds,
+    /// below 5e12 milliseconds, below 5e15 microseconds, else nanoseconds.
+    Auto,
 }
 
 impl Precision {
@@ -41,13 +44,40 @@ impl Precision {
         })
     }
 
-    /// Nanoseconds per unit.
-    pub fn nanos(self) -> i64 {
+    /// Parses InfluxDB 3's spellings: `auto`, `nanosecond`, `microsecond`,
+    /// `millisecond`, `second` (and the short ones).
+    pub fn parse_v3(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => Self::Auto,
+            "nanosecond" => Self::Nanosecond,
+            "microsecond" => Self::Microsecond,
+            "millisecond" => Self::Millisecond,
+            "second" => Self::Second,
+            other => return Self::parse(other),
+        })
+    }
+
+    /// Nanoseconds per unit of timestamp `ts`.
+    pub fn nanos_for(self, ts: i64) -> i64 {
         match self {
             Self::Nanosecond => 1,
             Self::Microsecond => 1_000,
             Self::Millisecond => 1_000_000,
             Self::Second => 1_000_000_000,
+            Self::Auto => match ts.unsigned_abs() {
+                m if m < 5_000_000_000 => 1_000_000_000,
+                m if m < 5_000_000_000_000 => 1_000_000,
+                m if m < 5_000_000_000_000_000 => 1_000,
+                _ => 1,
+            },
+        }
+    }
+
+    /// Nanoseconds per unit (`auto` reads "now" in nanoseconds).
+    pub fn nanos(self) -> i64 {
+        match self {
+            Self::Auto => 1,
+            other => other.nanos_for(1),
         }
     }
 }
@@ -138,7 +168,7 @@ pub fn validate<'a>(
         }
         if error.is_none() {
             if let Some(ts) = line.timestamp {
-                match ts.checked_mul(precision.nanos()) {
+                match ts.checked_mul(precision.nanos_for(ts)) {
                     Some(ns) => line.timestamp = Some(ns),
                     None => {
                         error = Some(at(
@@ -508,6 +538,21 @@ parking
         assert_eq!(rejected.len(), 1);
         assert_eq!(text, "");
         assert!(schemas.is_empty(), "{schemas:?}");
+    }
+
+    #[test]
+    fn auto_precision_reads_magnitudes() {
+        let p = Precision::parse_v3("auto").unwrap();
+        assert_eq!(p.nanos_for(1_764_547_200), 1_000_000_000);
+        assert_eq!(p.nanos_for(1_764_547_200_000), 1_000_000);
+        assert_eq!(p.nanos_for(1_764_547_200_000_000), 1_000);
+        assert_eq!(p.nanos_for(1_764_547_200_000_000_000), 1);
+        assert_eq!(
+            Precision::parse_v3("millisecond"),
+            Some(Precision::Millisecond)
+        );
+        assert_eq!(Precision::parse_v3("ms"), Some(Precision::Millisecond));
+        assert_eq!(Precision::parse_v3("fortnight"), None);
     }
 
     #[test]

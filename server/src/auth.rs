@@ -3,7 +3,8 @@
 //! Auth is on when the server is given an admin token (`--admin-token` or
 //! `CITYTSDB_ADMIN_TOKEN`). Every request but `GET /health` then needs a token, as
 //! `Authorization: Bearer T`, `Authorization: Token T`, or InfluxDB 1.x's `p=T`.
-//! A token carries scopes: `admin` (everything), `write:DB`, `read:DB`, and
+//! (1.x clients that send a username and password as HTTP Basic auth have the
+//! password read as the token.) A token carries scopes: `admin` (everything), `write:DB`, `read:DB`, and
 //! `rules:DEPARTMENT` (that department's rules and alerts). `POST /api/v1/tokens`
 //! (admin) creates a token and shows its secret once; only its SHA-256 is stored,
 //! in `<data-dir>/auth/tokens.json`.
@@ -245,6 +246,19 @@ impl Auth {
 pub fn token_of(authorization: Option<&str>, query: Option<&str>) -> Option<String> {
     if let Some(h) = authorization {
         let h = h.trim();
+        // InfluxDB 1.x clients send the token as a Basic password.
+        if let Some(encoded) = h
+            .strip_prefix("Basic ")
+            .or_else(|| h.strip_prefix("basic "))
+        {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())?;
+            let (_, password) = decoded.split_once(':')?;
+            return Some(password.to_string());
+        }
         for prefix in ["Bearer ", "Token ", "bearer ", "token "] {
             if let Some(t) = h.strip_prefix(prefix) {
                 return Some(t.trim().to_string());
@@ -296,5 +310,10 @@ mod tests {
         assert_eq!(token_of(Some("Token abc"), None).as_deref(), Some("abc"));
         assert_eq!(token_of(None, Some("db=x&p=s%20t")).as_deref(), Some("s t"));
         assert_eq!(token_of(None, Some("db=x")), None);
+        // "city:s3cret" as 1.x clients send it.
+        assert_eq!(
+            token_of(Some("Basic Y2l0eTpzM2NyZXQ="), None).as_deref(),
+            Some("s3cret")
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API of API.md: routes, shared state, and the server loop.
 
+pub mod compat;
 pub mod error;
 pub mod query;
 pub mod rules;
@@ -46,6 +47,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/api/v1/write", post(write::write_v1))
+        .route("/write", post(compat::write_v1x))
+        .route("/api/v2/write", post(compat::write_v2))
+        .route("/api/v3/write_lp", post(compat::write_v3))
         .route(
             "/api/v1/query",
             get(query::query_get).post(query::query_post),

@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::AppState;
 
 /// At most this many rejected lines are listed in an answer.
-const MAX_LISTED: usize = 100;
+pub const MAX_LISTED: usize = 100;
 
 /// The outcome of parsing and validating a body.
 struct Prepared {
@@ -75,6 +75,41 @@ pub async fn write_body(
     precision: Precision,
     sync: bool,
 ) -> Result<Response, ApiError> {
+    let outcome = ingest(app, db, body, precision, sync, true).await?;
+    if outcome.rejected.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let lines: Vec<_> = outcome
+        .rejected
+        .iter()
+        .take(MAX_LISTED)
+        .map(|e| json!({"line": e.line, "column": e.column, "error": e.message, "text": e.text}))
+        .collect();
+    let body = json!({
+        "error": format!("partial write: {} of {} lines rejected", outcome.rejected.len(), outcome.data_lines),
+        "lines": lines,
+    });
+    Ok((StatusCode::BAD_REQUEST, Json(body)).into_response())
+}
+
+/// What a write did with a body.
+pub struct Outcome {
+    /// Lines rejected, in line order (none written when `accept_partial` was false).
+    pub rejected: Vec<LineError>,
+    /// Lines that were neither blank nor comments.
+    pub data_lines: usize,
+}
+
+/// Parses and validates a body, then writes its good lines — all of them, or,
+/// without `accept_partial`, only if no line was rejected.
+pub async fn ingest(
+    app: &AppState,
+    db: &str,
+    body: Bytes,
+    precision: Precision,
+    sync: bool,
+    accept_partial: bool,
+) -> Result<Outcome, ApiError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -109,29 +144,21 @@ pub async fn write_body(
         )
     })??;
 
-    if !prepared.tables.is_empty() {
+    let write = accept_partial || prepared.rejected.is_empty();
+    if write && !prepared.tables.is_empty() {
         // Batches share their buffers: the copy for the alert fast path is cheap.
         let written = prepared.tables.clone();
         app.storage.write(db, prepared.tables, sync).await?;
         app.alerts.on_write(db, &written);
     }
-    if prepared.rejected.is_empty() {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    }
-    let lines: Vec<_> = prepared
-        .rejected
-        .iter()
-        .take(MAX_LISTED)
-        .map(|e| json!({"line": e.line, "column": e.column, "error": e.message, "text": e.text}))
-        .collect();
-    let body = json!({
-        "error": format!("partial write: {} of {} lines rejected", prepared.rejected.len(), prepared.data_lines),
-        "lines": lines,
-    });
-    Ok((StatusCode::BAD_REQUEST, Json(body)).into_response())
+    Ok(Outcome {
+        rejected: prepared.rejected,
+        data_lines: prepared.data_lines,
+    })
 }
 
-fn check_db_name(db: &str) -> Result<(), ApiError> {
+/// Refuses database names no store can hold.
+pub fn check_db_name(db: &str) -> Result<(), ApiError> {
     if db.chars().count() > 255 || db.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "invalid database name: at most 255 characters, no control characters",

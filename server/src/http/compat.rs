@@ -1,0 +1,193 @@
+//! The write paths of InfluxDB 1.x, 2.x and 3, for clients, gateways and agents
+//! that already speak them. Each takes the same line protocol (gzip too) and
+//! answers with the status codes and error bodies its original does:
+//!
+//! - `POST /write?db=&precision=n|ns|u|us|ms|s` (1.x; `u`/`p` carry credentials):
+//!   204, or 400 `{"error": "partial write: ..."}`.
+//! - `POST /api/v2/write?bucket=&org=&precision=ns|us|ms|s` (2.x): 204, or 400
+//!   `{"code": "invalid", "message": "..."}`; other errors use 2.x's codes.
+//! - `POST /api/v3/write_lp?db=&precision=auto|nanosecond|...&accept_partial=&no_sync=`
+//!   (3): 204, or 400 `{"error": "partial write of line protocol occurred", "data":
+//!   [{"original_line", "line_number", "error_message"}]}`; with
+//!   `accept_partial=false` a body with a bad line writes nothing and answers
+//!   `{"error": "parsing failed for write_lp endpoint", ...}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use citytsdb_ingest::Precision;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::write::{check_db_name, ingest, read_body, MAX_LISTED};
+use super::{require, AppState};
+use crate::auth::Caller;
+
+fn param<'a>(p: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    p.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+fn boolean(p: &HashMap<String, String>, name: &str, default: bool) -> Result<bool, String> {
+    match param(p, name) {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(v) => Err(format!("invalid {name} '{v}': use true or false")),
+    }
+}
+
+/// `POST /write` (InfluxDB 1.x).
+pub async fn write_v1x(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let db = param(&p, "db")
+        .ok_or_else(|| ApiError::bad_request("database is required"))?
+        .to_string();
+    check_db_name(&db)?;
+    require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
+    let precision = match param(&p, "precision") {
+        None => Precision::Nanosecond,
+        Some(v) => Precision::parse(v).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid precision '{v}': use n, ns, u, us, ms or s"
+            ))
+        })?,
+    };
+    let body = read_body(&headers, body, app.max_body_size).await?;
+    let outcome = ingest(&app, &db, body, precision, true, true).await?;
+    let Some(first) = outcome.rejected.first() else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let message = format!(
+        "partial write: unable to parse '{}': {} (line {}); {} of {} lines rejected",
+        first.text,
+        first.message,
+        first.line,
+        outcome.rejected.len(),
+        outcome.data_lines
+    );
+    Ok((StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response())
+}
+
+fn v2_error(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({"code": code, "message": message}))).into_response()
+}
+
+/// `POST /api/v2/write` (InfluxDB 2.x): the bucket is the database, the org is
+/// accepted and ignored.
+pub async fn write_v2(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(db) = param(&p, "bucket").map(str::to_string) else {
+        return v2_error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "bucket is required".into(),
+        );
+    };
+    let result = async {
+        check_db_name(&db)?;
+        require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
+        let precision = match param(&p, "precision") {
+            None => Precision::Nanosecond,
+            Some(v @ ("ns" | "us" | "ms" | "s")) => Precision::parse(v).unwrap_or_default(),
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid precision '{v}': use ns, us, ms or s"
+                )))
+            }
+        };
+        let body = read_body(&headers, body, app.max_body_size).await?;
+        ingest(&app, &db, body, precision, true, true).await
+    }
+    .await;
+    match result {
+        Ok(outcome) => match outcome.rejected.first() {
+            None => StatusCode::NO_CONTENT.into_response(),
+            Some(first) => v2_error(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!(
+                    "partial write error ({} of {} lines rejected): line {}: {}",
+                    outcome.rejected.len(),
+                    outcome.data_lines,
+                    first.line,
+                    first.message
+                ),
+            ),
+        },
+        Err(e) => {
+            let code = match e.status {
+                StatusCode::BAD_REQUEST => "invalid",
+                StatusCode::UNAUTHORIZED => "unauthorized",
+                StatusCode::FORBIDDEN => "forbidden",
+                StatusCode::NOT_FOUND => "not found",
+                StatusCode::PAYLOAD_TOO_LARGE => "request too large",
+                StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                _ => "internal error",
+            };
+            v2_error(e.status, code, e.message)
+        }
+    }
+}
+
+/// `POST /api/v3/write_lp` (InfluxDB 3).
+pub async fn write_v3(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let db = param(&p, "db")
+        .ok_or_else(|| ApiError::bad_request("missing query parameter db"))?
+        .to_string();
+    check_db_name(&db)?;
+    require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
+    let precision = match param(&p, "precision") {
+        None => Precision::Auto,
+        Some(v) => Precision::parse_v3(v).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid precision '{v}': use auto, nanosecond, microsecond, millisecond or second"
+            ))
+        })?,
+    };
+    let accept_partial = boolean(&p, "accept_partial", true).map_err(ApiError::bad_request)?;
+    let no_sync = boolean(&p, "no_sync", false).map_err(ApiError::bad_request)?;
+    let body = read_body(&headers, body, app.max_body_size).await?;
+    let outcome = ingest(&app, &db, body, precision, !no_sync, accept_partial).await?;
+    if outcome.rejected.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let data: Vec<Value> = outcome
+        .rejected
+        .iter()
+        .take(MAX_LISTED)
+        .map(
+            |e| json!({"original_line": e.text, "line_number": e.line, "error_message": e.message}),
+        )
+        .collect();
+    let error = if accept_partial {
+        "partial write of line protocol occurred"
+    } else {
+        "parsing failed for write_lp endpoint"
+    };
+    Ok((
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": error, "data": data})),
+    )
+        .into_response())
+}
