@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod format;
+pub mod gen;
 pub mod http;
 pub mod store;
 

@@ -2,6 +2,7 @@
 
 use citytsdb_server::cli::QueryArgs;
 use citytsdb_server::config::ServeArgs;
+use citytsdb_server::gen::GenArgs;
 use clap::{Parser, Subcommand};
 
 /// citytsdb: the time-series store and query service of a city brain.
@@ -18,6 +19,8 @@ enum Command {
     Serve(ServeArgs),
     /// Run SQL against a running server and print the answer (an aligned table by default).
     Query(QueryArgs),
+    /// Write the city workload as line protocol to stdout (deterministic for a seed).
+    Gen(GenArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +49,10 @@ fn main() -> std::process::ExitCode {
             .resolve()
             .map(|config| runtime.block_on(citytsdb_server::serve(config))),
         Command::Query(args) => Ok(citytsdb_server::cli::query(&args)),
+        Command::Gen(args) => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            Ok(citytsdb_server::gen::generate(&args, &mut out).map(|_| ()))
+        }
     };
     match result {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,
