@@ -139,7 +139,7 @@ impl Gen {
                     };
                     let base = -150.0 + 60.0 * unit(&[seed, 7, d]);
                     let level = base + 10.0 * daily + 120.0 * wet + 4.0 * (r(3) - 0.5);
-                    let battery = 100 - ((t - self.start) / 86_400 / 3) as i64 - (d % 20) as i64;
+                    let battery = 100 - (t - self.start) / 86_400 / 3 - (d % 20) as i64;
                     format!(
                     "manhole,device={},district={} tilt_deg={},water_level_cm={},battery_pct={}i,cover_open={}",
                     name("mh"),
