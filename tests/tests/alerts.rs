@@ -560,6 +560,14 @@ fn a_restart_keeps_firing_and_pending_instances_without_new_messages() {
     assert_eq!(before["tilted-long/mh-2"].0, "pending");
     assert_eq!(before["tilted/mh-1"].0, "firing");
     let told_before = hook.count();
+    // Delivered and recorded as delivered: an entry still in the stored outbox
+    // would (rightly, at least once) be sent again after the crash.
+    wait_until("the stored outbox to be empty", WAIT, || {
+        std::fs::read(data.join("alerts/state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v["outbox"].as_object().is_some_and(|o| o.is_empty()))
+    });
 
     server.kill9();
     let server = Server::start(&data);
