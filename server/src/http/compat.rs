@@ -41,6 +41,21 @@ fn boolean(p: &HashMap<String, String>, name: &str, default: bool) -> Result<boo
     }
 }
 
+/// The database a write names in parameter `name`, checked and writable by the caller.
+fn writable_db(
+    p: &HashMap<String, String>,
+    name: &str,
+    missing: &str,
+    caller: &Caller,
+) -> Result<String, ApiError> {
+    let db = param(p, name)
+        .ok_or_else(|| ApiError::bad_request(missing))?
+        .to_string();
+    check_db_name(&db)?;
+    require(caller, caller.can_write(&db), &format!("write:{db}"))?;
+    Ok(db)
+}
+
 /// `POST /write` (InfluxDB 1.x).
 pub async fn write_v1x(
     State(app): State<Arc<AppState>>,
@@ -49,11 +64,7 @@ pub async fn write_v1x(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let db = param(&p, "db")
-        .ok_or_else(|| ApiError::bad_request("database is required"))?
-        .to_string();
-    check_db_name(&db)?;
-    require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
+    let db = writable_db(&p, "db", "database is required", &caller)?;
     let precision = match param(&p, "precision") {
         None => Precision::Nanosecond,
         Some(v) => Precision::parse(v).ok_or_else(|| {
@@ -91,16 +102,8 @@ pub async fn write_v2(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(db) = param(&p, "bucket").map(str::to_string) else {
-        return v2_error(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "bucket is required".into(),
-        );
-    };
     let result = async {
-        check_db_name(&db)?;
-        require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
+        let db = writable_db(&p, "bucket", "bucket is required", &caller)?;
         let precision = match param(&p, "precision") {
             None => Precision::Nanosecond,
             Some(v @ ("ns" | "us" | "ms" | "s")) => Precision::parse(v).unwrap_or_default(),
@@ -152,11 +155,7 @@ pub async fn write_v3(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let db = param(&p, "db")
-        .ok_or_else(|| ApiError::bad_request("missing query parameter db"))?
-        .to_string();
-    check_db_name(&db)?;
-    require(&caller, caller.can_write(&db), &format!("write:{db}"))?;
+    let db = writable_db(&p, "db", "missing query parameter db", &caller)?;
     let precision = match param(&p, "precision") {
         None => Precision::Auto,
         Some(v) => Precision::parse_v3(v).ok_or_else(|| {
