@@ -7,7 +7,8 @@
 # - Python packages of tests/requirements.txt (DuckDB for the SQL oracle), with pip;
 # - Debian packages, with apt-get (as root; `apt-get update` runs only when something
 #   is missing): prometheus-alertmanager, the real Alertmanager the alert tests
-#   start (/usr/bin/prometheus-alertmanager). Their services are never started:
+#   start (/usr/bin/prometheus-alertmanager), and mosquitto and mosquitto-clients,
+#   the real MQTT broker and publisher of the MQTT tests. Their services are never started:
 #   while installing, a policy-rc.d that forbids it is put in place if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,8 @@ need_deb() {
 }
 
 need_deb prometheus-alertmanager prometheus-alertmanager
+need_deb mosquitto /usr/sbin/mosquitto
+need_deb mosquitto-clients mosquitto_pub
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 
 cargo fmt --all -- --check

@@ -7,8 +7,12 @@
 //!    the storage engine's schema lock; [`build_batches`] then turns the accepted
 //!    lines into one Arrow batch per table, outside that lock.
 //!
+//! 3. `escape.rs` — writes names and values as line protocol, for the converters
+//!    from other formats.
+//!
 //! The batches go to `citytsdb_storage::Engine::write`, which makes them durable.
 
+pub mod escape;
 pub mod line_protocol;
 pub mod write;
 

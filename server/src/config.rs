@@ -45,6 +45,28 @@ pub struct ServeArgs {
     /// auth is off and the server binds loopback addresses only
     #[arg(long, env = "CITYTSDB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Subscribe to this MQTT broker and write every message, e.g. mqtt://127.0.0.1:1883
+    /// (user and password may go in the URL)
+    #[arg(long, env = "CITYTSDB_MQTT")]
+    pub mqtt: Option<String>,
+    /// MQTT topic filter to subscribe to with QoS 1; repeat for more
+    /// [default: the pattern's filter, or #]
+    #[arg(long, env = "CITYTSDB_MQTT_TOPIC", value_delimiter = ',')]
+    pub mqtt_topic: Vec<String>,
+    /// How topics name the table and tags of JSON payloads, e.g.
+    /// city/{district}/{table}/{device}
+    #[arg(long, env = "CITYTSDB_MQTT_PATTERN")]
+    pub mqtt_pattern: Option<String>,
+    /// Database that MQTT messages are written to [default: city]
+    #[arg(long, env = "CITYTSDB_MQTT_DB")]
+    pub mqtt_db: Option<String>,
+    /// MQTT client id; the broker keeps the session (and messages sent while
+    /// citytsdb is away) under it [default: citytsdb-<hash of the data directory>]
+    #[arg(long, env = "CITYTSDB_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+    /// Precision of timestamps in line-protocol MQTT payloads: ns, us, ms, s or auto [default: ns]
+    #[arg(long, env = "CITYTSDB_MQTT_PRECISION")]
+    pub mqtt_precision: Option<String>,
 }
 
 /// The same settings as read from the TOML file.
@@ -61,6 +83,12 @@ struct FileConfig {
     query_memory_limit: Option<String>,
     max_buffer_size: Option<String>,
     admin_token: Option<String>,
+    mqtt: Option<String>,
+    mqtt_topic: Option<Vec<String>>,
+    mqtt_pattern: Option<String>,
+    mqtt_db: Option<String>,
+    mqtt_client_id: Option<String>,
+    mqtt_precision: Option<String>,
 }
 
 /// The resolved configuration of a server.
@@ -84,6 +112,8 @@ pub struct ServeConfig {
     pub query_limits: citytsdb_query::QueryLimits,
     /// Most bytes buffered before writes are refused.
     pub max_buffer_size: usize,
+    /// The MQTT subscriber, when `--mqtt` is given.
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 impl ServeArgs {
@@ -147,6 +177,36 @@ impl ServeArgs {
             .or(file.max_buffer_size)
             .unwrap_or_else(|| "2GiB".to_string());
         let max_buffer_size = parse_size(&buffer).map_err(|e| format!("max-buffer-size: {e}"))?;
+        let mqtt = match self.mqtt.or(file.mqtt) {
+            None => None,
+            Some(url) => {
+                let topics = if self.mqtt_topic.is_empty() {
+                    file.mqtt_topic.unwrap_or_default()
+                } else {
+                    self.mqtt_topic
+                };
+                let precision = match self.mqtt_precision.or(file.mqtt_precision) {
+                    None => citytsdb_ingest::Precision::Nanosecond,
+                    Some(p) => citytsdb_ingest::Precision::parse_v3(&p).ok_or_else(|| {
+                        format!("mqtt-precision: '{p}' is not one of ns, us, ms, s, auto")
+                    })?,
+                };
+                let client_id = self
+                    .mqtt_client_id
+                    .or(file.mqtt_client_id)
+                    .unwrap_or_else(|| default_client_id(&data_dir));
+                Some(crate::mqtt::MqttConfig::resolve(
+                    &url,
+                    topics,
+                    self.mqtt_pattern.or(file.mqtt_pattern).as_deref(),
+                    self.mqtt_db
+                        .or(file.mqtt_db)
+                        .unwrap_or_else(|| "city".to_string()),
+                    client_id,
+                    precision,
+                )?)
+            }
+        };
         Ok(ServeConfig {
             data_dir,
             http_bind,
@@ -157,8 +217,18 @@ impl ServeArgs {
             max_body_size,
             query_limits,
             max_buffer_size,
+            mqtt,
         })
     }
+}
+
+/// A client id that stays the same across restarts of the server on one data
+/// directory, so the broker finds the session again.
+fn default_client_id(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(absolute(data_dir).to_string_lossy().as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("citytsdb-{hex}")
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {

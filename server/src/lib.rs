@@ -10,6 +10,8 @@
 //! 5. [`serve`] wires the storage engine, the query engine and the router, and
 //!    shuts down cleanly on SIGINT/SIGTERM: stop accepting, finish requests in
 //!    flight, flush, exit.
+//! 6. `mqtt.rs` subscribes to a broker when `--mqtt` is given and writes its
+//!    messages through the same path as HTTP writes.
 
 pub mod alerts;
 pub mod auth;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod format;
 pub mod gen;
 pub mod http;
+pub mod mqtt;
 pub mod store;
 
 use std::sync::Arc;
@@ -71,7 +74,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         query,
         max_body_size: config.max_body_size,
         alerts: alerts.clone(),
+        mqtt: config.mqtt.as_ref().map(|_| Arc::default()),
     });
+    let subscriber = match (&config.mqtt, &state.mqtt) {
+        (Some(m), Some(stats)) => Some(mqtt::spawn(m.clone(), state.clone(), stats.clone())),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
         .map_err(|e| format!("binding {}: {e}", config.http_bind))?;
@@ -80,6 +88,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("serving: {e}"))?;
+    if let Some(subscriber) = subscriber {
+        subscriber.stop();
+    }
     alerts.shutdown();
     tracing::info!("shutting down: flushing buffered rows");
     storage

@@ -24,6 +24,7 @@
 //! the oracle (default `python3`).
 
 pub mod alertmanager;
+pub mod mosquitto;
 pub mod oracle;
 pub mod plan;
 pub mod receiver;

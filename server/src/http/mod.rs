@@ -39,6 +39,8 @@ pub struct AppState {
     pub max_body_size: usize,
     /// The alert-rule engine.
     pub alerts: AlertEngine,
+    /// The MQTT subscriber's counters, when it runs.
+    pub mqtt: Option<Arc<crate::mqtt::MqttStats>>,
 }
 
 /// All routes.
@@ -121,8 +123,11 @@ pub fn require(caller: &Caller, allowed: bool, needed: &str) -> Result<(), ApiEr
     }
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+async fn health(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    match &app.mqtt {
+        Some(stats) => Json(json!({"status": "ok", "mqtt": stats.to_json()})),
+        None => Json(json!({"status": "ok"})),
+    }
 }
 
 #[derive(Debug, Deserialize)]
