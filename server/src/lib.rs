@@ -1,6 +1,7 @@
 //! The citytsdb server: configuration, the HTTP API, and the `citytsdb` binary.
 //!
-//! 0. `cli.rs` is `citytsdb query`, a client of a running server.
+//! 0. `cli.rs` is `citytsdb query`, a client of a running server; `import.rs` is
+//!    `citytsdb import`, which loads files into a server or a data directory.
 //! 1. `config.rs` resolves flags, `CITYTSDB_*` variables and the TOML file.
 //! 2. `store.rs` opens the object store the `--store` URL names.
 //! 3. `http/` serves API.md: `write.rs` (line protocol in), `query.rs` (SQL out,
@@ -20,6 +21,7 @@ pub mod config;
 pub mod format;
 pub mod gen;
 pub mod http;
+pub mod import;
 pub mod mqtt;
 pub mod store;
 

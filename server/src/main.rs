@@ -3,6 +3,7 @@
 use citytsdb_server::cli::QueryArgs;
 use citytsdb_server::config::ServeArgs;
 use citytsdb_server::gen::GenArgs;
+use citytsdb_server::import::ImportArgs;
 use clap::{Parser, Subcommand};
 
 /// citytsdb: the time-series store and query service of a city brain.
@@ -21,6 +22,8 @@ enum Command {
     Query(QueryArgs),
     /// Write the city workload as line protocol to stdout (deterministic for a seed).
     Gen(GenArgs),
+    /// Load line protocol, CSV or JSON lines into a server or a data directory.
+    Import(ImportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +52,8 @@ fn main() -> std::process::ExitCode {
             .resolve()
             .map(|config| runtime.block_on(citytsdb_server::serve(config))),
         Command::Query(args) => Ok(citytsdb_server::cli::query(&args)),
+        // Import has exit codes of its own (2: some lines rejected).
+        Command::Import(args) => return citytsdb_server::import::run(&args),
         Command::Gen(args) => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             Ok(citytsdb_server::gen::generate(&args, &mut out).map(|_| ()))

@@ -152,6 +152,9 @@ struct Inner {
     /// Segment ids handed out by this process never repeat, even across failed
     /// flushes whose catalog commit may or may not have landed.
     next_segment_id: std::sync::atomic::AtomicU32,
+    /// The data directory's `LOCK` file, locked while the engine lives (the OS
+    /// releases it when the process ends, however it ends).
+    _lock: std::fs::File,
 }
 
 fn read(state: &RwLock<State>) -> RwLockReadGuard<'_, State> {
@@ -175,13 +178,18 @@ impl<T> Locked<T> for Mutex<T> {
 }
 
 impl Engine {
-    /// Opens the engine: loads the newest catalog, replays the WAL (cutting off a torn
-    /// tail), and starts the WAL thread and the background flusher.
+    /// Opens the engine: locks the data directory, loads the newest catalog, replays
+    /// the WAL (cutting off a torn tail), and starts the WAL thread and the
+    /// background flusher.
+    ///
+    /// Fails with [`StorageError::DataDirInUse`] while another process has the
+    /// data directory open: two writers of one WAL would corrupt it.
     ///
     /// Must be called within a Tokio runtime.
     pub async fn open(config: EngineConfig) -> Result<Self> {
         let wal_dir = paths::wal_dir(&config.data_dir);
         std::fs::create_dir_all(&wal_dir)?;
+        let lock = lock_data_dir(&config.data_dir)?;
         let catalog = catalog::load_latest(&config.store).await?;
         let persisted_series = load_series(&config.store, &catalog).await?;
         let mut state = State {
@@ -255,6 +263,7 @@ impl Engine {
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 graveyard: Mutex::new(Vec::new()),
                 next_segment_id: std::sync::atomic::AtomicU32::new(0),
+                _lock: lock,
             }),
         };
         engine.spawn_flusher();
@@ -723,6 +732,27 @@ impl Engine {
                 .map_err(|_| StorageError::Internal("the WAL thread panicked".into()))?;
         }
         flushed.map(|_| ())
+    }
+}
+
+/// Takes the data directory's exclusive lock, without waiting for it.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(paths::lock_file(data_dir))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StorageError::DataDirInUse(data_dir.display().to_string()))
+        }
+        // Some network file systems cannot lock; run unprotected rather than not at all.
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(data_dir = %data_dir.display(), "this file system cannot lock the data directory; make sure no other citytsdb process uses it");
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
     }
 }
 

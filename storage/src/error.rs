@@ -33,6 +33,9 @@ pub enum StorageError {
     /// Too many rows wait in memory for a flush; the write is refused, not lost.
     #[error("write buffer full: {0}")]
     BufferFull(String),
+    /// Another process (a server, an import) has the data directory open.
+    #[error("data directory {0} is in use by another citytsdb process")]
+    DataDirInUse(String),
     /// The engine is shutting down and takes no more writes.
     #[error("the storage engine is shutting down")]
     ShuttingDown,

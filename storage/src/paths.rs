@@ -56,6 +56,11 @@ pub fn wal_seq(file_name: &str) -> Option<u64> {
     file_name.strip_suffix(".wal")?.parse().ok()
 }
 
+/// The file locked by the process that has a data directory open.
+pub fn lock_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("LOCK")
+}
+
 /// The local directory the embedded default object store uses.
 pub fn local_store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")

@@ -17,6 +17,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use citytsdb_ingest::{build_batches, parse_body, validate, LineError, Precision};
+use citytsdb_storage::Engine;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::json;
 
 use super::error::ApiError;
@@ -25,11 +28,47 @@ use super::AppState;
 /// At most this many rejected lines are listed in an answer.
 pub const MAX_LISTED: usize = 100;
 
-/// The outcome of parsing and validating a body.
-struct Prepared {
-    tables: Vec<(String, datafusion::arrow::record_batch::RecordBatch)>,
-    rejected: Vec<LineError>,
-    data_lines: usize,
+/// The outcome of parsing and validating a body: what to write, what was rejected.
+pub struct Prepared {
+    /// One Arrow batch per table, of the accepted lines.
+    pub tables: Vec<(String, RecordBatch)>,
+    /// Rejected lines, in line order.
+    pub rejected: Vec<LineError>,
+    /// Lines that were neither blank nor comments.
+    pub data_lines: usize,
+}
+
+/// Parses a body, validates its lines against the database's schemas (adding new
+/// tables and columns), and builds the batches of the accepted lines; lines without
+/// a timestamp get `now_ns`. Nothing is written. Blocks on the schema lock: call it
+/// off the async threads.
+pub fn prepare(
+    storage: &Engine,
+    db: &str,
+    body: &[u8],
+    precision: Precision,
+    now_ns: i64,
+) -> Result<Prepared, ArrowError> {
+    let parsed = parse_body(body);
+    let mut rejected = parsed.rejected;
+    let validated =
+        storage.update_schemas(db, |schemas| validate(parsed.lines, precision, schemas));
+    rejected.extend(validated.rejected.iter().cloned());
+    rejected.sort_by_key(|e| e.line);
+    let tables = build_batches(&validated, now_ns)?;
+    Ok(Prepared {
+        tables,
+        rejected,
+        data_lines: parsed.data_lines,
+    })
+}
+
+/// Now, in nanoseconds since the epoch: the time of lines written without one.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// `POST /api/v1/write?db=&precision=&no_sync=`.
@@ -110,30 +149,15 @@ pub async fn ingest(
     sync: bool,
     accept_partial: bool,
 ) -> Result<Outcome, ApiError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let now = now_ns();
     let storage = app.storage.clone();
     let db_name = db.to_string();
     let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared, ApiError> {
-        let parsed = parse_body(&body);
-        let mut rejected = parsed.rejected;
-        let validated = storage.update_schemas(&db_name, |schemas| {
-            validate(parsed.lines, precision, schemas)
-        });
-        rejected.extend(validated.rejected.iter().cloned());
-        rejected.sort_by_key(|e| e.line);
-        let tables = build_batches(&validated, now).map_err(|e| {
+        prepare(&storage, &db_name, &body, precision, now).map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("building batches: {e}"),
             )
-        })?;
-        Ok(Prepared {
-            tables,
-            rejected,
-            data_lines: parsed.data_lines,
         })
     })
     .await
