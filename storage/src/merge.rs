@@ -3,11 +3,12 @@
 //! The merge is InfluxDB's: for one (series, time), each field takes the value of the
 //! last write that carried it; fields a later write did not carry keep theirs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{new_null_array, Array, ArrayRef, UInt32Array};
+use datafusion::arrow::array::{new_null_array, Array, ArrayRef, AsArray, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, take};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 
@@ -60,23 +61,14 @@ pub fn sort_dedup(
     if n == 0 {
         return Ok(all);
     }
-    let converter = RowConverter::new(
-        keys.iter()
-            .map(|&k| SortField::new(all.column(k).data_type().clone()))
-            .collect(),
-    )?;
-    let key_arrays: Vec<ArrayRef> = keys.iter().map(|&k| all.column(k).clone()).collect();
-    let rows = converter.convert_columns(&key_arrays)?;
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    // Stable: rows with equal keys stay in write order, so the last one is the newest.
-    order.sort_by(|&a, &b| rows.row(a as usize).cmp(&rows.row(b as usize)));
+    let (order, same) = sort_order(&all, keys)?;
 
     let mut group_starts = Vec::with_capacity(n);
     for (i, w) in order.windows(2).enumerate() {
         if i == 0 {
             group_starts.push(0);
         }
-        if rows.row(w[0] as usize) != rows.row(w[1] as usize) {
+        if !same(w[0], w[1]) {
             group_starts.push(i + 1);
         }
     }
@@ -111,6 +103,89 @@ pub fn sort_dedup(
         columns.push(take(col.as_ref(), &UInt32Array::from(idx), None)?);
     }
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Row indices of `batch` in key order (rows with equal keys in batch order), and
+/// a test of whether two rows have equal keys.
+///
+/// The keys are the series' tags and then `time`. Comparing whole encoded rows
+/// for every comparison of a sort is slow (a `memcmp` per step), so the tags are
+/// encoded once, each distinct series gets its rank among the distinct series, and
+/// the sort runs on `(rank, time, row)` integers. The order is the same as sorting
+/// the encoded rows of all keys.
+fn sort_order(
+    batch: &RecordBatch,
+    keys: &[usize],
+) -> Result<(Vec<u32>, Box<dyn Fn(u32, u32) -> bool>)> {
+    let n = batch.num_rows();
+    let time = keys.last().map(|&k| batch.column(k)).and_then(|c| {
+        (c.null_count() == 0)
+            .then(|| c.as_primitive_opt::<TimestampNanosecondType>())
+            .flatten()
+            .cloned()
+    });
+    let Some(time) = time else {
+        return sort_order_by_rows(batch, keys);
+    };
+    let tag_keys = &keys[..keys.len() - 1];
+    let mut rank = vec![0u32; n];
+    if !tag_keys.is_empty() {
+        let converter = RowConverter::new(
+            tag_keys
+                .iter()
+                .map(|&k| SortField::new(batch.column(k).data_type().clone()))
+                .collect(),
+        )?;
+        let columns: Vec<ArrayRef> = tag_keys.iter().map(|&k| batch.column(k).clone()).collect();
+        let rows = converter.convert_columns(&columns)?;
+        // A provisional id per distinct series, in order of first appearance.
+        let mut ids: HashMap<&[u8], u32> = HashMap::new();
+        let mut distinct: Vec<&[u8]> = Vec::new();
+        for (i, r) in rank.iter_mut().enumerate() {
+            let key = rows.row(i).data();
+            *r = *ids.entry(key).or_insert_with(|| {
+                distinct.push(key);
+                (distinct.len() - 1) as u32
+            });
+        }
+        // The provisional ids, renumbered in key order.
+        let mut by_key: Vec<u32> = (0..distinct.len() as u32).collect();
+        by_key.sort_unstable_by(|&a, &b| distinct[a as usize].cmp(distinct[b as usize]));
+        let mut renumber = vec![0u32; distinct.len()];
+        for (position, &id) in by_key.iter().enumerate() {
+            renumber[id as usize] = position as u32;
+        }
+        rank.iter_mut().for_each(|r| *r = renumber[*r as usize]);
+    }
+    let times = time.values().clone();
+    let mut sorted: Vec<(u32, i64, u32)> = (0..n).map(|i| (rank[i], times[i], i as u32)).collect();
+    // The row index breaks ties, so equal keys stay in batch (write) order.
+    sorted.sort_unstable();
+    let order = sorted.into_iter().map(|(_, _, i)| i).collect();
+    let same = move |a: u32, b: u32| {
+        let (a, b) = (a as usize, b as usize);
+        rank[a] == rank[b] && times[a] == times[b]
+    };
+    Ok((order, Box::new(same)))
+}
+
+/// The general form of [`sort_order`], for keys that do not end in a non-null
+/// nanosecond time: a stable sort of whole encoded rows.
+fn sort_order_by_rows(
+    batch: &RecordBatch,
+    keys: &[usize],
+) -> Result<(Vec<u32>, Box<dyn Fn(u32, u32) -> bool>)> {
+    let converter = RowConverter::new(
+        keys.iter()
+            .map(|&k| SortField::new(batch.column(k).data_type().clone()))
+            .collect(),
+    )?;
+    let columns: Vec<ArrayRef> = keys.iter().map(|&k| batch.column(k).clone()).collect();
+    let rows = converter.convert_columns(&columns)?;
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    order.sort_by(|&a, &b| rows.row(a as usize).cmp(&rows.row(b as usize)));
+    let same = move |a: u32, b: u32| rows.row(a as usize) == rows.row(b as usize);
+    Ok((order, Box::new(same)))
 }
 
 #[cfg(test)]
@@ -201,5 +276,34 @@ mod tests {
         let wide = align(&narrow, &s).unwrap();
         assert_eq!(wide.num_columns(), 4);
         assert_eq!(wide.column(2).null_count(), 1);
+    }
+
+    proptest::proptest! {
+        /// The integer sort orders rows exactly as sorting their encoded keys does,
+        /// ties in batch order, for tags with nulls and repeated (series, time).
+        #[test]
+        fn rank_sort_matches_the_row_sort(
+            rows in proptest::collection::vec(
+                (proptest::option::of(0u8..4), proptest::option::of(0u8..3), -3i64..3),
+                1..200,
+            )
+        ) {
+            let a: StringArray = rows.iter().map(|r| r.0.map(|v| format!("d{v}"))).collect();
+            let b: StringArray = rows.iter().map(|r| r.1.map(|v| format!("z{v}"))).collect();
+            let t = TimestampNanosecondArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+            let batch = RecordBatch::try_from_iter(vec![
+                ("a", Arc::new(a) as ArrayRef),
+                ("b", Arc::new(b) as ArrayRef),
+                ("time", Arc::new(t) as ArrayRef),
+            ])
+            .unwrap();
+            let keys = [0, 1, 2];
+            let (fast, fast_same) = sort_order(&batch, &keys).unwrap();
+            let (slow, slow_same) = sort_order_by_rows(&batch, &keys).unwrap();
+            proptest::prop_assert_eq!(&fast, &slow);
+            for w in fast.windows(2) {
+                proptest::prop_assert_eq!(fast_same(w[0], w[1]), slow_same(w[0], w[1]));
+            }
+        }
     }
 }
