@@ -34,7 +34,7 @@ use crate::merge::{align, key_columns, sort_dedup};
 use crate::paths;
 use crate::schema::{TableSchema, TIME_COLUMN};
 use crate::segment;
-use crate::series::{BatchSeries, SeriesRows, SeriesTable};
+use crate::series::{SeriesRows, SeriesTable};
 use crate::wal::{self, WalEntry, WalWriter};
 
 /// How the engine is set up.
@@ -84,33 +84,22 @@ struct State {
 
 impl State {
     fn apply_series(&mut self, db: &str, table: &str, batch: &RecordBatch) {
-        match BatchSeries::of(batch) {
-            Ok(series) => self.merge_series(db, table, series),
-            Err(e) => {
-                tracing::error!(db, table, error = %e, "cannot update the series registry")
-            }
-        }
-    }
-
-    fn merge_series(&mut self, db: &str, table: &str, series: BatchSeries) {
-        self.series
+        let registry = self
+            .series
             .entry(db.to_string())
             .or_default()
             .entry(table.to_string())
-            .or_default()
-            .merge(series);
+            .or_default();
+        if let Err(e) = registry.apply(batch) {
+            tracing::error!(db, table, error = %e, "cannot update the series registry");
+        }
     }
 }
-
-/// A write appended to the WAL, waiting for its fsync.
-type Pending = (WalEntry, Vec<BatchSeries>, oneshot::Sender<Result<()>>);
 
 enum WalCommand {
     Write {
         payload: Vec<u8>,
         entry: WalEntry,
-        /// Each table's series, summarized off the WAL thread.
-        series: Vec<BatchSeries>,
         sync: bool,
         done: oneshot::Sender<Result<()>>,
     },
@@ -341,16 +330,10 @@ impl Engine {
             tables,
         };
         let payload = entry.encode()?;
-        let series = entry
-            .tables
-            .iter()
-            .map(|(_, batch)| BatchSeries::of(batch))
-            .collect::<Result<Vec<_>>>()?;
         let (done, wait) = oneshot::channel();
         self.send(WalCommand::Write {
             payload,
             entry,
-            series,
             sync,
             done,
         })
@@ -862,7 +845,7 @@ fn wal_loop(
                 Err(_) => break,
             }
         }
-        let mut pending: Vec<Pending> = Vec::new();
+        let mut pending: Vec<(WalEntry, oneshot::Sender<Result<()>>)> = Vec::new();
         let mut fsync = false;
         for cmd in group.drain(..) {
             if let Some(why) = &broken {
@@ -881,13 +864,12 @@ fn wal_loop(
                 WalCommand::Write {
                     payload,
                     entry,
-                    series,
                     sync,
                     done,
                 } => match writer.append(&payload) {
                     Ok(()) => {
                         fsync |= sync;
-                        pending.push((entry, series, done));
+                        pending.push((entry, done));
                     }
                     Err(e) => {
                         let _ = done.send(Err(e));
@@ -917,11 +899,11 @@ fn wal_loop(
 /// Fails every write appended since the last fsync and cuts them off the WAL.
 fn fail_group(
     writer: &mut WalWriter,
-    pending: &mut Vec<Pending>,
+    pending: &mut Vec<(WalEntry, oneshot::Sender<Result<()>>)>,
     broken: &mut Option<String>,
     what: &str,
 ) {
-    for (_, _, done) in pending.drain(..) {
+    for (_, done) in pending.drain(..) {
         let _ = done.send(Err(StorageError::Internal(format!(
             "WAL {what} failed; the write was not made durable"
         ))));
@@ -936,7 +918,7 @@ fn fail_group(
 fn commit_group(
     writer: &mut WalWriter,
     state: &RwLock<State>,
-    pending: &mut Vec<Pending>,
+    pending: &mut Vec<(WalEntry, oneshot::Sender<Result<()>>)>,
     fsync: bool,
     broken: &mut Option<String>,
 ) {
@@ -950,14 +932,14 @@ fn commit_group(
     }
     {
         let mut s = write(state);
-        for (entry, series, _) in pending.iter_mut() {
-            for ((table, batch), series) in entry.tables.iter().zip(series.drain(..)) {
-                s.merge_series(&entry.db, table, series);
+        for (entry, _) in pending.iter() {
+            for (table, batch) in &entry.tables {
+                s.apply_series(&entry.db, table, batch);
                 s.active.push(&entry.db, table, batch.clone());
             }
         }
     }
-    for (_, _, done) in pending.drain(..) {
+    for (_, done) in pending.drain(..) {
         let _ = done.send(Ok(()));
     }
 }
