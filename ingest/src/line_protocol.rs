@@ -8,10 +8,28 @@
 //! parser never panics: every malformed line, including one that is not valid UTF-8, becomes
 //! a [`LineError`] giving the line, the character column where the problem starts and what
 //! is wrong, and the lines around it are still parsed.
+//!
+//! Parsing a line allocates nothing in the common case: names and values are slices of
+//! the body, and a line's tags and fields are kept inline in the [`ParsedLine`] up to
+//! [`INLINE_TAGS`] and [`INLINE_FIELDS`] of them. Only an escaped name or value that
+//! unescaping changes, a line with more tags or fields than that, and a rejected line
+//! (its message and text) allocate. `ingest/tests/no_alloc.rs` holds it to that.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::iter::FusedIterator;
+
+use smallvec::SmallVec;
+
+/// Tags a [`ParsedLine`] holds without a heap allocation; the city's tables carry two or three.
+pub const INLINE_TAGS: usize = 4;
+/// Fields a [`ParsedLine`] holds without a heap allocation; the city's tables carry two to four.
+pub const INLINE_FIELDS: usize = 4;
+
+/// A line's tag key/value pairs, inline up to [`INLINE_TAGS`].
+pub type Tags<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); INLINE_TAGS]>;
+/// A line's field key/value pairs, inline up to [`INLINE_FIELDS`].
+pub type Fields<'a> = SmallVec<[(Cow<'a, str>, FieldValue<'a>); INLINE_FIELDS]>;
 
 /// One parsed line of line protocol, borrowing from the body where no unescaping was needed.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,9 +39,9 @@ pub struct ParsedLine<'a> {
     /// The measurement (table) name, unescaped.
     pub measurement: Cow<'a, str>,
     /// Tag key/value pairs in the order written (not sorted). Keys unique within a line.
-    pub tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    pub tags: Tags<'a>,
     /// Field key/value pairs in the order written; at least one. If a key repeats, keep both (caller takes the last).
-    pub fields: Vec<(Cow<'a, str>, FieldValue<'a>)>,
+    pub fields: Fields<'a>,
     /// The timestamp as written (an integer in the request's precision), None when omitted.
     pub timestamp: Option<i64>,
 }
@@ -260,7 +278,7 @@ fn parse_str(s: &str, line_number: usize) -> Result<ParsedLine<'_>, Fail> {
     let measurement = unescape(&s[pos..m_end], esc, MEASUREMENT_ESCAPES);
     pos = m_end;
 
-    let mut tags: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+    let mut tags = Tags::new();
     while pos < end && b[pos] == b',' {
         let key_start = pos + 1;
         let (key_end, esc) = scan(b, key_start, end, is_key_delim);
@@ -302,7 +320,7 @@ fn parse_str(s: &str, line_number: usize) -> Result<ParsedLine<'_>, Fail> {
         return fail(section_end, "no fields".to_owned());
     }
 
-    let mut fields: Vec<(Cow<'_, str>, FieldValue<'_>)> = Vec::with_capacity(4);
+    let mut fields = Fields::new();
     loop {
         let key_start = pos;
         let (key_end, esc) = scan(b, key_start, end, is_key_delim);
@@ -556,7 +574,8 @@ mod tests {
 
     fn value(v: &str) -> FieldValue<'static> {
         let line = format!("m f={v}");
-        match parse_line(line.as_bytes(), 1) {
+        let parsed = parse_line(line.as_bytes(), 1);
+        match parsed {
             Ok(p) => match &p.fields[0].1 {
                 FieldValue::String(_) => panic!("unexpected string"),
                 FieldValue::Float(x) => FieldValue::Float(*x),
@@ -576,15 +595,15 @@ mod tests {
         assert_eq!(p.line_number, 1);
         assert_eq!(p.measurement, "weather");
         assert_eq!(
-            p.tags,
-            vec![
+            p.tags[..],
+            [
                 (Cow::from("city"), Cow::from("zhengzhou")),
                 (Cow::from("station"), Cow::from("s1")),
             ]
         );
         assert_eq!(
-            p.fields,
-            vec![
+            p.fields[..],
+            [
                 (Cow::from("temp"), FieldValue::Float(21.5)),
                 (Cow::from("count"), FieldValue::Integer(3)),
                 (Cow::from("ok"), FieldValue::Boolean(true)),

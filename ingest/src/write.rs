@@ -95,8 +95,15 @@ pub struct ParsedBody<'a> {
 
 /// Parses every line of a body. Blank and `#` comment lines are skipped but counted
 /// in line numbers.
+///
+/// Allocates the list of parsed lines once, sized by the body's line count; the lines
+/// themselves borrow from the body (see `line_protocol.rs`).
 pub fn parse_body(body: &[u8]) -> ParsedBody<'_> {
-    let mut out = ParsedBody::default();
+    let physical_lines = body.iter().filter(|&&b| b == b'\n').count() + 1;
+    let mut out = ParsedBody {
+        lines: Vec::with_capacity(physical_lines),
+        ..ParsedBody::default()
+    };
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let trimmed = raw
@@ -140,7 +147,11 @@ pub fn validate<'a>(
     let mut out = ValidatedWrite::default();
     for (raw, mut line) in lines {
         let table = line.measurement.as_ref();
-        let schema = schemas.entry(table.to_string()).or_default();
+        // Looked up before inserting so a known table costs no allocation per line.
+        let schema = match schemas.get_mut(table) {
+            Some(schema) => schema,
+            None => schemas.entry(table.to_string()).or_default(),
+        };
         let mut new_columns: Vec<(&str, ColumnKind)> = Vec::new();
         let mut error = None;
         let wanted = line
@@ -196,13 +207,14 @@ pub fn validate<'a>(
         }
         match error {
             Some(e) => out.rejected.push(e),
-            None => {
-                let entry = out
-                    .tables
-                    .entry(table.to_string())
-                    .or_insert_with(|| (TableSchema::default(), Vec::new()));
-                entry.1.push(line);
-            }
+            None => match out.tables.get_mut(table) {
+                Some((_, accepted)) => accepted.push(line),
+                None => {
+                    let name = table.to_string();
+                    out.tables
+                        .insert(name, (TableSchema::default(), vec![line]));
+                }
+            },
         }
     }
     // A table whose every line was rejected is not created.

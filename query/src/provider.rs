@@ -390,7 +390,9 @@ impl CityTable {
     }
 }
 
-fn access_plan(groups: Vec<SegmentAccess>) -> ParquetAccessPlan {
+/// A segment's row-group access, from its tag bitmaps (`SegmentIndex::selection`),
+/// as the `ParquetAccessPlan` DataFusion's Parquet reader takes.
+pub fn access_plan(groups: Vec<SegmentAccess>) -> ParquetAccessPlan {
     ParquetAccessPlan::new(
         groups
             .into_iter()

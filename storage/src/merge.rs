@@ -105,6 +105,9 @@ pub fn sort_dedup(
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
+/// Whether two rows (by index) have equal keys.
+type SameKey = Box<dyn Fn(u32, u32) -> bool>;
+
 /// Row indices of `batch` in key order (rows with equal keys in batch order), and
 /// a test of whether two rows have equal keys.
 ///
@@ -113,10 +116,7 @@ pub fn sort_dedup(
 /// encoded once, each distinct series gets its rank among the distinct series, and
 /// the sort runs on `(rank, time, row)` integers. The order is the same as sorting
 /// the encoded rows of all keys.
-fn sort_order(
-    batch: &RecordBatch,
-    keys: &[usize],
-) -> Result<(Vec<u32>, Box<dyn Fn(u32, u32) -> bool>)> {
+fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)> {
     let n = batch.num_rows();
     let time = keys.last().map(|&k| batch.column(k)).and_then(|c| {
         (c.null_count() == 0)
@@ -171,10 +171,7 @@ fn sort_order(
 
 /// The general form of [`sort_order`], for keys that do not end in a non-null
 /// nanosecond time: a stable sort of whole encoded rows.
-fn sort_order_by_rows(
-    batch: &RecordBatch,
-    keys: &[usize],
-) -> Result<(Vec<u32>, Box<dyn Fn(u32, u32) -> bool>)> {
+fn sort_order_by_rows(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)> {
     let converter = RowConverter::new(
         keys.iter()
             .map(|&k| SortField::new(batch.column(k).data_type().clone()))
