@@ -85,6 +85,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
         .map_err(|e| format!("binding {}: {e}", config.http_bind))?;
+    // Answers are written in pieces (headers, then the body as it is produced): without
+    // TCP_NODELAY, Nagle's algorithm holds the last piece until the client's delayed
+    // ACK, about 40 ms on every request of a kept-alive connection.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     tracing::info!(addr = %config.http_bind, data_dir = %config.data_dir.display(), store = %config.store, "citytsdb is serving");
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown_signal())
