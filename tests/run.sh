@@ -52,4 +52,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 # One build of everything, then the tests; the end-to-end tests start the binary of
 # this very build (without CITYTSDB_BIN they build it themselves).
 cargo build --workspace --all-targets
+# The build is a few GB; say how much room is left, so a full disk is plain to see.
+df -h "${CARGO_TARGET_DIR:-target}" | sed 's/^/run.sh: /' >&2
 CITYTSDB_BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/debug/citytsdb" cargo test --workspace --all-targets
