@@ -606,7 +606,8 @@ fn time_range(
     }
 }
 
-/// Plans [`GapFill`] nodes as [`GapFillExec`]; everything else as DataFusion does.
+/// Plans [`GapFill`] nodes as [`GapFillExec`] and `LatestPerKey` nodes as
+/// `LatestPerKeyExec`; everything else as DataFusion does.
 #[derive(Debug, Default)]
 pub struct CityQueryPlanner;
 
@@ -617,9 +618,12 @@ impl QueryPlanner for CityQueryPlanner {
         logical_plan: &LogicalPlan,
         session_state: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(GapFillPlanner)])
-            .create_physical_plan(logical_plan, session_state)
-            .await
+        DefaultPhysicalPlanner::with_extension_planners(vec![
+            Arc::new(GapFillPlanner),
+            Arc::new(crate::latest::LatestPlanner),
+        ])
+        .create_physical_plan(logical_plan, session_state)
+        .await
     }
 }
 

@@ -7,30 +7,51 @@
 //! one of our tables through filters that only name tags or put a lower bound on
 //! `time`. Each series' latest row is then the only candidate its series can
 //! contribute, so the table scan under the `DISTINCT ON` is swapped for a
-//! [`LatestTable`] scan of one row per series; the `DISTINCT ON`, the filters and
-//! everything above stay as they are and give the same answer.
+//! [`LatestTable`] scan of one row per series; the filters and everything above
+//! stay as they are and give the same answer.
+//!
+//! When the ordering is exactly the `ON` keys then `time DESC` (the usual
+//! "latest of every device"), the `DISTINCT ON` itself is replaced as well:
+//! DataFusion plans it as an ordered `first_value` aggregate per column, which
+//! costs tens of milliseconds for 10^4 series. A [`LatestPerKey`] node keeps, for
+//! each `ON` key, the row with the greatest time (a hash map over the few cached
+//! rows), and a sort and the select list finish the query.
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use citytsdb_storage::schema::TIME_COLUMN;
 use citytsdb_storage::{ColumnKind, Engine, TableSchema};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::compute::{concat_batches, take_record_batch};
+use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
+use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::Result;
+use datafusion::common::{exec_err, plan_err, Column, DFSchemaRef, Result};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    BinaryExpr, Distinct, DistinctOn, Expr, LogicalPlan, Operator, TableProviderFilterPushDown,
-    TableScan, TableScanBuilder, TableType,
+    BinaryExpr, Distinct, DistinctOn, Expr, Extension, LogicalPlan, LogicalPlanBuilder, Operator,
+    Projection, TableProviderFilterPushDown, TableScan, TableScanBuilder, TableType,
+    UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::AnalyzerRule;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
+    PlanProperties, ReplaceChildrenOptions,
+};
+use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
 use crate::exec::{external, CityScanExec, ScanReport};
 
@@ -149,6 +170,332 @@ impl LatestFromCache {
     }
 }
 
+/// `DISTINCT ON (k...) ... ORDER BY k..., time DESC` over at most one row per
+/// series, as [`LatestPerKey`] under a sort and the select list; any other
+/// ordering (a tie-break after `time`) stays a `DISTINCT ON`.
+fn without_distinct_on(on: DistinctOn) -> Result<LogicalPlan> {
+    let k = on.on_expr.len();
+    let keys: Option<Vec<Column>> = on
+        .on_expr
+        .iter()
+        .map(|e| match e {
+            Expr::Column(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    let time = match on.sort_expr.as_deref() {
+        Some(sort) if sort.len() == k + 1 => match &sort[k].expr {
+            Expr::Column(c) => Some((c.clone(), sort[k].nulls_first)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let (Some(keys), Some((time, nulls_first)), Some(sort)) = (keys, time, on.sort_expr.clone())
+    else {
+        return Ok(LogicalPlan::Distinct(Distinct::On(on)));
+    };
+    let latest = LogicalPlan::Extension(Extension {
+        node: Arc::new(LatestPerKey {
+            input: on.input.clone(),
+            keys,
+            time,
+            nulls_first,
+        }),
+    });
+    let sorted = LogicalPlanBuilder::from(latest).sort(sort)?.build()?;
+    Ok(LogicalPlan::Projection(Projection::try_new(
+        on.select_expr,
+        Arc::new(sorted),
+    )?))
+}
+
+/// For each distinct value of `keys`, the input row with the greatest `time` (a
+/// null time counts as the greatest when `nulls_first`, as `ORDER BY time DESC`
+/// has it). Its input holds at most one row per series, so this runs in memory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct LatestPerKey {
+    input: Arc<LogicalPlan>,
+    keys: Vec<Column>,
+    time: Column,
+    nulls_first: bool,
+}
+
+impl UserDefinedLogicalNodeCore for LatestPerKey {
+    fn name(&self) -> &str {
+        "LatestPerKey"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![self.input.as_ref()]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        self.input.schema()
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        Vec::new()
+    }
+
+    fn prevent_predicate_push_down_columns(&self) -> HashSet<String> {
+        // A filter above picks among the latest rows; below, it would change which
+        // row is the latest.
+        self.input
+            .schema()
+            .columns()
+            .into_iter()
+            .map(|c| c.flat_name())
+            .chain(
+                self.input
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone()),
+            )
+            .collect()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "LatestPerKey: keys=[{}] time={}",
+            self.keys
+                .iter()
+                .map(|c| c.flat_name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.time.flat_name()
+        )
+    }
+
+    fn with_exprs_and_inputs(
+        &self,
+        _exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> Result<Self> {
+        let Some(input) = inputs.pop() else {
+            return plan_err!("LatestPerKey takes one input");
+        };
+        Ok(Self {
+            input: Arc::new(input),
+            ..self.clone()
+        })
+    }
+}
+
+/// Plans [`LatestPerKey`] nodes as [`LatestPerKeyExec`].
+#[derive(Debug)]
+pub(crate) struct LatestPlanner;
+
+#[async_trait]
+impl ExtensionPlanner for LatestPlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        logical_inputs: &[&LogicalPlan],
+        physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn Session,
+        _planning_ctx: &PhysicalPlanningContext,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(latest) = node.as_any().downcast_ref::<LatestPerKey>() else {
+            return Ok(None);
+        };
+        let ([logical], [input]) = (logical_inputs, physical_inputs) else {
+            return plan_err!("LatestPerKey takes one input");
+        };
+        let schema = logical.schema();
+        let spec = KeySpec {
+            keys: latest
+                .keys
+                .iter()
+                .map(|c| schema.index_of_column(c))
+                .collect::<Result<_>>()?,
+            time: schema.index_of_column(&latest.time)?,
+            nulls_first: latest.nulls_first,
+        };
+        Ok(Some(Arc::new(LatestPerKeyExec::new(input.clone(), spec))))
+    }
+}
+
+/// What [`LatestPerKeyExec`] does, by input column index.
+#[derive(Debug, Clone)]
+struct KeySpec {
+    keys: Vec<usize>,
+    time: usize,
+    nulls_first: bool,
+}
+
+/// Runs [`LatestPerKey`]: collects its (small) input and keeps the latest row of
+/// each key, in input order.
+#[derive(Debug)]
+pub struct LatestPerKeyExec {
+    input: Arc<dyn ExecutionPlan>,
+    spec: KeySpec,
+    properties: Arc<PlanProperties>,
+}
+
+impl LatestPerKeyExec {
+    fn new(input: Arc<dyn ExecutionPlan>, spec: KeySpec) -> Self {
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(input.schema()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Self {
+            input,
+            spec,
+            properties,
+        }
+    }
+}
+
+impl DisplayAs for LatestPerKeyExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let schema = self.input.schema();
+        let name = |i: usize| schema.field(i).name().clone();
+        write!(
+            f,
+            "LatestPerKeyExec: keys=[{}] time={}",
+            self.spec
+                .keys
+                .iter()
+                .map(|&i| name(i))
+                .collect::<Vec<_>>()
+                .join(", "),
+            name(self.spec.time)
+        )
+    }
+}
+
+impl ExecutionPlan for LatestPerKeyExec {
+    fn name(&self) -> &str {
+        "LatestPerKeyExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self::new(
+            children.swap_remove(0),
+            self.spec.clone(),
+        )))
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return exec_err!("LatestPerKeyExec has one partition, asked for {partition}");
+        }
+        let mut streams = Vec::new();
+        for p in 0..self.input.properties().partitioning.partition_count() {
+            streams.push(self.input.execute(p, context.clone())?);
+        }
+        let schema = self.schema();
+        let spec = self.spec.clone();
+        let fut = {
+            let schema = schema.clone();
+            async move {
+                let mut batches = Vec::new();
+                for s in streams {
+                    batches.extend(common::collect(s).await?);
+                }
+                latest_per_key(&concat_batches(&schema, &batches)?, &spec)
+            }
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::once(fut),
+        )))
+    }
+}
+
+/// The rows of `batch` that are the latest of their key, in input order.
+fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let converter = RowConverter::new(
+        spec.keys
+            .iter()
+            .map(|&i| SortField::new(schema.field(i).data_type().clone()))
+            .collect(),
+    )?;
+    let keys = converter.convert_columns(
+        &spec
+            .keys
+            .iter()
+            .map(|&i| batch.column(i).clone())
+            .collect::<Vec<_>>(),
+    )?;
+    let Some(times) = batch
+        .column(spec.time)
+        .as_primitive_opt::<TimestampNanosecondType>()
+    else {
+        return exec_err!(
+            "LatestPerKeyExec: column {} is not a nanosecond timestamp",
+            schema.field(spec.time).name()
+        );
+    };
+    // Nulls compare as later than every time when they sort first.
+    let later = |a: usize, b: usize| match (times.is_null(a), times.is_null(b)) {
+        (false, false) => times.value(a) > times.value(b),
+        (true, false) => spec.nulls_first,
+        (false, true) => !spec.nulls_first,
+        (true, true) => false,
+    };
+    let mut best: HashMap<_, usize> = HashMap::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        match best.entry(keys.row(i)) {
+            Entry::Vacant(e) => {
+                e.insert(i);
+            }
+            Entry::Occupied(mut e) => {
+                if later(i, *e.get()) {
+                    e.insert(i);
+                }
+            }
+        }
+    }
+    let mut rows: Vec<u64> = best.into_values().map(|i| i as u64).collect();
+    rows.sort_unstable();
+    Ok(take_record_batch(batch, &UInt64Array::from(rows))?)
+}
+
 /// `time > x` or `time >= x` (either way round) with `x` free of columns: a series
 /// has a matching row exactly when its latest row matches.
 fn time_lower_bound(e: &Expr) -> bool {
@@ -175,11 +522,11 @@ impl AnalyzerRule for LatestFromCache {
                 return Ok(Transformed::no(node));
             };
             let swapped = node.map_children(|child| self.swap_scan(child, &table))?;
-            Ok(Transformed::new(
-                swapped.data,
-                true,
-                TreeNodeRecursion::Jump,
-            ))
+            let plan = match swapped.data {
+                LogicalPlan::Distinct(Distinct::On(on)) => without_distinct_on(on)?,
+                other => other,
+            };
+            Ok(Transformed::new(plan, true, TreeNodeRecursion::Jump))
         })
         .map(|t| t.data)
     }
@@ -271,5 +618,102 @@ impl TableProvider for LatestTable {
             projection.cloned(),
         )?;
         Ok(Arc::new(CityScanExec::new(report, source)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{StringArray, TimestampNanosecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+                true,
+            ),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![
+                    Some("a"),
+                    Some("b"),
+                    Some("a"),
+                    Some("b"),
+                    None,
+                    Some("c"),
+                    None,
+                ])),
+                Arc::new(
+                    TimestampNanosecondArray::from(vec![
+                        Some(10),
+                        Some(5),
+                        Some(20),
+                        Some(5),
+                        Some(1),
+                        None,
+                        Some(2),
+                    ])
+                    .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn kept(nulls_first: bool) -> Vec<(Option<String>, Option<i64>)> {
+        let spec = KeySpec {
+            keys: vec![0],
+            time: 1,
+            nulls_first,
+        };
+        let out = latest_per_key(&batch(), &spec).unwrap();
+        let devices = out.column(0).as_string::<i32>();
+        let times = out.column(1).as_primitive::<TimestampNanosecondType>();
+        (0..out.num_rows())
+            .map(|i| {
+                (
+                    devices.is_valid(i).then(|| devices.value(i).to_string()),
+                    times.is_valid(i).then(|| times.value(i)),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keeps_the_latest_row_of_each_key_in_input_order() {
+        let s = |d: &str| Some(d.to_string());
+        // A tie keeps the first row; a null key is a key of its own.
+        assert_eq!(
+            kept(true),
+            vec![
+                (s("b"), Some(5)),
+                (s("a"), Some(20)),
+                (s("c"), None),
+                (None, Some(2))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_null_time_is_the_latest_only_when_nulls_sort_first() {
+        let c = kept(false)
+            .into_iter()
+            .find(|(d, _)| d.as_deref() == Some("c"));
+        // The only row of `c` is kept either way.
+        assert_eq!(c, Some((Some("c".to_string()), None)));
+        let spec = KeySpec {
+            keys: vec![0],
+            time: 1,
+            nulls_first: false,
+        };
+        let b = batch().slice(4, 3);
+        // Keys: null (t=1), c (null), null (t=2): the null key keeps t=2 either way.
+        let out = latest_per_key(&b, &spec).unwrap();
+        assert_eq!(out.num_rows(), 2);
     }
 }
