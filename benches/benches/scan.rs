@@ -7,7 +7,12 @@
 //! - `filter_group_by`: a district's hourly water level and tilt per device (tag
 //!   filter, group-by);
 //! - `one_device_day`: every reading of one cover in a day;
-//! - `district_hour_all`: water level per district and hour over every row.
+//! - `district_hour_all`: water level per district and hour over every row;
+//! - `latest_every_device`: the latest reading of every cover, from memory.
+//!
+//! The `encode` group writes two of those answers in the HTTP API's text formats
+//! (`server/src/format.rs`): one device's day (288 rows) and the latest reading of
+//! every cover (200 rows, seven columns), each as JSON and CSV.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -16,11 +21,15 @@ use std::time::Duration;
 use citytsdb_benches::fixtures::city_days;
 use citytsdb_ingest::{build_batches, parse_body, validate, Precision};
 use citytsdb_query::{QueryEngine, QueryLimits};
+use citytsdb_server::format::{render, Format};
 use citytsdb_storage::{Engine, EngineConfig};
 use criterion::{criterion_group, criterion_main, Criterion};
 use object_store::memory::InMemory;
 
-const QUERIES: [(&str, &str); 3] = [
+const LATEST: &str = "SELECT DISTINCT ON (device) device, district, time, tilt_deg, \
+     water_level_cm, battery_pct, cover_open FROM manhole ORDER BY device, time DESC";
+
+const QUERIES: [(&str, &str); 4] = [
     (
         "filter_group_by",
         "SELECT device, date_bin(INTERVAL '1 hour', time) AS hour, avg(water_level_cm) AS water_cm, max(tilt_deg) AS tilt_deg \
@@ -36,6 +45,7 @@ const QUERIES: [(&str, &str); 3] = [
         "SELECT district, date_bin(INTERVAL '1 hour', time) AS hour, avg(water_level_cm) AS water_cm \
          FROM manhole GROUP BY district, hour",
     ),
+    ("latest_every_device", LATEST),
 ];
 
 /// Writes and flushes the workload as the server would, and opens a query engine on it.
@@ -81,6 +91,17 @@ fn scan(c: &mut Criterion) {
             b.to_async(&rt)
                 .iter(|| async { black_box(engine.query("city", sql).await) })
         });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("encode");
+    for (name, sql) in [("one_device_day", QUERIES[1].1), ("latest_every_device", LATEST)] {
+        let out = rt.block_on(engine.query("city", sql)).expect(name);
+        for (format_name, format) in [("json", Format::Json), ("csv", Format::Csv)] {
+            g.bench_function(format!("{name}/{format_name}"), |b| {
+                b.iter(|| black_box(render(format, &out.schema, &out.batches)))
+            });
+        }
     }
     g.finish();
 }
