@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use chrono::{DateTime, NaiveDate};
+use chrono::{DateTime, Datelike, NaiveDate, Timelike};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
@@ -68,13 +68,34 @@ impl Format {
     }
 }
 
-/// One value, ready to print.
-enum Cell {
+/// What kind of value a printed cell holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
     Null,
     /// Printed bare in JSON (numbers, booleans).
-    Raw(String),
+    Raw,
     /// Printed quoted in JSON.
-    Text(String),
+    Text,
+}
+
+/// One row's printed values, all in one buffer that every row reuses, so that
+/// printing allocates nothing per value.
+#[derive(Default)]
+struct RowText {
+    text: String,
+    /// Each cell's kind and end offset in `text`.
+    cells: Vec<(Kind, usize)>,
+}
+
+impl RowText {
+    fn cells(&self) -> impl Iterator<Item = (Kind, &str)> {
+        let mut start = 0;
+        self.cells.iter().map(move |&(kind, end)| {
+            let s = &self.text[start..end];
+            start = end;
+            (kind, s)
+        })
+    }
 }
 
 /// Writes an answer in one format batch by batch, so a long answer streams out
@@ -83,6 +104,8 @@ enum Cell {
 pub struct Encoder {
     format: Format,
     names: Vec<String>,
+    /// Each column's `"name":`, escaped once.
+    json_keys: Vec<String>,
     rows_written: usize,
     /// Bytes the Arrow and Parquet writers have produced and not yet handed out.
     sink: SharedBuf,
@@ -125,9 +148,19 @@ impl Encoder {
     pub fn new(format: Format, schema: &SchemaRef) -> Result<(Self, Vec<u8>), ArrowError> {
         let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let sink = SharedBuf::default();
+        let json_keys = names
+            .iter()
+            .map(|n| {
+                let mut key = String::new();
+                push_json_string(&mut key, n);
+                key.push(':');
+                key
+            })
+            .collect();
         let mut enc = Self {
             format,
             names,
+            json_keys,
             rows_written: 0,
             sink: sink.clone(),
             arrow: None,
@@ -138,8 +171,15 @@ impl Encoder {
             Format::Json => b"[".to_vec(),
             Format::JsonLines | Format::Pretty => Vec::new(),
             Format::Csv => {
-                let header: Vec<String> = enc.names.iter().map(|n| csv_field(n)).collect();
-                (header.join(",") + "\n").into_bytes()
+                let mut header = String::new();
+                for (i, n) in enc.names.iter().enumerate() {
+                    if i > 0 {
+                        header.push(',');
+                    }
+                    push_csv_field(&mut header, n);
+                }
+                header.push('\n');
+                header.into_bytes()
             }
             Format::Arrow => {
                 enc.arrow = Some(StreamWriter::try_new(sink, schema)?);
@@ -170,28 +210,27 @@ impl Encoder {
             return Ok(self.sink.take());
         }
         let mut out = String::new();
-        let names = &self.names;
+        let keys = &self.json_keys;
         let rows_written = &mut self.rows_written;
         let pretty_rows = &mut self.pretty_rows;
         match self.format {
             Format::Json | Format::JsonLines => {
                 let json = self.format == Format::Json;
-                for_each_row(std::slice::from_ref(batch), |row| {
+                for_each_row(batch, |row| {
                     if json && *rows_written > 0 {
                         out.push(',');
                     }
                     *rows_written += 1;
                     out.push('{');
-                    for (i, (name, cell)) in names.iter().zip(row).enumerate() {
+                    for (i, (key, (kind, value))) in keys.iter().zip(row.cells()).enumerate() {
                         if i > 0 {
                             out.push(',');
                         }
-                        push_json_string(&mut out, name);
-                        out.push(':');
-                        match cell {
-                            Cell::Null => out.push_str("null"),
-                            Cell::Raw(s) => out.push_str(&s),
-                            Cell::Text(s) => push_json_string(&mut out, &s),
+                        out.push_str(key);
+                        match kind {
+                            Kind::Null => out.push_str("null"),
+                            Kind::Raw => out.push_str(value),
+                            Kind::Text => push_json_string(&mut out, value),
                         }
                     }
                     out.push('}');
@@ -201,26 +240,21 @@ impl Encoder {
                 })?;
             }
             Format::Csv => {
-                for_each_row(std::slice::from_ref(batch), |row| {
-                    let fields: Vec<String> = row
-                        .into_iter()
-                        .map(|c| match c {
-                            Cell::Null => String::new(),
-                            Cell::Raw(s) | Cell::Text(s) => csv_field(&s),
-                        })
-                        .collect();
-                    out.push_str(&fields.join(","));
+                for_each_row(batch, |row| {
+                    for (i, (_, value)) in row.cells().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        push_csv_field(&mut out, value);
+                    }
                     out.push('\n');
                 })?;
             }
             Format::Pretty => {
-                for_each_row(std::slice::from_ref(batch), |row| {
+                for_each_row(batch, |row| {
                     pretty_rows.push(
-                        row.into_iter()
-                            .map(|c| match c {
-                                Cell::Null => String::new(),
-                                Cell::Raw(s) | Cell::Text(s) => s.replace('\n', "\\n"),
-                            })
+                        row.cells()
+                            .map(|(_, value)| value.replace('\n', "\\n"))
                             .collect(),
                     )
                 })?;
@@ -268,29 +302,29 @@ pub fn render(
     Ok(out)
 }
 
-fn for_each_row(batches: &[RecordBatch], mut f: impl FnMut(Vec<Cell>)) -> Result<(), ArrowError> {
-    for batch in batches {
-        let columns: Vec<ArrayRef> = batch
-            .columns()
-            .iter()
-            .map(normalize)
-            .collect::<Result<_, _>>()?;
-        let options = FormatOptions::default();
-        let formatters: Vec<Option<ArrayFormatter<'_>>> = columns
-            .iter()
-            .map(|c| match needs_formatter(c.data_type()) {
-                true => ArrayFormatter::try_new(c.as_ref(), &options).map(Some),
-                false => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
-        for row in 0..batch.num_rows() {
-            let cells = columns
-                .iter()
-                .zip(&formatters)
-                .map(|(c, fmt)| cell(c, row, fmt.as_ref()))
-                .collect();
-            f(cells);
+fn for_each_row(batch: &RecordBatch, mut f: impl FnMut(&RowText)) -> Result<(), ArrowError> {
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(normalize)
+        .collect::<Result<_, _>>()?;
+    let options = FormatOptions::default();
+    let formatters: Vec<Option<ArrayFormatter<'_>>> = columns
+        .iter()
+        .map(|c| match needs_formatter(c.data_type()) {
+            true => ArrayFormatter::try_new(c.as_ref(), &options).map(Some),
+            false => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut row_text = RowText::default();
+    for row in 0..batch.num_rows() {
+        row_text.text.clear();
+        row_text.cells.clear();
+        for (c, fmt) in columns.iter().zip(&formatters) {
+            let kind = cell(c, row, fmt.as_ref(), &mut row_text.text);
+            row_text.cells.push((kind, row_text.text.len()));
         }
+        f(&row_text);
     }
     Ok(())
 }
@@ -326,17 +360,26 @@ fn needs_formatter(t: &DataType) -> bool {
     )
 }
 
-fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
+/// Prints the value at `row` of `c` onto `out`.
+fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>, out: &mut String) -> Kind {
     if c.is_null(row) {
-        return Cell::Null;
+        return Kind::Null;
     }
     macro_rules! int {
-        ($t:ty) => {
-            Cell::Raw(c.as_primitive::<$t>().value(row).to_string())
-        };
+        ($t:ty) => {{
+            let _ = write!(out, "{}", c.as_primitive::<$t>().value(row));
+            Kind::Raw
+        }};
     }
     match c.data_type() {
-        DataType::Boolean => Cell::Raw(c.as_boolean().value(row).to_string()),
+        DataType::Boolean => {
+            out.push_str(if c.as_boolean().value(row) {
+                "true"
+            } else {
+                "false"
+            });
+            Kind::Raw
+        }
         DataType::Int8 => int!(Int8Type),
         DataType::Int16 => int!(Int16Type),
         DataType::Int32 => int!(Int32Type),
@@ -345,11 +388,11 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
         DataType::UInt16 => int!(UInt16Type),
         DataType::UInt32 => int!(UInt32Type),
         DataType::UInt64 => int!(UInt64Type),
-        DataType::Float32 => float(c.as_primitive::<Float32Type>().value(row) as f64),
-        DataType::Float64 => float(c.as_primitive::<Float64Type>().value(row)),
-        DataType::Utf8 => Cell::Text(c.as_string::<i32>().value(row).to_string()),
-        DataType::LargeUtf8 => Cell::Text(c.as_string::<i64>().value(row).to_string()),
-        DataType::Utf8View => Cell::Text(c.as_string_view().value(row).to_string()),
+        DataType::Float32 => float(c.as_primitive::<Float32Type>().value(row) as f64, out),
+        DataType::Float64 => float(c.as_primitive::<Float64Type>().value(row), out),
+        DataType::Utf8 => text(c.as_string::<i32>().value(row), out),
+        DataType::LargeUtf8 => text(c.as_string::<i64>().value(row), out),
+        DataType::Utf8View => text(c.as_string_view().value(row), out),
         DataType::Timestamp(unit, _) => {
             let nanos = match unit {
                 TimeUnit::Second => {
@@ -365,7 +408,8 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
                     c.as_primitive::<TimestampNanosecondType>().value(row) as i128
                 }
             };
-            Cell::Text(rfc3339(nanos))
+            push_rfc3339(out, nanos);
+            Kind::Text
         }
         DataType::Date32 => {
             let days = c.as_primitive::<Date32Type>().value(row);
@@ -374,61 +418,113 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>) -> Cell {
                 .checked_add(719_163)
                 .and_then(NaiveDate::from_num_days_from_ce_opt)
             {
-                Some(d) => Cell::Text(d.format("%Y-%m-%d").to_string()),
-                None => Cell::Text(days.to_string()),
+                Some(d) => {
+                    let _ = write!(out, "{}", d.format("%Y-%m-%d"));
+                }
+                None => {
+                    let _ = write!(out, "{days}");
+                }
             }
+            Kind::Text
         }
-        DataType::Decimal128(..) | DataType::Decimal256(..) => fmt
-            .map(|f| Cell::Raw(f.value(row).to_string()))
-            .unwrap_or(Cell::Null),
-        _ => fmt
-            .map(|f| Cell::Text(f.value(row).to_string()))
-            .unwrap_or(Cell::Null),
+        DataType::Decimal128(..) | DataType::Decimal256(..) => match fmt {
+            Some(f) => {
+                let _ = write!(out, "{}", f.value(row));
+                Kind::Raw
+            }
+            None => Kind::Null,
+        },
+        _ => match fmt {
+            Some(f) => {
+                let _ = write!(out, "{}", f.value(row));
+                Kind::Text
+            }
+            None => Kind::Null,
+        },
     }
 }
 
-fn float(v: f64) -> Cell {
-    if v.is_finite() {
-        // serde_json prints the shortest representation that reads back exactly.
-        Cell::Raw(
-            serde_json::Number::from_f64(v)
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-        )
-    } else {
-        Cell::Null
+fn text(s: &str, out: &mut String) -> Kind {
+    out.push_str(s);
+    Kind::Text
+}
+
+fn float(v: f64, out: &mut String) -> Kind {
+    // serde_json prints the shortest representation that reads back exactly.
+    match serde_json::Number::from_f64(v) {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+            Kind::Raw
+        }
+        None => Kind::Null,
     }
 }
 
 /// RFC 3339 in UTC: `2025-12-01T00:00:00Z`, `2025-12-01T00:00:00.5Z`.
 pub fn rfc3339(nanos: i128) -> String {
+    let mut s = String::with_capacity(30);
+    push_rfc3339(&mut s, nanos);
+    s
+}
+
+fn push_rfc3339(out: &mut String, nanos: i128) {
     let secs = nanos.div_euclid(1_000_000_000);
     let frac = nanos.rem_euclid(1_000_000_000) as u32;
     let Some(dt) = i64::try_from(secs)
         .ok()
         .and_then(|s| DateTime::from_timestamp(s, frac))
     else {
-        return nanos.to_string();
+        let _ = write!(out, "{nanos}");
+        return;
     };
-    let mut s = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
-    if frac > 0 {
-        let digits = format!("{frac:09}");
-        let _ = write!(s, ".{}", digits.trim_end_matches('0'));
+    let year = dt.year();
+    if (0..=9999).contains(&year) {
+        let _ = write!(
+            out,
+            "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            dt.month(),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second()
+        );
+    } else {
+        // ISO 8601 expanded years, as chrono writes them.
+        let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
     }
-    s.push('Z');
-    s
+    if frac > 0 {
+        let mut digits = *b"000000000";
+        let mut rest = frac;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let used = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        out.push('.');
+        // The digits are ASCII.
+        out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
+    }
+    out.push('Z');
 }
 
 fn push_json_string(out: &mut String, s: &str) {
-    // serde_json's escaping never fails for a &str.
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        // serde_json's escaping never fails for a &str.
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
+    }
 }
 
-fn csv_field(s: &str) -> String {
+fn push_csv_field(out: &mut String, s: &str) {
     if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+        out.push('"');
+        out.push_str(&s.replace('"', "\"\""));
+        out.push('"');
     } else {
-        s.to_string()
+        out.push_str(s);
     }
 }
 
@@ -518,6 +614,69 @@ mod tests {
             csv, "d\n2025-12-01\n+10183-09-21\n\n",
             "ISO 8601 expanded years past 9999"
         );
+    }
+
+    /// The old, allocating way: chrono's formatter and trimmed fraction digits.
+    fn rfc3339_by_chrono(nanos: i128) -> String {
+        let secs = nanos.div_euclid(1_000_000_000);
+        let frac = nanos.rem_euclid(1_000_000_000) as u32;
+        let Some(dt) = i64::try_from(secs)
+            .ok()
+            .and_then(|s| DateTime::from_timestamp(s, frac))
+        else {
+            return nanos.to_string();
+        };
+        let mut s = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
+        if frac > 0 {
+            let digits = format!("{frac:09}");
+            let _ = write!(s, ".{}", digits.trim_end_matches('0'));
+        }
+        s + "Z"
+    }
+
+    #[test]
+    fn timestamps_print_as_chrono_would() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut cases: Vec<i128> = vec![
+            0,
+            1,
+            -1,
+            1_764_547_200_000_000_000,
+            1_764_547_200_120_000_000,
+            -62_135_596_800_000_000_000, // 0001-01-01
+            -62_135_596_800_000_000_001, // the year 0
+            253_402_300_800_000_000_000, // 10000-01-01
+            i64::MIN as i128,
+            i64::MAX as i128,
+            i128::MAX,
+        ];
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push(x as i64 as i128 * 1_000);
+            cases.push(x as i64 as i128);
+        }
+        for n in cases {
+            assert_eq!(rfc3339(n), rfc3339_by_chrono(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn json_strings_escape_as_serde_json_does() {
+        for s in [
+            "",
+            "金水区",
+            "a\"b",
+            "back\\slash",
+            "line\nbreak",
+            "\u{1}",
+            "del\u{7f}",
+        ] {
+            let mut out = String::new();
+            push_json_string(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap());
+        }
     }
 
     #[test]
