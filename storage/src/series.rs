@@ -19,7 +19,8 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampNanosecondArray, UInt64Array,
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    StringBuilder, TimestampNanosecondArray, UInt64Array,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampNanosecondType};
@@ -210,22 +211,27 @@ impl SeriesTable {
                 ),
                 ColumnKind::Tag => {
                     let slot = self.tag_slots.iter().position(|s| *s == c.name);
-                    Arc::new(StringArray::from_iter(self.series.iter().map(|s| {
-                        slot.and_then(|i| s.tags.get(i).cloned().flatten())
-                            .map(|v| v.to_string())
-                    })))
+                    let mut values = StringBuilder::with_capacity(self.series.len(), 0);
+                    for s in &self.series {
+                        values.append_option(slot.and_then(|i| s.tags.get(i)?.as_deref()));
+                    }
+                    Arc::new(values.finish())
                 }
                 ColumnKind::Field(_) => {
                     let slot = self.field_slots.iter().position(|s| *s == c.name);
-                    let null = ScalarValue::try_from(f.data_type()).map_err(internal)?;
-                    let values = self.series.iter().map(|s| {
-                        slot.and_then(|i| s.last.get(i).cloned().flatten())
-                            .unwrap_or_else(|| null.clone())
-                    });
-                    if self.series.is_empty() {
-                        datafusion::arrow::array::new_empty_array(f.data_type())
-                    } else {
-                        ScalarValue::iter_to_array(values).map_err(internal)?
+                    match self.typed_field(slot, f.data_type()) {
+                        Some(array) => array,
+                        None if self.series.is_empty() => {
+                            datafusion::arrow::array::new_empty_array(f.data_type())
+                        }
+                        None => {
+                            let null = ScalarValue::try_from(f.data_type()).map_err(internal)?;
+                            let values = self.series.iter().map(|s| {
+                                slot.and_then(|i| s.last.get(i).cloned().flatten())
+                                    .unwrap_or_else(|| null.clone())
+                            });
+                            ScalarValue::iter_to_array(values).map_err(internal)?
+                        }
                     }
                 }
             };
@@ -236,6 +242,53 @@ impl SeriesTable {
             latest,
             first_time: self.series.iter().map(|s| s.first_time).collect(),
             rows: self.series.iter().map(|s| s.rows).collect(),
+        })
+    }
+
+    /// The latest values of field `slot` as an array of `data_type`, built directly
+    /// for the field types line protocol writes; `None` for any other type, or if
+    /// a value is not of the column's type, to be built from the scalars instead.
+    fn typed_field(&self, slot: Option<usize>, data_type: &DataType) -> Option<ArrayRef> {
+        fn collect<'a, T>(
+            series: &'a [Series],
+            slot: Option<usize>,
+            value: impl Fn(&'a ScalarValue) -> Option<Option<T>>,
+        ) -> Option<Vec<Option<T>>> {
+            series
+                .iter()
+                .map(|s| match slot.and_then(|i| s.last.get(i)?.as_ref()) {
+                    Some(v) => value(v),
+                    None => Some(None),
+                })
+                .collect()
+        }
+        let series = &self.series;
+        Some(match data_type {
+            DataType::Float64 => {
+                Arc::new(Float64Array::from(collect(series, slot, |v| match v {
+                    ScalarValue::Float64(x) => Some(*x),
+                    _ => None,
+                })?))
+            }
+            DataType::Int64 => Arc::new(Int64Array::from(collect(series, slot, |v| match v {
+                ScalarValue::Int64(x) => Some(*x),
+                _ => None,
+            })?)),
+            DataType::UInt64 => Arc::new(UInt64Array::from(collect(series, slot, |v| match v {
+                ScalarValue::UInt64(x) => Some(*x),
+                _ => None,
+            })?)),
+            DataType::Boolean => {
+                Arc::new(BooleanArray::from(collect(series, slot, |v| match v {
+                    ScalarValue::Boolean(x) => Some(*x),
+                    _ => None,
+                })?))
+            }
+            DataType::Utf8 => Arc::new(StringArray::from(collect(series, slot, |v| match v {
+                ScalarValue::Utf8(x) => Some(x.as_deref()),
+                _ => None,
+            })?)),
+            _ => return None,
         })
     }
 
