@@ -17,8 +17,7 @@
 //! each `ON` key, the row with the greatest time (a hash map over the few cached
 //! rows), and a sort and the select list finish the query.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -31,8 +30,9 @@ use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::config::ConfigOptions;
+use datafusion::common::hash_map::Entry;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{exec_err, plan_err, Column, DFSchemaRef, Result};
+use datafusion::common::{exec_err, plan_err, Column, DFSchemaRef, HashMap, Result};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -478,6 +478,7 @@ fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
         (false, true) => !spec.nulls_first,
         (true, true) => false,
     };
+    // DataFusion's map, with its fast hasher: the keys are short tag values.
     let mut best: HashMap<_, usize> = HashMap::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
         match best.entry(keys.row(i)) {

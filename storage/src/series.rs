@@ -211,7 +211,15 @@ impl SeriesTable {
                 ),
                 ColumnKind::Tag => {
                     let slot = self.tag_slots.iter().position(|s| *s == c.name);
-                    let mut values = StringBuilder::with_capacity(self.series.len(), 0);
+                    let bytes = self
+                        .series
+                        .iter()
+                        .map(|s| {
+                            slot.and_then(|i| s.tags.get(i)?.as_deref())
+                                .map_or(0, str::len)
+                        })
+                        .sum();
+                    let mut values = StringBuilder::with_capacity(self.series.len(), bytes);
                     for s in &self.series {
                         values.append_option(slot.and_then(|i| s.tags.get(i)?.as_deref()));
                     }
