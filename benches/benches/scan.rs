@@ -95,7 +95,10 @@ fn scan(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("encode");
-    for (name, sql) in [("one_device_day", QUERIES[1].1), ("latest_every_device", LATEST)] {
+    for (name, sql) in [
+        ("one_device_day", QUERIES[1].1),
+        ("latest_every_device", LATEST),
+    ] {
         let out = rt.block_on(engine.query("city", sql)).expect(name);
         for (format_name, format) in [("json", Format::Json), ("csv", Format::Csv)] {
             g.bench_function(format!("{name}/{format_name}"), |b| {
