@@ -31,7 +31,7 @@ fn plan(index: &SegmentIndex, filter: &[TagConstraint]) -> u64 {
 }
 
 fn index(c: &mut Criterion) {
-    let write = city_batches(&city_days(1_000, "3m", 1));
+    let write = city_batches(&city_days(1_000, 180, 1));
     let (schema, batch) = write.table("manhole");
     let segment = encode(&segment_rows(schema, batch), schema).expect("encoding the segment");
     let index = segment.index;

@@ -25,7 +25,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 const LINES: usize = 10_000;
 
 fn line_protocol(c: &mut Criterion) {
-    let body = city_body(1_000, "5m", LINES);
+    let body = city_body(1_000, 300, LINES);
     let lines = parse_lines(&body).count() as u64;
     assert_eq!(lines, LINES as u64);
     let known = city_batches(&body).schemas;

@@ -59,7 +59,7 @@ async fn flushed_database(data_dir: &std::path::Path) -> QueryEngine {
     })
     .await
     .expect("opening the storage engine");
-    let body = city_days(500, "5m", 1);
+    let body = city_days(500, 300, 1);
     let parsed = parse_body(&body);
     assert!(parsed.rejected.is_empty());
     let validated =

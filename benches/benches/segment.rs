@@ -13,7 +13,7 @@ use citytsdb_storage::segment::encode;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn segment(c: &mut Criterion) {
-    let write = city_batches(&city_days(500, "5m", 1));
+    let write = city_batches(&city_days(500, 300, 1));
     let (schema, batch) = write.table("manhole");
     let rows = segment_rows(schema, batch);
 

@@ -58,7 +58,7 @@ fn remove_upto(dir: &Path, seq: u64) {
 }
 
 fn wal(c: &mut Criterion) {
-    let write = city_batches(&city_body(1_000, "5m", LINES));
+    let write = city_batches(&city_body(1_000, 300, LINES));
     let entry = WalEntry {
         db: "city".to_string(),
         tables: write.batches.clone(),

@@ -1,5 +1,5 @@
 //! Inputs of the criterion micro-benchmarks in `benches/benches/`: the four-table
-//! city workload of `citytsdb gen` (`citytsdb_server::gen`), as a line-protocol
+//! city workload of `citytsdb gen` (`citytsdb_workload::city`), as a line-protocol
 //! body, as the per-table Arrow batches a write makes of it, and as a segment's
 //! sorted rows.
 //!
@@ -8,35 +8,35 @@
 use std::collections::BTreeMap;
 
 use citytsdb_ingest::{build_batches, parse_body, validate, Precision};
-use citytsdb_server::gen::{generate, GenArgs};
 use citytsdb_storage::merge::{align, key_columns, sort_dedup};
 use citytsdb_storage::TableSchema;
+use citytsdb_workload::city::{generate, City};
 use datafusion::arrow::record_batch::RecordBatch;
 
-/// The workload's first reading, as `citytsdb gen` starts it.
-pub const START: &str = "2025-12-01T00:00:00Z";
+/// The workload's first reading, as `citytsdb gen` starts it: 2025-12-01T00:00:00Z.
+pub const START: i64 = 1_764_547_200;
 
-/// The city workload of `devices` devices reporting every `interval` (`5m`, `1m`,
-/// ...) for `days` days, timestamps in seconds. It has the feeds' quirks: devices
+/// The city workload of `devices` devices reporting every `interval` seconds for
+/// `days` days, timestamps in seconds. It has the feeds' quirks: devices
 /// that skip readings, late and retried lines, UTF-8 district names, tag values
 /// that need escaping.
-pub fn city_days(devices: u32, interval: &str, days: u32) -> Vec<u8> {
-    let args = GenArgs {
+pub fn city_days(devices: u32, interval: i64, days: u32) -> Vec<u8> {
+    let city = City {
         devices,
         days,
-        start: START.to_string(),
-        interval: interval.to_string(),
+        start: START,
+        interval,
         seed: 42,
     };
     let mut out = Vec::new();
-    // Writing to a Vec cannot fail, and the callers' arguments are constants that parse.
-    generate(&args, &mut out).expect("the generator's arguments are valid");
+    // Writing to a Vec cannot fail.
+    generate(&city, &mut out).expect("writing to memory");
     out
 }
 
 /// The first `lines` lines of the city workload of `devices` devices reporting
 /// every `interval` (see [`city_days`]).
-pub fn city_body(devices: u32, interval: &str, lines: usize) -> Vec<u8> {
+pub fn city_body(devices: u32, interval: i64, lines: usize) -> Vec<u8> {
     let mut days = 1;
     loop {
         let mut out = city_days(devices, interval, days);

@@ -12,8 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use citytsdb_storage::files::write_atomically;
+use citytsdb_storage::paths;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
 
 /// One permission of a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,11 +34,13 @@ pub enum Scope {
 
 impl Scope {
     /// Parses `admin`, `write:DB`, `read:DB` or `rules:DEPARTMENT`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self> {
         let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
         let need = |what: &str| {
             if arg.is_empty() {
-                Err(format!("scope '{s}' names no {what}: use {kind}:NAME"))
+                Err(Error::Invalid(format!(
+                    "scope '{s}' names no {what}: use {kind}:NAME"
+                )))
             } else {
                 Ok(arg.to_string())
             }
@@ -44,9 +50,9 @@ impl Scope {
             "write" => need("database").map(Self::Write),
             "read" => need("database").map(Self::Read),
             "rules" => need("department").map(Self::Rules),
-            _ => Err(format!(
+            _ => Err(Error::Invalid(format!(
                 "unknown scope '{s}': use admin, write:DB, read:DB or rules:DEPARTMENT"
-            )),
+            ))),
         }
     }
 }
@@ -133,9 +139,10 @@ fn sha256_hex(secret: &str) -> String {
         .collect()
 }
 
-fn random_hex(bytes: usize) -> Result<String, String> {
+fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).map_err(|e| format!("no randomness for a token: {e}"))?;
+    getrandom::fill(&mut buf)
+        .map_err(|e| Error::io("no randomness for a token", std::io::Error::other(e)))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -144,20 +151,26 @@ pub const MIN_ADMIN_TOKEN: usize = 16;
 
 impl Auth {
     /// Auth with `admin_token`, keeping tokens under `<data_dir>/auth`.
-    pub fn open(data_dir: &Path, admin_token: &str) -> Result<Self, String> {
+    pub fn open(data_dir: &Path, admin_token: &str) -> Result<Self> {
         if admin_token.len() < MIN_ADMIN_TOKEN {
-            return Err(format!(
-                "admin-token: at least {MIN_ADMIN_TOKEN} characters"
+            return Err(Error::setting(
+                "admin-token",
+                format!("at least {MIN_ADMIN_TOKEN} characters"),
             ));
         }
-        let dir = data_dir.join("auth");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let path = dir.join("tokens.json");
+        let dir = paths::auth_dir(data_dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let path = paths::tokens_file(data_dir);
         let tokens = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{} is not readable: {e}", path.display()))?,
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                Error::io(
+                    format!("{} is not readable", path.display()),
+                    std::io::Error::other(e),
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
         Ok(Self {
             admin_hash: sha256_hex(admin_token),
@@ -183,24 +196,23 @@ impl Auth {
         })
     }
 
-    fn store(&self, tokens: &[StoredToken]) -> Result<(), String> {
-        let bytes = serde_json::to_vec_pretty(tokens).map_err(|e| e.to_string())?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| format!("storing tokens: {e}"))
+    /// Replaces the token file; blocks on the disk.
+    fn store(&self, tokens: &[StoredToken]) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(tokens)
+            .map_err(|e| Error::io("storing tokens", std::io::Error::other(e)))?;
+        write_atomically(&self.path, &bytes).map_err(|e| Error::io("storing tokens", e))
     }
 
-    /// Makes a token; returns it and its secret (shown this once).
+    /// Makes a token; returns it and its secret (shown this once). Blocks on the
+    /// disk: call it off the async threads.
     pub fn create(
         &self,
         name: &str,
         scopes: &[String],
         now: String,
-    ) -> Result<(StoredToken, String), String> {
+    ) -> Result<(StoredToken, String)> {
         if scopes.is_empty() {
-            return Err("a token needs at least one scope".into());
+            return Err(Error::Invalid("a token needs at least one scope".into()));
         }
         for s in scopes {
             Scope::parse(s)?;
@@ -229,8 +241,9 @@ impl Auth {
             .clone()
     }
 
-    /// Deletes a token; false if there is none with this id.
-    pub fn delete(&self, id: &str) -> Result<bool, String> {
+    /// Deletes a token; false if there is none with this id. Blocks on the disk:
+    /// call it off the async threads.
+    pub fn delete(&self, id: &str) -> Result<bool> {
         let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let next: Vec<StoredToken> = tokens.iter().filter(|t| t.id != id).cloned().collect();
         if next.len() == tokens.len() {
@@ -277,13 +290,17 @@ mod tests {
     #[test]
     fn scopes_and_tokens() {
         assert_eq!(
-            Scope::parse("rules:water"),
-            Ok(Scope::Rules("water".into()))
+            Scope::parse("rules:water").ok(),
+            Some(Scope::Rules("water".into()))
         );
         assert!(Scope::parse("rules:")
             .unwrap_err()
+            .to_string()
             .contains("names no department"));
-        assert!(Scope::parse("root").unwrap_err().contains("unknown scope"));
+        assert!(Scope::parse("root")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown scope"));
         let dir = tempfile::tempdir().unwrap();
         assert!(Auth::open(dir.path(), "short").is_err());
         let auth = Auth::open(dir.path(), "0123456789abcdef").unwrap();

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::error::{Error, Result};
+
 /// Flags of `citytsdb query`.
 #[derive(Debug, Clone, Args)]
 pub struct QueryArgs {
@@ -26,11 +28,14 @@ pub struct QueryArgs {
 
 /// Runs the query and prints the answer to stdout; an error answer becomes `Err`
 /// with the server's message and, for SQL errors, where in the SQL.
-pub fn query(args: &QueryArgs) -> Result<(), String> {
+pub fn query(args: &QueryArgs) -> Result<()> {
     if !matches!(args.format.as_str(), "pretty" | "csv" | "json" | "jsonl") {
-        return Err(format!(
-            "unknown format '{}': use pretty, csv, json or jsonl",
-            args.format
+        return Err(Error::setting(
+            "--format",
+            format!(
+                "unknown format '{}': use pretty, csv, json or jsonl",
+                args.format
+            ),
         ));
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -48,21 +53,27 @@ pub fn query(args: &QueryArgs) -> Result<(), String> {
         .query("sql", &args.sql)
         .query("format", &args.format)
         .call()
-        .map_err(|e| format!("cannot reach {}: {e}", args.url))?;
+        .map_err(|e| Error::Unreachable {
+            url: args.url.clone(),
+            source: Box::new(e),
+        })?;
     let status = response.status();
     let body = response
         .body_mut()
         .with_config()
         .limit(u64::MAX)
         .read_to_vec()
-        .map_err(|e| format!("reading the answer: {e}"))?;
+        .map_err(|e| Error::Unreachable {
+            url: args.url.clone(),
+            source: Box::new(e),
+        })?;
     if status.is_success() {
         std::io::stdout()
             .write_all(&body)
-            .map_err(|e| format!("writing the answer: {e}"))?;
+            .map_err(|e| Error::io("writing the answer", e))?;
         return Ok(());
     }
-    Err(error_message(status.as_u16(), &body))
+    Err(Error::Refused(error_message(status.as_u16(), &body)))
 }
 
 /// The server's error body as one line for a terminal.

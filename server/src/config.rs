@@ -1,46 +1,58 @@
-//! Server configuration: flags win over `CITYTSDB_*` environment variables, which win
-//! over the TOML file given by `--config`, which wins over the built-in defaults.
+//! The settings of `citytsdb serve`, each declared once in [`ServeArgs`]: a flag,
+//! a `CITYTSDB_<FLAG>` variable, and a key (in snake_case) of the TOML file given
+//! by `--config`, with its default in one place, shown by `--help`.
+//!
+//! Flags win over variables, which win over the file, which wins over the
+//! defaults. The file works by becoming the defaults: each of its keys replaces
+//! the default of its setting before the flags and variables are read again, so
+//! every value, wherever it comes from, goes through the same parser.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
-use serde::Deserialize;
+use citytsdb_ingest::mqtt::MqttConfig;
+use citytsdb_ingest::Precision;
+use citytsdb_storage::units::{parse_duration, parse_size, InvalidUnit};
+use clap::{ArgMatches, Args, Command, FromArgMatches};
 
-/// Flags of `citytsdb serve` (each also settable as `CITYTSDB_<FLAG>`).
-#[derive(Debug, Clone, Default, Args)]
+use crate::error::{Error, Result};
+
+/// Settings of `citytsdb serve` (each also settable as `CITYTSDB_<FLAG>` and in
+/// the `--config` file).
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Directory for the WAL and, by default, the segments [default: ./data]
-    #[arg(long, env = "CITYTSDB_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Address to serve HTTP on [default: 127.0.0.1:8181]
-    #[arg(long, env = "CITYTSDB_HTTP_BIND")]
-    pub http_bind: Option<String>,
+    /// Directory for the WAL and, by default, the segments
+    #[arg(long, env = "CITYTSDB_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Address to serve HTTP on; without auth, a loopback address
+    #[arg(long, env = "CITYTSDB_HTTP_BIND", default_value = "127.0.0.1:8181", value_parser = bind_address)]
+    pub http_bind: SocketAddr,
     /// Object store for segments: file:///path, memory://, or s3://bucket/prefix [default: file://<data-dir>/store]
     #[arg(long, env = "CITYTSDB_STORE")]
     pub store: Option<String>,
-    /// TOML file with any of these settings (keys in snake_case)
+    /// TOML file with any of these settings (keys in snake_case, e.g. flush_rows = 500000)
     #[arg(long, env = "CITYTSDB_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Flush buffered rows to segments at least this often, e.g. 30s, 5m [default: 60s]
-    #[arg(long, env = "CITYTSDB_FLUSH_INTERVAL")]
-    pub flush_interval: Option<String>,
-    /// Flush once this many rows are buffered [default: 1000000]
-    #[arg(long, env = "CITYTSDB_FLUSH_ROWS")]
-    pub flush_rows: Option<usize>,
-    /// Largest write body accepted, in bytes after decompression [default: 67108864]
-    #[arg(long, env = "CITYTSDB_MAX_BODY_SIZE")]
-    pub max_body_size: Option<usize>,
-    /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB [default: 2GiB]
-    #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE")]
-    pub max_buffer_size: Option<String>,
-    /// A query running longer is stopped with a 408, e.g. 30s [default: 60s]
-    #[arg(long, env = "CITYTSDB_QUERY_TIMEOUT")]
-    pub query_timeout: Option<String>,
-    /// Memory one query may hold, e.g. 512MiB; past it a 413 [default: 1GiB]
-    #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT")]
-    pub query_memory_limit: Option<String>,
+    /// Flush buffered rows to segments at least this often, e.g. 30s, 5m
+    #[arg(long, env = "CITYTSDB_FLUSH_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub flush_interval: Duration,
+    /// Flush once this many rows are buffered
+    #[arg(long, env = "CITYTSDB_FLUSH_ROWS", default_value = "1000000", value_parser = at_least_one)]
+    pub flush_rows: usize,
+    /// Largest write body accepted, after decompression, e.g. 64MiB or 67108864
+    #[arg(long, env = "CITYTSDB_MAX_BODY_SIZE", default_value = "64MiB", value_parser = size)]
+    pub max_body_size: usize,
+    /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB
+    #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE", default_value = "2GiB", value_parser = size)]
+    pub max_buffer_size: usize,
+    /// A query running longer is stopped with a 408, e.g. 30s
+    #[arg(long, env = "CITYTSDB_QUERY_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub query_timeout: Duration,
+    /// Memory one query may hold, e.g. 512MiB; past it a 413
+    #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT", default_value = "1GiB", value_parser = size)]
+    pub query_memory_limit: usize,
     /// Turns auth on with this admin token (at least 16 characters); without it
     /// auth is off and the server binds loopback addresses only
     #[arg(long, env = "CITYTSDB_ADMIN_TOKEN", hide_env_values = true)]
@@ -57,169 +69,176 @@ pub struct ServeArgs {
     /// city/{district}/{table}/{device}
     #[arg(long, env = "CITYTSDB_MQTT_PATTERN")]
     pub mqtt_pattern: Option<String>,
-    /// Database that MQTT messages are written to [default: city]
-    #[arg(long, env = "CITYTSDB_MQTT_DB")]
-    pub mqtt_db: Option<String>,
+    /// Database that MQTT messages are written to
+    #[arg(long, env = "CITYTSDB_MQTT_DB", default_value = "city")]
+    pub mqtt_db: String,
     /// MQTT client id; the broker keeps the session (and messages sent while
     /// citytsdb is away) under it [default: citytsdb-<hash of the data directory>]
     #[arg(long, env = "CITYTSDB_MQTT_CLIENT_ID")]
     pub mqtt_client_id: Option<String>,
-    /// Precision of timestamps in line-protocol MQTT payloads: ns, us, ms, s or auto [default: ns]
-    #[arg(long, env = "CITYTSDB_MQTT_PRECISION")]
-    pub mqtt_precision: Option<String>,
+    /// Precision of timestamps in line-protocol MQTT payloads: ns, us, ms, s or auto
+    #[arg(long, env = "CITYTSDB_MQTT_PRECISION", default_value = "ns", value_parser = mqtt_precision)]
+    pub mqtt_precision: Precision,
 }
 
-/// The same settings as read from the TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    http_bind: Option<String>,
-    store: Option<String>,
-    flush_interval: Option<String>,
-    flush_rows: Option<usize>,
-    max_body_size: Option<usize>,
-    query_timeout: Option<String>,
-    query_memory_limit: Option<String>,
-    max_buffer_size: Option<String>,
-    admin_token: Option<String>,
-    mqtt: Option<String>,
-    mqtt_topic: Option<Vec<String>>,
-    mqtt_pattern: Option<String>,
-    mqtt_db: Option<String>,
-    mqtt_client_id: Option<String>,
-    mqtt_precision: Option<String>,
+fn duration(s: &str) -> std::result::Result<Duration, InvalidUnit> {
+    parse_duration(s)
 }
 
-/// The resolved configuration of a server.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServeConfig {
-    /// WAL (and default store) directory.
-    pub data_dir: PathBuf,
-    /// HTTP address.
-    pub http_bind: SocketAddr,
-    /// The admin token; auth is on when it is set.
-    pub admin_token: Option<String>,
-    /// Object store URL.
-    pub store: String,
-    /// Age-based flush period.
-    pub flush_interval: Duration,
-    /// Size-based flush trigger, in rows.
-    pub flush_rows: usize,
-    /// Write body limit, bytes.
-    pub max_body_size: usize,
-    /// Per-query limits.
-    pub query_limits: citytsdb_query::QueryLimits,
-    /// Most bytes buffered before writes are refused.
-    pub max_buffer_size: usize,
-    /// The MQTT subscriber, when `--mqtt` is given.
-    pub mqtt: Option<crate::mqtt::MqttConfig>,
+fn size(s: &str) -> std::result::Result<usize, InvalidUnit> {
+    parse_size(s)
+}
+
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+fn bind_address(s: &str) -> std::result::Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not an address like 127.0.0.1:8181"))
+}
+
+fn mqtt_precision(s: &str) -> std::result::Result<Precision, String> {
+    Precision::parse_v3(s).ok_or_else(|| format!("'{s}' is not one of ns, us, ms, s, auto"))
 }
 
 impl ServeArgs {
-    /// Resolves flags and environment (already merged by clap), the config file and defaults.
-    pub fn resolve(self) -> Result<ServeConfig, String> {
-        let file = match &self.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+    /// Reads the settings from `argv` (what follows `serve` on the command line),
+    /// the environment and the config file, and checks them together.
+    pub fn load<I, T>(argv: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let argv: Vec<OsString> = std::iter::once(OsString::from("serve"))
+            .chain(argv.into_iter().map(Into::into))
+            .collect();
+        let command = Self::augment_args(Command::new("serve"));
+        let first = parse(command.clone(), &argv)?;
+        let args = match &first.config {
+            None => first,
+            Some(path) => parse(with_file_defaults(command, path)?, &argv)?,
         };
-        let data_dir = self
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("data"));
-        let bind = self
-            .http_bind
-            .or(file.http_bind)
-            .unwrap_or_else(|| "127.0.0.1:8181".to_string());
-        let http_bind: SocketAddr = bind
-            .parse()
-            .map_err(|_| format!("http-bind: '{bind}' is not an address like 127.0.0.1:8181"))?;
-        let admin_token = self.admin_token.or(file.admin_token);
-        if !http_bind.ip().is_loopback() && admin_token.is_none() {
-            return Err(format!(
-                "http-bind: {http_bind} is not a loopback address; without auth the server binds loopback only"
+        args.check()?;
+        Ok(args)
+    }
+
+    /// What no single setting's parser can tell.
+    fn check(&self) -> Result<()> {
+        if !self.http_bind.ip().is_loopback() && self.admin_token.is_none() {
+            return Err(Error::setting(
+                "http-bind",
+                format!(
+                    "{} is not a loopback address; without auth the server binds loopback only",
+                    self.http_bind
+                ),
             ));
         }
-        let store = self.store.or(file.store).unwrap_or_else(|| {
-            let dir = citytsdb_storage::paths::local_store_dir(&data_dir);
+        Ok(())
+    }
+
+    /// The object store's URL: `--store`, or the `store` directory of the data
+    /// directory.
+    pub fn store_url(&self) -> String {
+        self.store.clone().unwrap_or_else(|| {
+            let dir = citytsdb_storage::paths::local_store_dir(&self.data_dir);
             format!("file://{}", absolute(&dir).display())
-        });
-        let interval = self
-            .flush_interval
-            .or(file.flush_interval)
-            .unwrap_or_else(|| "60s".to_string());
-        let flush_interval =
-            parse_duration(&interval).map_err(|e| format!("flush-interval: {e}"))?;
-        let flush_rows = self.flush_rows.or(file.flush_rows).unwrap_or(1_000_000);
-        if flush_rows == 0 {
-            return Err("flush-rows: must be at least 1".into());
-        }
-        let max_body_size = self
-            .max_body_size
-            .or(file.max_body_size)
-            .unwrap_or(64 << 20);
-        let timeout = self
-            .query_timeout
-            .or(file.query_timeout)
-            .unwrap_or_else(|| "60s".to_string());
-        let timeout = parse_duration(&timeout).map_err(|e| format!("query-timeout: {e}"))?;
-        let memory = self
-            .query_memory_limit
-            .or(file.query_memory_limit)
-            .unwrap_or_else(|| "1GiB".to_string());
-        let memory_bytes = parse_size(&memory).map_err(|e| format!("query-memory-limit: {e}"))?;
-        let query_limits = citytsdb_query::QueryLimits {
-            timeout,
-            memory_bytes,
-        };
-        let buffer = self
-            .max_buffer_size
-            .or(file.max_buffer_size)
-            .unwrap_or_else(|| "2GiB".to_string());
-        let max_buffer_size = parse_size(&buffer).map_err(|e| format!("max-buffer-size: {e}"))?;
-        let mqtt = match self.mqtt.or(file.mqtt) {
-            None => None,
-            Some(url) => {
-                let topics = if self.mqtt_topic.is_empty() {
-                    file.mqtt_topic.unwrap_or_default()
-                } else {
-                    self.mqtt_topic
-                };
-                let precision = match self.mqtt_precision.or(file.mqtt_precision) {
-                    None => citytsdb_ingest::Precision::Nanosecond,
-                    Some(p) => citytsdb_ingest::Precision::parse_v3(&p).ok_or_else(|| {
-                        format!("mqtt-precision: '{p}' is not one of ns, us, ms, s, auto")
-                    })?,
-                };
-                let client_id = self
-                    .mqtt_client_id
-                    .or(file.mqtt_client_id)
-                    .unwrap_or_else(|| default_client_id(&data_dir));
-                Some(crate::mqtt::MqttConfig::resolve(
-                    &url,
-                    topics,
-                    self.mqtt_pattern.or(file.mqtt_pattern).as_deref(),
-                    self.mqtt_db
-                        .or(file.mqtt_db)
-                        .unwrap_or_else(|| "city".to_string()),
-                    client_id,
-                    precision,
-                )?)
-            }
-        };
-        Ok(ServeConfig {
-            data_dir,
-            http_bind,
-            admin_token,
-            store,
-            flush_interval,
-            flush_rows,
-            max_body_size,
-            query_limits,
-            max_buffer_size,
-            mqtt,
         })
     }
+
+    /// Per-query limits.
+    pub fn query_limits(&self) -> citytsdb_query::QueryLimits {
+        citytsdb_query::QueryLimits {
+            timeout: self.query_timeout,
+            memory_bytes: self.query_memory_limit,
+        }
+    }
+
+    /// The MQTT subscriber's settings, when `--mqtt` is given.
+    pub fn mqtt_config(&self) -> Result<Option<MqttConfig>> {
+        let Some(url) = &self.mqtt else {
+            return Ok(None);
+        };
+        let client_id = self
+            .mqtt_client_id
+            .clone()
+            .unwrap_or_else(|| default_client_id(&self.data_dir));
+        MqttConfig::resolve(
+            url,
+            self.mqtt_topic.clone(),
+            self.mqtt_pattern.as_deref(),
+            self.mqtt_db.clone(),
+            client_id,
+            self.mqtt_precision,
+        )
+        .map(Some)
+        .map_err(|e| Error::Invalid(e.to_string()))
+    }
+}
+
+fn parse(command: Command, argv: &[OsString]) -> Result<ServeArgs> {
+    let matches: ArgMatches = command
+        .try_get_matches_from(argv)
+        .map_err(|e| Error::Invalid(e.render().to_string().trim_end().to_string()))?;
+    ServeArgs::from_arg_matches(&matches).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// The command with the config file's values as its defaults. Every key must be
+/// a setting, and every value must parse as that setting's flag would.
+fn with_file_defaults(mut command: Command, path: &Path) -> Result<Command> {
+    let file_error = |message: String| Error::ConfigFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| file_error(e.to_string()))?;
+    for (key, value) in table {
+        let known = command
+            .get_arguments()
+            .find(|a| a.get_id() == key.as_str() && a.get_id() != "config")
+            .cloned();
+        let Some(arg) = known else {
+            return Err(file_error(format!(
+                "unknown field `{key}`: use the name of a serve flag in snake_case, e.g. flush_rows"
+            )));
+        };
+        let values: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(scalar).collect(),
+            other => vec![scalar(&other)],
+        };
+        let flag = format!("--{}", key.replace('_', "-"));
+        let mut check = Command::new("serve").arg(arg.clone().env(None::<&str>));
+        check = check.no_binary_name(true);
+        for v in &values {
+            check
+                .clone()
+                .try_get_matches_from([flag.as_str(), v.as_str()])
+                .map_err(|e| file_error(format!("{key}: {}", first_line(&e))))?;
+        }
+        command = command.mut_arg(key.as_str(), |a| a.default_values(values));
+    }
+    Ok(command)
+}
+
+/// A TOML value as the text a flag would carry.
+fn scalar(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn first_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string()
 }
 
 /// A client id that stays the same across restarts of the server on one data
@@ -231,109 +250,44 @@ fn default_client_id(data_dir: &Path) -> String {
     format!("citytsdb-{hex}")
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
-}
-
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// Parses `500ms`, `30s`, `5m`, `1h`, `2d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 30s or 5m"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" | "" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "'{s}': unknown unit '{unit}' (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("'{s}' is too long"))
-}
-
-/// Parses a size: `1048576`, `512KiB`, `64MiB`, `1GiB` (also `KB`, `MB`, `GB` as powers of 1024).
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
-    let mult: usize = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "KB" | "K" => 1 << 10,
-        "MiB" | "MB" | "M" => 1 << 20,
-        "GiB" | "GB" | "G" => 1 << 30,
-        u => {
-            return Err(format!(
-                "'{s}': unknown unit '{u}' (use B, KiB, MiB or GiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .filter(|&b| b > 0)
-        .ok_or_else(|| format!("'{s}' is not a usable size"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn load(argv: &[&str]) -> std::result::Result<ServeArgs, String> {
+        ServeArgs::load(argv).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn defaults_file_and_flags_layer() {
-        let c = ServeArgs::default().resolve().unwrap();
+        let c = load(&[]).unwrap();
         assert_eq!(c.http_bind.to_string(), "127.0.0.1:8181");
         assert_eq!(c.data_dir, PathBuf::from("data"));
-        assert!(c.store.starts_with("file://") && c.store.ends_with("data/store"));
+        assert!(c.store_url().starts_with("file://") && c.store_url().ends_with("data/store"));
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "flush_rows = 5\nhttp_bind = \"127.0.0.1:9000\"\n").unwrap();
-        let args = ServeArgs {
-            config: Some(file.clone()),
-            http_bind: Some("127.0.0.1:9001".into()),
-            ..Default::default()
-        };
-        let c = args.resolve().unwrap();
+        let config = file.to_str().unwrap();
+        let c = load(&["--config", config, "--http-bind", "127.0.0.1:9001"]).unwrap();
         assert_eq!(c.flush_rows, 5);
         assert_eq!(c.http_bind.port(), 9001, "the flag wins over the file");
 
         std::fs::write(&file, "flush_rowz = 5\n").unwrap();
-        let err = ServeArgs {
-            config: Some(file),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err();
+        let err = load(&["--config", config]).unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
-        let err = ServeArgs {
-            http_bind: Some("0.0.0.0:1".into()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err();
+        let err = load(&["--http-bind", "0.0.0.0:1"]).unwrap_err();
         assert!(err.contains("loopback"), "{err}");
-        let with_auth = ServeArgs {
-            http_bind: Some("0.0.0.0:1".into()),
-            admin_token: Some("0123456789abcdef".into()),
-            ..Default::default()
-        }
-        .resolve()
+        let with_auth = load(&[
+            "--http-bind",
+            "0.0.0.0:1",
+            "--admin-token",
+            "0123456789abcdef",
+        ])
         .unwrap();
         assert!(
             !with_auth.http_bind.ip().is_loopback(),
@@ -342,18 +296,35 @@ mod tests {
     }
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("5 furlongs").is_err());
-    }
+    fn file_values_go_through_the_flags_parsers() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let config = file.to_str().unwrap();
+        std::fs::write(
+            &file,
+            "flush_interval = \"5m\"\nmax_body_size = 1024\nmqtt_topic = [\"a/#\", \"b/+\"]\n",
+        )
+        .unwrap();
+        let c = load(&["--config", config]).unwrap();
+        assert_eq!(c.flush_interval, Duration::from_secs(300));
+        assert_eq!(c.max_body_size, 1024);
+        assert_eq!(c.mqtt_topic, vec!["a/#", "b/+"]);
+        let c = load(&["--config", config, "--mqtt-topic", "c"]).unwrap();
+        assert_eq!(c.mqtt_topic, vec!["c"], "the flag replaces the file's list");
 
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5 parsecs").is_err());
+        std::fs::write(&file, "flush_interval = \"5 parsecs\"\n").unwrap();
+        let err = load(&["--config", config]).unwrap_err();
+        assert!(
+            err.contains("config file") && err.contains("flush_interval"),
+            "{err}"
+        );
+        assert!(err.contains("unknown unit"), "{err}");
+        std::fs::write(&file, "flush_rows = 0\n").unwrap();
+        let err = load(&["--config", config]).unwrap_err();
+        assert!(err.contains("at least 1"), "{err}");
+        std::fs::write(&file, "config = \"other.toml\"\n").unwrap();
+        assert!(load(&["--config", config])
+            .unwrap_err()
+            .contains("unknown field"));
     }
 }

@@ -6,7 +6,8 @@
 
 use std::fmt::Write as _;
 
-use chrono::{DateTime, Datelike, NaiveDate, Timelike};
+use chrono::NaiveDate;
+use citytsdb_storage::units::push_rfc3339;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
@@ -460,53 +461,6 @@ fn float(v: f64, out: &mut String) -> Kind {
     }
 }
 
-/// RFC 3339 in UTC: `2025-12-01T00:00:00Z`, `2025-12-01T00:00:00.5Z`.
-pub fn rfc3339(nanos: i128) -> String {
-    let mut s = String::with_capacity(30);
-    push_rfc3339(&mut s, nanos);
-    s
-}
-
-fn push_rfc3339(out: &mut String, nanos: i128) {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let frac = nanos.rem_euclid(1_000_000_000) as u32;
-    let Some(dt) = i64::try_from(secs)
-        .ok()
-        .and_then(|s| DateTime::from_timestamp(s, frac))
-    else {
-        let _ = write!(out, "{nanos}");
-        return;
-    };
-    let year = dt.year();
-    if (0..=9999).contains(&year) {
-        let _ = write!(
-            out,
-            "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            dt.month(),
-            dt.day(),
-            dt.hour(),
-            dt.minute(),
-            dt.second()
-        );
-    } else {
-        // ISO 8601 expanded years, as chrono writes them.
-        let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
-    }
-    if frac > 0 {
-        let mut digits = *b"000000000";
-        let mut rest = frac;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (rest % 10) as u8;
-            rest /= 10;
-        }
-        let used = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-        out.push('.');
-        // The digits are ASCII.
-        out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
-    }
-    out.push('Z');
-}
-
 fn push_json_string(out: &mut String, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.push('"');
@@ -614,52 +568,6 @@ mod tests {
             csv, "d\n2025-12-01\n+10183-09-21\n\n",
             "ISO 8601 expanded years past 9999"
         );
-    }
-
-    /// The old, allocating way: chrono's formatter and trimmed fraction digits.
-    fn rfc3339_by_chrono(nanos: i128) -> String {
-        let secs = nanos.div_euclid(1_000_000_000);
-        let frac = nanos.rem_euclid(1_000_000_000) as u32;
-        let Some(dt) = i64::try_from(secs)
-            .ok()
-            .and_then(|s| DateTime::from_timestamp(s, frac))
-        else {
-            return nanos.to_string();
-        };
-        let mut s = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
-        if frac > 0 {
-            let digits = format!("{frac:09}");
-            let _ = write!(s, ".{}", digits.trim_end_matches('0'));
-        }
-        s + "Z"
-    }
-
-    #[test]
-    fn timestamps_print_as_chrono_would() {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut cases: Vec<i128> = vec![
-            0,
-            1,
-            -1,
-            1_764_547_200_000_000_000,
-            1_764_547_200_120_000_000,
-            -62_135_596_800_000_000_000, // 0001-01-01
-            -62_135_596_800_000_000_001, // the year 0
-            253_402_300_800_000_000_000, // 10000-01-01
-            i64::MIN as i128,
-            i64::MAX as i128,
-            i128::MAX,
-        ];
-        for _ in 0..10_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            cases.push(x as i64 as i128 * 1_000);
-            cases.push(x as i64 as i128);
-        }
-        for n in cases {
-            assert_eq!(rfc3339(n), rfc3339_by_chrono(n), "{n}");
-        }
     }
 
     #[test]

@@ -5,44 +5,41 @@
 //!    known (from `--format` or its extension), and the server answers.
 //! 2. A reader thread reads the files in order (gunzipping any that start with
 //!    gzip's magic bytes), turns CSV records and JSON objects into line protocol
-//!    (`import/csv.rs`, `import/jsonl.rs`, both through `import/line.rs`), and cuts
-//!    the lines into batches of `--batch-lines`, remembering each line's FILE:LINE.
-//!    A record that cannot be converted is a rejection; the import goes on.
+//!    (`citytsdb_ingest::convert`), and cuts the lines into batches of
+//!    `--batch-lines`, remembering each line's FILE:LINE. A record that cannot be
+//!    converted is a rejection; the import goes on.
 //! 3. The main thread writes the batches one at a time, in order, so a later line
 //!    wins over an earlier one exactly as in one big write (`import/sink.rs`): to
-//!    `/api/v1/write` (gzipped), or through the same parse, validate and build
-//!    path as the server (`http::write::prepare`) into a storage engine opened on
-//!    the data directory, which is flushed and closed at the end.
+//!    `/api/v1/write` (gzipped), or through the server's own
+//!    [`Ingestor`](citytsdb_ingest::Ingestor) into a storage engine opened on the
+//!    data directory, which is flushed and closed at the end.
 //! 4. Each rejected line the server or engine names is mapped back to its FILE:LINE;
 //!    a summary on stderr gives the rows written, the lines rejected and the first
 //!    of them. Exit code 0: everything written; 1: stopped by an error; 2: some
 //!    lines rejected.
 
-mod csv;
-mod jsonl;
-mod line;
 mod sink;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::{Duration, Instant};
 
+use citytsdb_ingest::convert::{
+    self, Batch, BatchSender, ConvertError, ReadOptions, Rejection, Stop,
+};
 use citytsdb_ingest::Precision;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::error::{Error, Result};
+
 use self::sink::{DataDirSink, HttpSink, Sink};
 
-/// Batches are also cut at this many bytes of line protocol, far below the
-/// server's default body limit, so a file of very long lines still fits.
-const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Rejected lines named in the summary.
 const SHOWN_REJECTIONS: usize = 10;
-/// Longest text of a rejected line shown.
-const MAX_TEXT: usize = 200;
 /// Batches converted ahead of the one being written.
 const READ_AHEAD: usize = 2;
 
@@ -114,17 +111,12 @@ pub enum Format {
     Jsonl,
 }
 
-impl Format {
-    /// The format a file name's extension says, looking through a `.gz`.
-    fn of(path: &Path) -> Option<Format> {
-        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
-        let name = name.strip_suffix(".gz").unwrap_or(&name);
-        let ext = name.rsplit_once('.')?.1;
-        match ext {
-            "lp" | "txt" | "line" => Some(Format::Lp),
-            "csv" => Some(Format::Csv),
-            "jsonl" | "ndjson" | "json" => Some(Format::Jsonl),
-            _ => None,
+impl From<Format> for convert::Format {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Lp => convert::Format::Lp,
+            Format::Csv => convert::Format::Csv,
+            Format::Jsonl => convert::Format::Jsonl,
         }
     }
 }
@@ -133,7 +125,7 @@ impl Format {
 struct Input {
     /// As the user named it; `-` is standard input.
     path: PathBuf,
-    format: Format,
+    format: convert::Format,
     /// Bytes on disk, when known.
     size: Option<u64>,
 }
@@ -150,53 +142,6 @@ impl Input {
     fn is_stdin(&self) -> bool {
         self.path.as_os_str() == "-"
     }
-}
-
-/// A line the import did not write: where, why, and what it said.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Rejection {
-    /// Index of the file in the command line.
-    file: usize,
-    /// 1-based line in that file (a CSV record's first line).
-    line: usize,
-    reason: String,
-    text: String,
-}
-
-impl Rejection {
-    fn new(file: usize, line: usize, reason: impl Into<String>, text: &str) -> Self {
-        Self {
-            file,
-            line,
-            reason: reason.into(),
-            text: shorten(text),
-        }
-    }
-}
-
-/// Cuts a line to [`MAX_TEXT`] characters for the summary.
-fn shorten(text: &str) -> String {
-    let text = text.trim_end_matches(['\n', '\r']);
-    match text.char_indices().nth(MAX_TEXT) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_string(),
-    }
-}
-
-/// Line protocol on its way to a write, with where each line came from.
-#[derive(Debug, Default)]
-struct Batch {
-    /// Index of the file the lines come from.
-    file: usize,
-    /// The unit of the lines' timestamps.
-    precision: Precision,
-    /// Lines of line protocol, each ended by `\n`; gzipped when `gzipped`.
-    body: Vec<u8>,
-    gzipped: bool,
-    /// The source line of each line of `body`.
-    origins: Vec<usize>,
-    /// Records of the file that could not be turned into line protocol.
-    rejected: Vec<Rejection>,
 }
 
 /// Counts and the first rejections, kept as the batches are written.
@@ -238,7 +183,7 @@ pub fn run(args: &ImportArgs) -> ExitCode {
         }
     };
     let precision = Precision::parse(&args.precision).unwrap_or_default();
-    let sink: Result<Box<dyn Sink>, String> = match &args.data_dir {
+    let sink: Result<Box<dyn Sink>> = match &args.data_dir {
         Some(dir) => DataDirSink::open(dir, args.store.as_deref(), &args.db)
             .map(|s| Box::new(s) as Box<dyn Sink>),
         None => {
@@ -278,7 +223,7 @@ pub fn run(args: &ImportArgs) -> ExitCode {
         // The reader stops at its next batch once the channel is gone.
         let read = reader
             .join()
-            .map_err(|_| "the reader thread panicked".to_string());
+            .map_err(|_| Error::Invalid("the reader thread panicked".into()));
         written.err().or(read.err())
     });
     if let Err(e) = sink.finish() {
@@ -300,12 +245,14 @@ pub fn run(args: &ImportArgs) -> ExitCode {
 }
 
 /// Checks every file before anything is written: each opens and has a format.
-fn check_inputs(args: &ImportArgs) -> Result<Vec<Input>, String> {
+fn check_inputs(args: &ImportArgs) -> Result<Vec<Input>> {
     if args.db.is_empty() {
-        return Err("--db: the database name is empty".into());
+        return Err(Error::setting("--db", "the database name is empty"));
     }
     if args.files.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
-        return Err("standard input (-) can be named only once".into());
+        return Err(Error::Invalid(
+            "standard input (-) can be named only once".into(),
+        ));
     }
     args.files
         .iter()
@@ -313,23 +260,27 @@ fn check_inputs(args: &ImportArgs) -> Result<Vec<Input>, String> {
             if path.as_os_str() == "-" {
                 return Ok(Input {
                     path: path.clone(),
-                    format: args.format.unwrap_or(Format::Lp),
+                    format: args.format.unwrap_or(Format::Lp).into(),
                     size: None,
                 });
             }
-            let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let file = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
             let meta = file
                 .metadata()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|e| Error::io(path.display().to_string(), e))?;
             if meta.is_dir() {
-                return Err(format!("{}: is a directory", path.display()));
+                return Err(Error::Invalid(format!("{}: is a directory", path.display())));
             }
-            let format = args.format.or_else(|| Format::of(path)).ok_or_else(|| {
-                format!(
-                    "{}: cannot tell the format from the extension; give --format lp, csv or jsonl",
-                    path.display()
-                )
-            })?;
+            let format = args
+                .format
+                .map(convert::Format::from)
+                .or_else(|| convert::Format::of(path))
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: cannot tell the format from the extension; give --format lp, csv or jsonl",
+                        path.display()
+                    ))
+                })?;
             Ok(Input {
                 path: path.clone(),
                 format,
@@ -360,197 +311,48 @@ fn progress_bar(inputs: &[Input], hidden: bool) -> ProgressBar {
     bar
 }
 
-/// What the reader needs to know besides the files.
-struct ReadOptions {
-    precision: Precision,
-    tags: Option<Vec<String>>,
-    table: Option<String>,
-    batch_lines: usize,
-    gzip: bool,
-}
-
 /// Reads every input in order and sends its batches, then the error that stopped
 /// it, if one did.
-fn read_all(
-    inputs: &[Input],
-    options: &ReadOptions,
-    bar: &ProgressBar,
-    tx: SyncSender<Result<Batch, String>>,
-) {
+fn read_all(inputs: &[Input], options: &ReadOptions, bar: &ProgressBar, tx: BatchSender) {
     for (index, input) in inputs.iter().enumerate() {
-        let mut out = Batcher::new(index, options, &tx);
-        let result = open(input, bar).and_then(|reader| match input.format {
-            Format::Lp => {
-                out.precision = options.precision;
-                read_lp(reader, &mut out)
-            }
-            Format::Csv => csv::read(reader, options, &mut out),
-            Format::Jsonl => jsonl::read(reader, options, &mut out),
-        });
-        match result.and_then(|()| out.flush()) {
-            Ok(()) => {}
-            // The writer has stopped; it reports why.
-            Err(Stop::WriterGone) => return,
-            Err(Stop::Failed(e)) => {
-                // The lines read before the error are written, then the writer
-                // reports it.
-                if out.flush() == Err(Stop::WriterGone) {
+        let raw: Box<dyn Read + Send> = if input.is_stdin() {
+            Box::new(std::io::stdin())
+        } else {
+            match File::open(&input.path) {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    let _ = tx.send(Err(ConvertError::from(format!("{}: {e}", input.name()))));
                     return;
                 }
-                let _ = tx.send(Err(format!("{}: {e}", input.name())));
+            }
+        };
+        let result = match convert::open(Box::new(bar.wrap_read(raw))) {
+            Ok(reader) => convert::read(reader, input.format, index, options, &tx),
+            Err(e) => Err(Stop::from(e.to_string())),
+        };
+        match result {
+            Ok(()) => {}
+            // The writer has stopped; it reports why.
+            Err(Stop::ReceiverGone) => return,
+            Err(Stop::Failed(e)) => {
+                // The lines read before the error were sent; the writer reports it.
+                let _ = tx.send(Err(ConvertError::from(format!("{}: {e}", input.name()))));
                 return;
             }
         }
     }
 }
 
-/// Opens an input, counting its bytes on the bar, and gunzips it if it starts
-/// with gzip's magic bytes.
-fn open(input: &Input, bar: &ProgressBar) -> Result<Box<dyn BufRead + Send>, Stop> {
-    let raw: Box<dyn Read + Send> = if input.is_stdin() {
-        Box::new(std::io::stdin())
-    } else {
-        Box::new(File::open(&input.path).map_err(|e| e.to_string())?)
-    };
-    let mut reader = BufReader::with_capacity(256 << 10, bar.wrap_read(raw));
-    let head = reader.fill_buf().map_err(|e| e.to_string())?;
-    if head.starts_with(&[0x1f, 0x8b]) {
-        let decoder = flate2::read::MultiGzDecoder::new(reader);
-        Ok(Box::new(BufReader::with_capacity(256 << 10, decoder)))
-    } else {
-        Ok(Box::new(reader))
-    }
-}
-
-/// Reads one physical line into `buf` (without its `\n` or `\r\n`); false at the end.
-fn read_line(reader: &mut dyn BufRead, buf: &mut Vec<u8>) -> Result<bool, String> {
-    buf.clear();
-    let n = reader
-        .read_until(b'\n', buf)
-        .map_err(|e| format!("reading: {e}"))?;
-    if n == 0 {
-        return Ok(false);
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-    }
-    if buf.last() == Some(&b'\r') {
-        buf.pop();
-    }
-    Ok(true)
-}
-
-/// Line protocol goes through as it is: the server (or engine) checks it.
-fn read_lp(mut reader: Box<dyn BufRead + Send>, out: &mut Batcher<'_>) -> Result<(), Stop> {
-    let mut buf = Vec::new();
-    let mut line = 0;
-    while read_line(reader.as_mut(), &mut buf)? {
-        line += 1;
-        match buf.iter().find(|&&b| !matches!(b, b' ' | b'\t')) {
-            None | Some(b'#') => continue,
-            Some(_) => out.push(line, &buf)?,
-        }
-    }
-    Ok(())
-}
-
-/// Why reading a file stopped early.
-#[derive(Debug, PartialEq, Eq)]
-enum Stop {
-    /// The writer stopped (on an error of its own): nothing more is wanted.
-    WriterGone,
-    /// The file cannot be read on: the import stops with this error.
-    Failed(String),
-}
-
-impl From<String> for Stop {
-    fn from(e: String) -> Self {
-        Stop::Failed(e)
-    }
-}
-
-/// Cuts one file's lines into batches and sends them.
-struct Batcher<'a> {
-    batch: Batch,
-    precision: Precision,
-    batch_lines: usize,
-    gzip: bool,
-    tx: &'a SyncSender<Result<Batch, String>>,
-}
-
-impl<'a> Batcher<'a> {
-    fn new(file: usize, options: &ReadOptions, tx: &'a SyncSender<Result<Batch, String>>) -> Self {
-        Self {
-            batch: Batch {
-                file,
-                ..Batch::default()
-            },
-            // Converted formats carry nanoseconds.
-            precision: Precision::Nanosecond,
-            batch_lines: options.batch_lines,
-            gzip: options.gzip,
-            tx,
-        }
-    }
-
-    /// Adds a line of line protocol (without its newline) from source line `line`.
-    fn push(&mut self, line: usize, lp: &[u8]) -> Result<(), Stop> {
-        self.batch.body.extend_from_slice(lp);
-        self.batch.body.push(b'\n');
-        self.batch.origins.push(line);
-        if self.batch.origins.len() >= self.batch_lines || self.batch.body.len() >= MAX_BATCH_BYTES
-        {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Records a source record that could not be converted.
-    fn reject(&mut self, line: usize, reason: impl Into<String>, text: &str) {
-        self.batch
-            .rejected
-            .push(Rejection::new(self.batch.file, line, reason, text));
-    }
-
-    /// Sends what is gathered, if anything.
-    fn flush(&mut self) -> Result<(), Stop> {
-        if self.batch.origins.is_empty() && self.batch.rejected.is_empty() {
-            return Ok(());
-        }
-        let next = Batch {
-            file: self.batch.file,
-            ..Batch::default()
-        };
-        let mut batch = std::mem::replace(&mut self.batch, next);
-        batch.precision = self.precision;
-        if self.gzip && !batch.body.is_empty() {
-            batch.body = gzip(&batch.body).map_err(|e| format!("compressing a batch: {e}"))?;
-            batch.gzipped = true;
-        }
-        self.tx.send(Ok(batch)).map_err(|_| Stop::WriterGone)
-    }
-}
-
-fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 4),
-        flate2::Compression::fast(),
-    );
-    encoder.write_all(body)?;
-    encoder.finish()
-}
-
 /// Writes the batches in order, tallying what was written and rejected.
 fn write_all(
     sink: &mut dyn Sink,
-    rx: Receiver<Result<Batch, String>>,
+    rx: Receiver<std::result::Result<Batch, ConvertError>>,
     tally: &mut Tally,
     bar: &ProgressBar,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<()> {
     for batch in rx {
-        let batch = batch?;
+        let batch = batch.map_err(|e| Error::Invalid(e.to_string()))?;
         for r in &batch.rejected {
             tally.reject(r.clone());
         }
@@ -624,17 +426,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn formats_come_from_extensions_through_gz() {
-        assert_eq!(Format::of(Path::new("a/b.lp")), Some(Format::Lp));
-        assert_eq!(Format::of(Path::new("b.TXT")), Some(Format::Lp));
-        assert_eq!(Format::of(Path::new("b.csv.gz")), Some(Format::Csv));
-        assert_eq!(Format::of(Path::new("b.ndjson")), Some(Format::Jsonl));
-        assert_eq!(Format::of(Path::new("b.json.gz")), Some(Format::Jsonl));
-        assert_eq!(Format::of(Path::new("b.parquet")), None);
-        assert_eq!(Format::of(Path::new("noext")), None);
-    }
-
-    #[test]
     fn tally_keeps_the_first_rejections_in_file_and_line_order() {
         let mut t = Tally::default();
         for (file, line) in [(1, 5), (0, 30), (0, 2)] {
@@ -651,44 +442,10 @@ mod tests {
     }
 
     #[test]
-    fn long_lines_are_shortened() {
-        let long = "é".repeat(300);
-        let s = shorten(&long);
-        assert_eq!(s.chars().count(), MAX_TEXT + 3);
-        assert!(s.ends_with("..."));
-        assert_eq!(shorten("a,b\r\n"), "a,b");
-    }
-
-    #[test]
-    fn line_protocol_passes_through_without_blank_and_comment_lines() {
-        let (tx, rx) = sync_channel(16);
-        let options = ReadOptions {
-            precision: Precision::Second,
-            tags: None,
-            table: None,
-            batch_lines: 2,
-            gzip: false,
-        };
-        let mut out = Batcher::new(3, &options, &tx);
-        out.precision = options.precision;
-        let text = "m f=1 1\r\n\n# note\n  \nm f=2 2\nm f=3 3";
-        read_lp(Box::new(text.as_bytes()), &mut out).unwrap();
-        out.flush().unwrap();
-        drop(tx);
-        let batches: Vec<Batch> = rx.into_iter().map(Result::unwrap).collect();
-        assert_eq!(batches.len(), 2);
-        assert_eq!(batches[0].body, b"m f=1 1\nm f=2 2\n");
-        assert_eq!(batches[0].origins, [1, 5]);
-        assert_eq!(batches[1].origins, [6]);
-        assert_eq!(batches[1].file, 3);
-        assert_eq!(batches[1].precision, Precision::Second);
-    }
-
-    #[test]
     fn summary_names_file_and_line() {
         let inputs = [Input {
             path: "a.csv".into(),
-            format: Format::Csv,
+            format: convert::Format::Csv,
             size: Some(10),
         }];
         let mut tally = Tally {

@@ -2,44 +2,49 @@
 //!
 //! 0. `cli.rs` is `citytsdb query`, a client of a running server; `import.rs` is
 //!    `citytsdb import`, which loads files into a server or a data directory.
-//! 1. `config.rs` resolves flags, `CITYTSDB_*` variables and the TOML file.
+//! 1. `config.rs` declares every setting once: flag, `CITYTSDB_*` variable and
+//!    TOML key, with its default.
 //! 2. `store.rs` opens the object store the `--store` URL names.
 //! 3. `http/` serves API.md: `write.rs` (line protocol in), `query.rs` (SQL out,
 //!    rendered by `format.rs`), `error.rs` (every error to one status and body).
-//! 4. `alerts/` is the alert-rule engine: rules, their evaluation, the fast path on
-//!    written batches, and notifications from a persisted outbox.
-//! 5. [`serve`] wires the storage engine, the query engine and the router, and
-//!    shuts down cleanly on SIGINT/SIGTERM: stop accepting, finish requests in
-//!    flight, flush, exit.
-//! 6. `mqtt.rs` subscribes to a broker when `--mqtt` is given and writes its
-//!    messages through the same path as HTTP writes.
+//! 4. [`serve`] wires the storage engine, the ingestor (`citytsdb_ingest`, which
+//!    every write goes through, MQTT's included), the query engine, the alert
+//!    engine (`citytsdb_alerts`, told of every write for its fast path) and the
+//!    router, and shuts down cleanly on SIGINT/SIGTERM: stop accepting, finish
+//!    requests in flight, flush, exit.
+//! 5. `error.rs` is every failure of this crate, kept with its source;
+//!    `http/error.rs` maps them (and the other crates' errors) to statuses.
 
-pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod format;
 pub mod gen;
 pub mod http;
 pub mod import;
-pub mod mqtt;
 pub mod store;
 
 use std::sync::Arc;
 
+use citytsdb_alerts::{AlertEngine, AlertTables};
+use citytsdb_ingest::{Ingestor, WriteListener};
 use citytsdb_query::QueryEngine;
 use citytsdb_storage::{Engine, EngineConfig};
+use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::alerts::{AlertEngine, AlertTables};
-use crate::config::ServeConfig;
+use crate::config::ServeArgs;
+use crate::error::{Error, Result};
 use crate::http::AppState;
 
 /// Runs the server until SIGINT or SIGTERM.
-pub async fn serve(config: ServeConfig) -> Result<(), String> {
-    let store = store::open(&config.store)?;
-    if config.store.starts_with("memory:") {
+pub async fn serve(config: ServeArgs) -> Result<()> {
+    let store_url = config.store_url();
+    let store = store::open(&store_url)?;
+    if store_url.starts_with("memory:") {
         tracing::warn!("the memory:// store keeps segments in this process only: rows flushed to it are gone after a restart");
     }
+    let mqtt = config.mqtt_config()?;
     let storage = Engine::open(EngineConfig {
         data_dir: config.data_dir.clone(),
         store,
@@ -49,23 +54,25 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     })
     .await
     .map_err(|e| {
-        format!(
-            "opening the storage engine in {}: {e}",
-            config.data_dir.display()
+        Error::storage(
+            format!(
+                "opening the storage engine in {}",
+                config.data_dir.display()
+            ),
+            e,
         )
     })?;
     let alert_tables = Arc::new(AlertTables::default());
-    let query = QueryEngine::new(storage.clone(), config.query_limits)
-        .map_err(|e| e.to_string())?
-        .with_alerts(alert_tables.clone());
+    let query =
+        QueryEngine::new(storage.clone(), config.query_limits())?.with_alerts(alert_tables.clone());
     let alerts = AlertEngine::open(
         &config.data_dir,
         query.clone(),
         storage.clone(),
         &alert_tables,
     )
-    .await
-    .map_err(|e| format!("opening the alert engine: {e}"))?;
+    .await?;
+    let ingestor = Ingestor::new(storage.clone()).with_listener(Arc::new(FastPath(alerts.clone())));
     let auth = match &config.admin_token {
         Some(t) => Some(Arc::new(auth::Auth::open(&config.data_dir, t)?)),
         None => None,
@@ -73,18 +80,24 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let state = Arc::new(AppState {
         auth,
         storage: storage.clone(),
+        ingestor: ingestor.clone(),
         query,
         max_body_size: config.max_body_size,
         alerts: alerts.clone(),
-        mqtt: config.mqtt.as_ref().map(|_| Arc::default()),
+        mqtt: mqtt.as_ref().map(|_| Arc::default()),
     });
-    let subscriber = match (&config.mqtt, &state.mqtt) {
-        (Some(m), Some(stats)) => Some(mqtt::spawn(m.clone(), state.clone(), stats.clone())),
+    let subscriber = match (mqtt, &state.mqtt) {
+        (Some(m), Some(stats)) => Some(citytsdb_ingest::mqtt::spawn(
+            m,
+            ingestor,
+            config.max_body_size,
+            stats.clone(),
+        )),
         _ => None,
     };
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
-        .map_err(|e| format!("binding {}: {e}", config.http_bind))?;
+        .map_err(|e| Error::io(format!("binding {}", config.http_bind), e))?;
     // Answers are written in pieces (headers, then the body as it is produced): without
     // TCP_NODELAY, Nagle's algorithm holds the last piece until the client's delayed
     // ACK, about 40 ms on every request of a kept-alive connection.
@@ -93,11 +106,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
         }
     });
-    tracing::info!(addr = %config.http_bind, data_dir = %config.data_dir.display(), store = %config.store, "citytsdb is serving");
+    tracing::info!(addr = %config.http_bind, data_dir = %config.data_dir.display(), store = %store_url, "citytsdb is serving");
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| format!("serving: {e}"))?;
+        .map_err(|e| Error::io("serving", e))?;
     if let Some(subscriber) = subscriber {
         subscriber.stop();
     }
@@ -106,7 +119,16 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     storage
         .shutdown()
         .await
-        .map_err(|e| format!("final flush failed (rows stay in the WAL): {e}"))
+        .map_err(|e| Error::storage("final flush failed (rows stay in the WAL)", e))
+}
+
+/// The alert engine's fast path, told of every write.
+struct FastPath(AlertEngine);
+
+impl WriteListener for FastPath {
+    fn written(&self, db: &str, tables: &[(String, RecordBatch)]) {
+        self.0.on_write(db, tables);
+    }
 }
 
 async fn shutdown_signal() {

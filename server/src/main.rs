@@ -48,20 +48,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => args
-            .resolve()
-            .map(|config| runtime.block_on(citytsdb_server::serve(config))),
-        Command::Query(args) => Ok(citytsdb_server::cli::query(&args)),
+        // Read again with the config file under the flags (`config.rs`).
+        Command::Serve(_) => ServeArgs::load(std::env::args_os().skip(2))
+            .and_then(|args| runtime.block_on(citytsdb_server::serve(args))),
+        Command::Query(args) => citytsdb_server::cli::query(&args),
         // Import has exit codes of its own (2: some lines rejected).
         Command::Import(args) => return citytsdb_server::import::run(&args),
         Command::Gen(args) => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            Ok(citytsdb_server::gen::generate(&args, &mut out).map(|_| ()))
+            citytsdb_server::gen::generate(&args, &mut out).map(|_| ())
         }
     };
     match result {
-        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
-        Ok(Err(e)) | Err(e) => {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }

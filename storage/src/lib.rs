@@ -23,12 +23,14 @@ pub mod buffer;
 pub mod catalog;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod index;
 pub mod merge;
 pub mod paths;
 pub mod schema;
 pub mod segment;
 pub mod series;
+pub mod units;
 pub mod wal;
 
 pub use engine::{DbSnapshot, Engine, EngineConfig, FlushStats};

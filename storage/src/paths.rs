@@ -2,6 +2,18 @@
 //!
 //! Names chosen by users (databases, tables) never appear in keys: they are mapped
 //! to numeric ids by the catalog, so any UTF-8 name is safe.
+//!
+//! The data directory:
+//!
+//! ```text
+//! <data-dir>/LOCK                   held by the process that has the directory open
+//! <data-dir>/wal/<seq>.wal          the write-ahead log
+//! <data-dir>/store/                 the embedded default object store
+//! <data-dir>/alerts/rules.json      registered alert rules
+//! <data-dir>/alerts/state.json      alert instance states and the notification outbox
+//! <data-dir>/alerts/history.jsonl   alert state changes, newest last
+//! <data-dir>/auth/tokens.json       API tokens (their SHA-256 only)
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +76,43 @@ pub fn lock_file(data_dir: &Path) -> PathBuf {
 /// The local directory the embedded default object store uses.
 pub fn local_store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")
+}
+
+/// The directory of the alert engine's files.
+pub fn alerts_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("alerts")
+}
+
+/// The registered alert rules.
+pub fn alert_rules_file(data_dir: &Path) -> PathBuf {
+    alerts_dir(data_dir).join("rules.json")
+}
+
+/// Alert instance states and the notification outbox.
+pub fn alert_state_file(data_dir: &Path) -> PathBuf {
+    alerts_dir(data_dir).join("state.json")
+}
+
+/// Alert state changes, one JSON object a line.
+pub fn alert_history_file(data_dir: &Path) -> PathBuf {
+    alerts_dir(data_dir).join("history.jsonl")
+}
+
+/// The directory of the API tokens.
+pub fn auth_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("auth")
+}
+
+/// The API tokens (their SHA-256 only).
+pub fn tokens_file(data_dir: &Path) -> PathBuf {
+    auth_dir(data_dir).join("tokens.json")
+}
+
+/// The temporary file `path` is written to before it is renamed into place.
+pub fn temporary_of(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
 }
 
 #[cfg(test)]

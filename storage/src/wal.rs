@@ -9,7 +9,7 @@
 //! checksum) is cut off and logged; the records before it are replayed.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::ipc::reader::StreamReader;
@@ -17,6 +17,7 @@ use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::error::{Result, StorageError};
+use crate::files::sync_dir;
 use crate::paths;
 
 const MAGIC: &[u8; 8] = b"CTSDBWAL";
@@ -221,10 +222,6 @@ impl WalWriter {
         *self = Self::create(&self.dir, closed + 1)?;
         Ok(closed)
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// The WAL files present in `dir`, oldest first.

@@ -54,10 +54,12 @@ pub fn target_dir() -> PathBuf {
 
 /// The `citytsdb` binary, built once per test process.
 ///
-/// `cargo build --workspace --all-targets` runs the first time this is
-/// called (output shown, the test fails if the build does); the binary is then
-/// `<target dir>/debug/citytsdb`. `$CITYTSDB_BIN`, when set, names a binary to use
-/// instead, without building.
+/// `$CITYTSDB_BIN`, when set, names a binary to use as it is (the test command
+/// sets it to the binary of its one build). Otherwise `cargo build -p
+/// citytsdb-server --bin citytsdb` runs the first time this is called (a no-op
+/// when the binary is up to date; output shown, the test fails if the build
+/// does), and the binary is `<target dir>/debug/citytsdb`: after an edit, only
+/// the binary is rebuilt and relinked, not every test and benchmark.
 pub fn binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
@@ -67,8 +69,9 @@ pub fn binary() -> &'static Path {
         let cargo = std::env::var_os("CARGO")
             .or_else(|| option_env!("CARGO").map(Into::into))
             .unwrap_or_else(|| "cargo".into());
+        let args = ["build", "-p", "citytsdb-server", "--bin", "citytsdb"];
         let status = Command::new(&cargo)
-            .args(["build", "--workspace", "--all-targets"])
+            .args(args)
             .current_dir(workspace_root())
             .stdin(Stdio::null())
             .status()
@@ -77,7 +80,8 @@ pub fn binary() -> &'static Path {
             });
         assert!(
             status.success(),
-            "`cargo build --workspace --all-targets` failed ({status}); see its output above"
+            "`cargo {}` failed ({status}); see its output above",
+            args.join(" ")
         );
         let bin = target_dir().join("debug").join("citytsdb");
         assert!(

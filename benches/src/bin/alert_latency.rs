@@ -41,7 +41,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use citytsdb_benches::workload::{self, Workload, DAY};
+use citytsdb_workload::manhole::{self as workload, Workload, DAY};
 use serde_json::{json, Value};
 
 /// Database written to.

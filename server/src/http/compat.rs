@@ -20,11 +20,11 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use citytsdb_ingest::Precision;
+use citytsdb_ingest::{Outcome, Precision, WriteOptions};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::write::{check_db_name, ingest, read_body, MAX_LISTED};
+use super::write::{check_db_name, read_body, MAX_LISTED};
 use super::{require, AppState};
 use crate::auth::Caller;
 
@@ -32,13 +32,32 @@ fn param<'a>(p: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
     p.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
-fn boolean(p: &HashMap<String, String>, name: &str, default: bool) -> Result<bool, String> {
+fn boolean(p: &HashMap<String, String>, name: &str, default: bool) -> Result<bool, ApiError> {
     match param(p, name) {
         None => Ok(default),
         Some("true") => Ok(true),
         Some("false") => Ok(false),
-        Some(v) => Err(format!("invalid {name} '{v}': use true or false")),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "invalid {name} '{v}': use true or false"
+        ))),
     }
+}
+
+/// Writes a body through the ingestor.
+async fn ingest(
+    app: &AppState,
+    db: &str,
+    body: axum::body::Bytes,
+    precision: Precision,
+    sync: bool,
+    accept_partial: bool,
+) -> Result<Outcome, ApiError> {
+    let options = WriteOptions {
+        precision,
+        sync,
+        accept_partial,
+    };
+    Ok(app.ingestor.write(db, body, options).await?)
 }
 
 /// The database a write names in parameter `name`, checked and writable by the caller.
@@ -164,8 +183,8 @@ pub async fn write_v3(
             ))
         })?,
     };
-    let accept_partial = boolean(&p, "accept_partial", true).map_err(ApiError::bad_request)?;
-    let no_sync = boolean(&p, "no_sync", false).map_err(ApiError::bad_request)?;
+    let accept_partial = boolean(&p, "accept_partial", true)?;
+    let no_sync = boolean(&p, "no_sync", false)?;
     let body = read_body(&headers, body, app.max_body_size).await?;
     let outcome = ingest(&app, &db, body, precision, !no_sync, accept_partial).await?;
     if outcome.rejected.is_empty() {

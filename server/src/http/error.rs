@@ -1,11 +1,16 @@
-//! The one place errors become HTTP statuses and JSON bodies.
+//! The one place errors become HTTP statuses and JSON bodies: the client's
+//! mistakes are 4xx with what and where, a busy store is 503, ours is 500.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use citytsdb_alerts::RuleError;
+use citytsdb_ingest::{Fault, IngestError};
 use citytsdb_query::{Position, QueryError};
 use citytsdb_storage::StorageError;
 use serde_json::json;
+
+use crate::error::Error;
 
 /// An error answer: a status and a message, with a position for SQL errors.
 #[derive(Debug)]
@@ -21,11 +26,7 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 with `message`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            position: None,
-        }
+        Self::new(StatusCode::BAD_REQUEST, message)
     }
 
     /// Any status with `message`.
@@ -35,6 +36,14 @@ impl ApiError {
             message: message.into(),
             position: None,
         }
+    }
+
+    /// A blocking task of a request that did not finish (a bug): 500.
+    pub fn task(e: tokio::task::JoinError) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("a task of the request failed: {e}"),
+        )
     }
 }
 
@@ -69,16 +78,58 @@ impl From<QueryError> for ApiError {
     }
 }
 
+fn storage_status(e: &StorageError) -> StatusCode {
+    match e {
+        StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+        StorageError::DatabaseNotFound(_) => StatusCode::NOT_FOUND,
+        StorageError::ShuttingDown | StorageError::BufferFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
-        let status = match &e {
-            StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            StorageError::DatabaseNotFound(_) => StatusCode::NOT_FOUND,
-            StorageError::ShuttingDown | StorageError::BufferFull(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        Self::new(storage_status(&e), e.to_string())
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        let status = match (&e, e.fault()) {
+            (IngestError::Storage(s), _) => storage_status(s),
+            (_, Fault::Client) => StatusCode::BAD_REQUEST,
+            (_, Fault::Retry) => StatusCode::SERVICE_UNAVAILABLE,
+            (_, Fault::Permanent) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
+    }
+}
+
+impl From<RuleError> for ApiError {
+    fn from(e: RuleError) -> Self {
+        let status = match &e {
+            RuleError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RuleError::NotFound(_) => StatusCode::NOT_FOUND,
+            RuleError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Query(e) => e.into(),
+            Error::Ingest(e) => e.into(),
+            Error::Rules(e) => e.into(),
+            Error::Storage { ref source, .. } => Self::new(storage_status(source), e.to_string()),
+            Error::Invalid(m) => Self::bad_request(m),
+            e @ (Error::Setting { .. }
+            | Error::ConfigFile { .. }
+            | Error::Io { .. }
+            | Error::Store { .. }
+            | Error::Unreachable { .. }
+            | Error::Refused(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
     }
 }

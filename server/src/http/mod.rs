@@ -9,7 +9,6 @@ pub mod write;
 
 use std::sync::Arc;
 
-use crate::alerts::AlertEngine;
 use crate::auth::{token_of, Auth, Caller};
 use axum::extract::Request;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -19,6 +18,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
+use citytsdb_alerts::AlertEngine;
+use citytsdb_ingest::mqtt::MqttStats;
+use citytsdb_ingest::Ingestor;
 use citytsdb_query::QueryEngine;
 use citytsdb_storage::Engine;
 use serde::Deserialize;
@@ -33,6 +35,8 @@ pub struct AppState {
     pub auth: Option<Arc<Auth>>,
     /// The storage engine.
     pub storage: Engine,
+    /// Every write goes through it.
+    pub ingestor: Ingestor,
     /// The SQL engine over it.
     pub query: QueryEngine,
     /// Largest write body, bytes after decompression.
@@ -40,7 +44,7 @@ pub struct AppState {
     /// The alert-rule engine.
     pub alerts: AlertEngine,
     /// The MQTT subscriber's counters, when it runs.
-    pub mqtt: Option<Arc<crate::mqtt::MqttStats>>,
+    pub mqtt: Option<Arc<MqttStats>>,
 }
 
 /// All routes.

@@ -13,21 +13,11 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::{require, AppState};
-use crate::alerts::rule::RuleSpec;
-use crate::alerts::RuleError;
 use crate::auth::Caller;
 use axum::Extension;
-
-impl From<RuleError> for ApiError {
-    fn from(e: RuleError) -> Self {
-        let status = match &e {
-            RuleError::Invalid(_) => StatusCode::BAD_REQUEST,
-            RuleError::NotFound(_) => StatusCode::NOT_FOUND,
-            RuleError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
+use citytsdb_alerts::rule::RuleSpec;
+use citytsdb_alerts::RuleError;
+use citytsdb_storage::units::parse_rfc3339;
 
 fn spec(body: &[u8]) -> Result<RuleSpec, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -152,15 +142,11 @@ fn time_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Ap
     let Some(v) = p.get(name).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
-    chrono::DateTime::parse_from_rfc3339(v)
-        .ok()
-        .and_then(|t| t.timestamp_nanos_opt())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "invalid {name} '{v}': use an RFC 3339 time such as 2025-12-01T00:00:00Z"
-            ))
-        })
+    parse_rfc3339(v).map(Some).map_err(|_| {
+        ApiError::bad_request(format!(
+            "invalid {name} '{v}': use an RFC 3339 time such as 2025-12-01T00:00:00Z"
+        ))
+    })
 }
 
 /// `GET /api/v1/alerts/history?since=&until=&department=`: state changes, oldest first.

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::{require, AppState};
 use crate::auth::{Auth, Caller};
+use citytsdb_storage::units::{now_nanos, rfc3339};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,20 +24,20 @@ struct NewToken {
     scopes: Vec<String>,
 }
 
-fn auth<'a>(app: &'a AppState, caller: &Caller) -> Result<&'a Auth, ApiError> {
+fn auth(app: &AppState, caller: &Caller) -> Result<Arc<Auth>, ApiError> {
     require(caller, caller.is_admin(), "admin")?;
-    app.auth.as_deref().ok_or_else(|| {
+    app.auth.clone().ok_or_else(|| {
         ApiError::bad_request("auth is off: start the server with --admin-token to use tokens")
     })
 }
 
-fn now() -> String {
-    crate::format::rfc3339(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(0),
-    )
+/// Runs a change of the token file on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::task)??)
 }
 
 /// `POST /api/v1/tokens` with `{"name", "scopes": [...]}`: 201 with the secret.
@@ -53,9 +54,8 @@ pub async fn create(
             e.column()
         ))
     })?;
-    let (token, secret) = auth
-        .create(&req.name, &req.scopes, now())
-        .map_err(ApiError::bad_request)?;
+    let now = rfc3339(i128::from(now_nanos()));
+    let (token, secret) = blocking(move || auth.create(&req.name, &req.scopes, now)).await?;
     Ok((
         StatusCode::CREATED,
         Json(
@@ -89,12 +89,16 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let auth = auth(&app, &caller)?;
-    match auth.delete(&id) {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Err(ApiError::new(
+    let deleted = {
+        let id = id.clone();
+        blocking(move || auth.delete(&id)).await?
+    };
+    if deleted {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no token with id {id}"),
-        )),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        ))
     }
 }

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use citytsdb_ingest::Precision;
+use citytsdb_ingest::convert::Batch;
+use citytsdb_ingest::{check_db_name, IngestError, Ingestor, Precision, WriteOptions};
 use citytsdb_storage::{Engine, EngineConfig, StorageError};
 
-use super::Batch;
-use crate::http::write::{check_db_name, now_ns, prepare};
+use crate::error::{Error, Result};
 
 /// A write of a busy store (a 503, a full buffer) is tried again after these waits.
 const RETRY_WAITS: [Duration; 6] = [
@@ -43,9 +43,9 @@ pub(super) trait Sink {
     /// Whether batch bodies should come gzipped.
     fn wants_gzip(&self) -> bool;
     /// Writes one batch; `Err` stops the import.
-    fn write(&mut self, batch: &Batch) -> Result<Outcome, String>;
+    fn write(&mut self, batch: &Batch) -> Result<Outcome>;
     /// Makes everything written durable where it is not yet.
-    fn finish(&mut self) -> Result<(), String>;
+    fn finish(&mut self) -> Result<()>;
 }
 
 /// A running server, over HTTP.
@@ -58,24 +58,28 @@ pub(super) struct HttpSink {
 
 impl HttpSink {
     /// Checks that the server answers, so an import never starts against nothing.
-    pub(super) fn connect(url: &str, token: Option<&str>, db: &str) -> Result<Self, String> {
+    pub(super) fn connect(url: &str, token: Option<&str>, db: &str) -> Result<Self> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(600)))
             .build()
             .into();
         let base = url.trim_end_matches('/').to_string();
-        let mut health = agent
-            .get(format!("{base}/health"))
-            .call()
-            .map_err(|e| format!("cannot reach the server at {url}: {e}"))?;
+        let mut health =
+            agent
+                .get(format!("{base}/health"))
+                .call()
+                .map_err(|e| Error::Unreachable {
+                    url: format!("the server at {url}"),
+                    source: Box::new(e),
+                })?;
         if health.status() != 200 {
             let body = health.body_mut().read_to_string().unwrap_or_default();
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "{url}/health answered {}: is this a citytsdb server? {}",
                 health.status().as_u16(),
                 body.trim()
-            ));
+            )));
         }
         Ok(Self {
             agent,
@@ -85,7 +89,7 @@ impl HttpSink {
         })
     }
 
-    fn post(&self, batch: &Batch) -> Result<(u16, Vec<u8>), String> {
+    fn post(&self, batch: &Batch) -> Result<(u16, Vec<u8>)> {
         let mut request = self
             .agent
             .post(format!("{}/api/v1/write", self.base))
@@ -98,16 +102,18 @@ impl HttpSink {
         if let Some(token) = &self.token {
             request = request.header("Authorization", &format!("Bearer {token}"));
         }
-        let mut response = request
-            .send(&batch.body[..])
-            .map_err(|e| format!("cannot reach the server at {}: {e}", self.base))?;
+        let unreachable = |e| Error::Unreachable {
+            url: format!("the server at {}", self.base),
+            source: Box::new(e),
+        };
+        let mut response = request.send(&batch.body[..]).map_err(unreachable)?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()
             .with_config()
             .limit(16 << 20)
             .read_to_vec()
-            .map_err(|e| format!("reading the server's answer: {e}"))?;
+            .map_err(unreachable)?;
         Ok((status, body))
     }
 }
@@ -117,7 +123,7 @@ impl Sink for HttpSink {
         true
     }
 
-    fn write(&mut self, batch: &Batch) -> Result<Outcome, String> {
+    fn write(&mut self, batch: &Batch) -> Result<Outcome> {
         let mut waits = RETRY_WAITS.iter();
         loop {
             let (status, body) = self.post(batch)?;
@@ -127,38 +133,43 @@ impl Sink for HttpSink {
                 503 => match waits.next() {
                     Some(wait) => std::thread::sleep(*wait),
                     None => {
-                        return Err(format!(
+                        return Err(Error::Refused(format!(
                             "the server is still refusing writes after {} tries: {}",
                             RETRY_WAITS.len() + 1,
                             message(&body)
-                        ))
+                        )))
                     }
                 },
                 401 => {
-                    return Err(format!(
+                    return Err(Error::Refused(format!(
                         "the server wants a token (--token or CITYTSDB_TOKEN): {}",
                         message(&body)
-                    ))
+                    )))
                 }
-                403 => return Err(format!("the token may not write here: {}", message(&body))),
+                403 => {
+                    return Err(Error::Refused(format!(
+                        "the token may not write here: {}",
+                        message(&body)
+                    )))
+                }
                 413 => {
-                    return Err(format!(
+                    return Err(Error::Refused(format!(
                     "the server refused a batch of {} lines as too large; lower --batch-lines: {}",
                     batch.origins.len(),
                     message(&body)
-                ))
+                )))
                 }
                 other => {
-                    return Err(format!(
+                    return Err(Error::Refused(format!(
                         "the server answered {other} to a write: {}",
                         message(&body)
-                    ))
+                    )))
                 }
             }
         }
     }
 
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<()> {
         Ok(())
     }
 }
@@ -182,11 +193,11 @@ fn message(body: &[u8]) -> String {
 
 /// Reads a 400: a partial write lists its rejected lines; anything else is an error
 /// in the request itself (a bad database name, say), which stops the import.
-fn partial_write(body: &[u8], lines: usize) -> Result<Outcome, String> {
-    let answer: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| format!("the server refused a write: {}", message(body)))?;
+fn partial_write(body: &[u8], lines: usize) -> Result<Outcome> {
+    let refused = || Error::Refused(format!("the server refused a write: {}", message(body)));
+    let answer: serde_json::Value = serde_json::from_slice(body).map_err(|_| refused())?;
     let Some(listed) = answer["lines"].as_array() else {
-        return Err(format!("the server refused a write: {}", message(body)));
+        return Err(refused());
     };
     let listed: Vec<Listed> = listed
         .iter()
@@ -209,14 +220,14 @@ fn partial_write(body: &[u8], lines: usize) -> Result<Outcome, String> {
 /// A storage engine on a data directory no server is running on.
 pub(super) struct DataDirSink {
     runtime: tokio::runtime::Runtime,
-    engine: Option<Engine>,
+    ingestor: Option<Ingestor>,
     db: String,
 }
 
 impl DataDirSink {
     /// Opens the engine as `serve` would, taking the data directory's lock.
-    pub(super) fn open(data_dir: &Path, store: Option<&str>, db: &str) -> Result<Self, String> {
-        check_db_name(db).map_err(|e| e.message)?;
+    pub(super) fn open(data_dir: &Path, store: Option<&str>, db: &str) -> Result<Self> {
+        check_db_name(db)?;
         let store_url = match store {
             Some(s) => s.to_string(),
             None => {
@@ -226,14 +237,17 @@ impl DataDirSink {
             }
         };
         if store_url.starts_with("memory:") {
-            return Err("--store memory:// would keep nothing once the import ends".into());
+            return Err(Error::setting(
+                "--store",
+                "memory:// would keep nothing once the import ends",
+            ));
         }
         let store = crate::store::open(&store_url)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            .map_err(|e| Error::io("cannot start the runtime", e))?;
         let engine = runtime
             .block_on(Engine::open(EngineConfig {
                 data_dir: data_dir.to_path_buf(),
@@ -243,14 +257,17 @@ impl DataDirSink {
                 max_buffer_bytes: 2 << 30,
             }))
             .map_err(|e| match e {
-                StorageError::DataDirInUse(_) => {
-                    format!("{e}: stop the server first, or import through it with --url")
-                }
-                e => format!("opening the data directory {}: {e}", data_dir.display()),
+                StorageError::DataDirInUse(_) => Error::Invalid(format!(
+                    "{e}: stop the server first, or import through it with --url"
+                )),
+                e => Error::storage(
+                    format!("opening the data directory {}", data_dir.display()),
+                    e,
+                ),
             })?;
         Ok(Self {
             runtime,
-            engine: Some(engine),
+            ingestor: Some(Ingestor::new(engine)),
             db: db.to_string(),
         })
     }
@@ -261,11 +278,30 @@ impl Sink for DataDirSink {
         false
     }
 
-    fn write(&mut self, batch: &Batch) -> Result<Outcome, String> {
-        let engine = self.engine.as_ref().ok_or("the storage engine is closed")?;
-        let prepared = prepare(engine, &self.db, &batch.body, batch.precision, now_ns())
-            .map_err(|e| format!("building batches: {e}"))?;
-        let listed = prepared
+    fn write(&mut self, batch: &Batch) -> Result<Outcome> {
+        let Some(ingestor) = self.ingestor.as_ref() else {
+            return Err(Error::Invalid("the storage engine is closed".into()));
+        };
+        let options = WriteOptions {
+            precision: batch.precision,
+            ..WriteOptions::default()
+        };
+        let mut waits = RETRY_WAITS.iter();
+        let outcome = loop {
+            let body = bytes::Bytes::copy_from_slice(&batch.body);
+            match self
+                .runtime
+                .block_on(ingestor.write(&self.db, body, options))
+            {
+                Ok(outcome) => break outcome,
+                Err(IngestError::Storage(StorageError::BufferFull(m))) => match waits.next() {
+                    Some(wait) => std::thread::sleep(*wait),
+                    None => return Err(Error::storage("writing", StorageError::BufferFull(m))),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let listed: Vec<Listed> = outcome
             .rejected
             .iter()
             .map(|e| Listed {
@@ -273,32 +309,21 @@ impl Sink for DataDirSink {
                 reason: e.message.clone(),
                 text: e.text.clone(),
             })
-            .collect::<Vec<_>>();
-        if !prepared.tables.is_empty() {
-            let mut waits = RETRY_WAITS.iter();
-            loop {
-                let tables = prepared.tables.clone();
-                match self.runtime.block_on(engine.write(&self.db, tables, true)) {
-                    Ok(()) => break,
-                    Err(StorageError::BufferFull(m)) => match waits.next() {
-                        Some(wait) => std::thread::sleep(*wait),
-                        None => return Err(format!("write buffer full: {m}")),
-                    },
-                    Err(e) => return Err(format!("writing: {e}")),
-                }
-            }
-        }
+            .collect();
         Ok(Outcome {
             rejected: listed.len(),
             listed,
         })
     }
 
-    fn finish(&mut self) -> Result<(), String> {
-        match self.engine.take() {
-            Some(engine) => self.runtime.block_on(engine.shutdown()).map_err(|e| {
-                format!("flushing the data directory (the rows stay in its WAL): {e}")
-            }),
+    fn finish(&mut self) -> Result<()> {
+        match self.ingestor.take() {
+            Some(ingestor) => self
+                .runtime
+                .block_on(ingestor.storage().clone().shutdown())
+                .map_err(|e| {
+                    Error::storage("flushing the data directory (the rows stay in its WAL)", e)
+                }),
             None => Ok(()),
         }
     }
@@ -372,7 +397,7 @@ mod tests {
         let mut sink = HttpSink::connect(&url, None, "city").unwrap();
         let outcome = sink.write(&batch(2)).unwrap();
         assert_eq!(outcome.rejected, 0);
-        let err = sink.write(&batch(1)).unwrap_err();
+        let err = sink.write(&batch(1)).unwrap_err().to_string();
         assert!(
             err.contains("wants a token") && err.contains("missing token"),
             "{err}"
@@ -400,8 +425,13 @@ mod tests {
                 text: "m x".into()
             }]
         );
-        let refused = partial_write(br#"{"error": "invalid database name"}"#, 1).unwrap_err();
+        let refused = partial_write(br#"{"error": "invalid database name"}"#, 1)
+            .unwrap_err()
+            .to_string();
         assert_eq!(refused, "the server refused a write: invalid database name");
-        assert!(partial_write(b"<html>", 1).unwrap_err().contains("<html>"));
+        assert!(partial_write(b"<html>", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("<html>"));
     }
 }

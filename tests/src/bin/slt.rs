@@ -7,8 +7,8 @@
 //!
 //! With no files, every `tests/slt/*.slt` runs; with no `--layout`, every layout.
 //! Set `CITYTSDB_BIN=target/debug/citytsdb` to use a server binary already built
-//! (without it the binary is built first with `cargo build --workspace
-//! --all-targets`). The exit code is 1 when a record failed, 2 on bad arguments.
+//! (without it the binary is built first with `cargo build -p citytsdb-server --bin
+//! citytsdb`). The exit code is 1 when a record failed, 2 on bad arguments.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,7 +11,7 @@
 
 use std::io::BufRead;
 
-use citytsdb_ingest::Precision;
+use crate::write::Precision;
 
 use super::line::{parse_bool, parse_float, parse_time, LineBuilder, Value};
 use super::{read_line, Batcher, ReadOptions, Stop};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::parse_duration;
+use citytsdb_storage::units::parse_duration;
 
 /// What a client sends to register or replace a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

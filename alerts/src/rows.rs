@@ -15,9 +15,9 @@ use datafusion::arrow::datatypes::{
 };
 use serde_json::Value;
 
-use super::rule::Rule;
-use super::state::{fingerprint, Observation};
-use crate::format::rfc3339;
+use crate::rule::Rule;
+use crate::state::{fingerprint, Observation};
+use citytsdb_storage::units::rfc3339;
 
 /// Whether a column of this type identifies an instance (strings do).
 pub fn is_identity(name: &str, t: &DataType) -> bool {
@@ -204,7 +204,7 @@ pub fn observations(rule: &Rule, batches: &[RecordBatch]) -> Vec<Observation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::rule::RuleSpec;
+    use crate::rule::RuleSpec;
     use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
     use datafusion::arrow::datatypes::Field;
     use std::sync::Arc;

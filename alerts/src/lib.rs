@@ -31,13 +31,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use citytsdb_query::system::{alert_events_schema, alerts_schema, rules_schema, AlertSource};
 use citytsdb_query::{QueryEngine, QueryError};
+use citytsdb_storage::files::write_atomically;
 use citytsdb_storage::merge::align;
 use citytsdb_storage::schema::TIME_COLUMN;
-use citytsdb_storage::Engine;
+use citytsdb_storage::{paths, Engine};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampNanosecondArray, UInt64Array,
 };
@@ -47,10 +48,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use self::notify::{Notification, Target};
-use self::rule::{Rule, RuleSpec, Timing};
-use self::state::{Change, RuleInstances, State};
-use crate::format::rfc3339;
+use crate::notify::{Notification, Target};
+use crate::rule::{Rule, RuleSpec, Timing};
+use crate::state::{Change, RuleInstances, State};
+use citytsdb_storage::units::{now_nanos, rfc3339};
 
 /// State changes kept for `/api/v1/alerts/history` and `system.alert_events`.
 const HISTORY: usize = 10_000;
@@ -137,7 +138,7 @@ struct Inner {
 }
 
 struct Shared {
-    dir: PathBuf,
+    data_dir: PathBuf,
     query: QueryEngine,
     storage: Engine,
     inner: Mutex<Inner>,
@@ -171,48 +172,29 @@ impl std::fmt::Debug for AlertTables {
     }
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, String> {
+fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, RuleError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} is not readable: {e}", path.display())),
+            .map_err(|e| RuleError::Internal(format!("{} is not readable: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
-        Err(e) => Err(format!("reading {}: {e}", path.display())),
+        Err(e) => Err(RuleError::Internal(format!(
+            "reading {}: {e}",
+            path.display()
+        ))),
     }
 }
 
 impl Shared {
     fn rules_path(&self) -> PathBuf {
-        self.dir.join("rules.json")
+        paths::alert_rules_file(&self.data_dir)
     }
 
     fn state_path(&self) -> PathBuf {
-        self.dir.join("state.json")
+        paths::alert_state_file(&self.data_dir)
     }
 
     /// Stores the rule list `rules`, which becomes the registered set.
@@ -224,7 +206,7 @@ impl Shared {
     }
 
     fn history_path(&self) -> PathBuf {
-        self.dir.join("history.jsonl")
+        paths::alert_history_file(&self.data_dir)
     }
 
     /// Appends changes to `history.jsonl` (not fsynced: the history informs, the
@@ -678,14 +660,15 @@ impl AlertEngine {
         query: QueryEngine,
         storage: Engine,
         tables: &AlertTables,
-    ) -> Result<Self, String> {
-        let dir = data_dir.join("alerts");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let rules: Vec<Rule> = read_json(&dir.join("rules.json"))?;
-        let state: Persisted = read_json(&dir.join("state.json"))?;
+    ) -> Result<Self, RuleError> {
+        let dir = paths::alerts_dir(data_dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RuleError::Internal(format!("creating {}: {e}", dir.display())))?;
+        let rules: Vec<Rule> = read_json(&paths::alert_rules_file(data_dir))?;
+        let state: Persisted = read_json(&paths::alert_state_file(data_dir))?;
         let mut history: VecDeque<Event> = VecDeque::new();
         let mut history_lines = 0;
-        if let Ok(text) = std::fs::read_to_string(dir.join("history.jsonl")) {
+        if let Ok(text) = std::fs::read_to_string(paths::alert_history_file(data_dir)) {
             for line in text.lines() {
                 history_lines += 1;
                 // A torn last line (a crash mid-append) is skipped.
@@ -699,7 +682,7 @@ impl AlertEngine {
         }
         let (fast_tx, fast_rx) = mpsc::channel(FAST_PATH_QUEUE);
         let shared = Arc::new(Shared {
-            dir,
+            data_dir: data_dir.to_path_buf(),
             query,
             storage,
             inner: Mutex::new(Inner {
@@ -718,10 +701,9 @@ impl AlertEngine {
         });
         let engine = Self { shared };
         for rule in rules {
-            let timing = rule
-                .spec
-                .check()
-                .map_err(|e| format!("stored rule {} is invalid: {e}", rule.id))?;
+            let timing = rule.spec.check().map_err(|e| {
+                RuleError::Internal(format!("stored rule {} is invalid: {e}", rule.id))
+            })?;
             // Planned again when its database is there; until then it is evaluated
             // as a query (and fails, visibly, in last_error).
             let described = match engine
@@ -769,7 +751,7 @@ impl AlertEngine {
         std::thread::Builder::new()
             .name("citytsdb-notify".into())
             .spawn(move || delivery.deliver())
-            .map_err(|e| format!("starting the notification thread: {e}"))?;
+            .map_err(|e| RuleError::Internal(format!("starting the notification thread: {e}")))?;
         let fast = Arc::downgrade(&engine.shared);
         tokio::spawn(fast_path(fast, fast_rx));
         let _ = tables.engine.set(Arc::downgrade(&engine.shared));

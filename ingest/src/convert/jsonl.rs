@@ -9,7 +9,7 @@
 
 use std::io::BufRead;
 
-use citytsdb_ingest::Precision;
+use crate::write::Precision;
 use serde_json::Value as Json;
 
 use super::line::{integer_time, parse_time, LineBuilder, Value};

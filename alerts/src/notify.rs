@@ -13,9 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::rule::Rule;
-use super::state::{Change, Instance};
-use crate::format::rfc3339;
+use crate::rule::Rule;
+use crate::state::{Change, Instance};
+use citytsdb_storage::units::rfc3339;
 
 /// Where a notification goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -190,8 +190,8 @@ pub fn agent() -> ureq::Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::rule::RuleSpec;
-    use crate::alerts::state::State;
+    use crate::rule::RuleSpec;
+    use crate::state::State;
 
     #[test]
     fn backoff_doubles_to_a_minute() {

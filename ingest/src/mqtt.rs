@@ -18,15 +18,17 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
-use citytsdb_ingest::escape::{push_float, push_key, push_measurement, unwritable};
-use citytsdb_ingest::Precision;
+use citytsdb_storage::units::{now_nanos, parse_rfc3339};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::{json, Value};
 
-use crate::http::AppState;
+use crate::escape::{push_float, push_key, push_measurement, unwritable};
+use crate::ingestor::{Ingestor, WriteOptions};
+use crate::line_protocol::LineError;
+use crate::write::Precision;
 
 /// At most this many messages go into one write.
 const MAX_BATCH_MESSAGES: usize = 2048;
@@ -34,6 +36,17 @@ const MAX_BATCH_MESSAGES: usize = 2048;
 const QUEUE_DEPTH: usize = 4096;
 /// Longest wait between reconnection attempts or write retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A `--mqtt*` setting that cannot be used; the message names the setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MqttSettingError(String);
+
+impl From<String> for MqttSettingError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
 
 /// The subscriber's settings, resolved from `serve`'s `--mqtt*` flags.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +79,7 @@ impl MqttConfig {
         db: String,
         client_id: String,
         precision: Precision,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MqttSettingError> {
         let parsed = url::Url::parse(url)
             .map_err(|e| format!("mqtt: '{url}' is not a URL like mqtt://127.0.0.1:1883: {e}"))?;
         match parsed.scheme() {
@@ -74,9 +87,9 @@ impl MqttConfig {
             "mqtts" | "ssl" | "tls" => {
                 return Err(format!(
                     "mqtt: '{url}': TLS connections are not supported; use mqtt:// (a TLS-terminating proxy on loopback can carry it further)"
-                ))
+                ).into())
             }
-            s => return Err(format!("mqtt: '{url}': unknown scheme '{s}', use mqtt://")),
+            s => return Err(format!("mqtt: '{url}': unknown scheme '{s}', use mqtt://").into()),
         }
         let host = parsed
             .host_str()
@@ -109,10 +122,12 @@ impl MqttConfig {
             check_filter(t)?;
         }
         if db.is_empty() || db.chars().any(char::is_control) {
-            return Err(format!("mqtt-db: '{db}' is not a database name"));
+            return Err(format!("mqtt-db: '{db}' is not a database name").into());
         }
         if client_id.is_empty() || client_id.len() > 65_535 {
-            return Err("mqtt-client-id: must be 1 to 65535 bytes".into());
+            return Err("mqtt-client-id: must be 1 to 65535 bytes"
+                .to_string()
+                .into());
         }
         Ok(Self {
             host,
@@ -174,8 +189,8 @@ pub struct TopicPattern {
 
 impl TopicPattern {
     /// Parses a pattern; a `{name}` must fill a whole level.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let err = |why: String| format!("mqtt-pattern: '{text}': {why}");
+    pub fn parse(text: &str) -> Result<Self, MqttSettingError> {
+        let err = |why: String| MqttSettingError(format!("mqtt-pattern: '{text}': {why}"));
         let parts: Vec<&str> = text.split('/').collect();
         let mut levels = Vec::with_capacity(parts.len());
         let mut names: Vec<&str> = Vec::new();
@@ -225,7 +240,7 @@ impl TopicPattern {
     }
 
     /// The captured `(name, value)` pairs of a topic, or why it does not match.
-    pub fn captures<'t>(&self, topic: &'t str) -> Result<Vec<(&str, &'t str)>, String> {
+    fn captures<'t>(&self, topic: &'t str) -> Result<Vec<(&str, &'t str)>, String> {
         let mismatch = || format!("topic '{topic}' does not match the pattern '{}'", self.text);
         let mut out = Vec::new();
         let mut parts = topic.split('/');
@@ -296,14 +311,20 @@ impl Subscriber {
     }
 }
 
-/// Starts the subscriber on the current runtime.
-pub fn spawn(config: MqttConfig, app: Arc<AppState>, stats: Arc<MqttStats>) -> Subscriber {
+/// Starts the subscriber on the current runtime, writing through `ingestor`;
+/// messages larger than `max_message` bytes are refused by the connection.
+pub fn spawn(
+    config: MqttConfig,
+    ingestor: Ingestor,
+    max_message: usize,
+    stats: Arc<MqttStats>,
+) -> Subscriber {
     let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
     options
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(app.max_body_size, 1 << 16);
+        .set_max_packet_size(max_message, 1 << 16);
     if let Some((user, password)) = &config.credentials {
         options.set_credentials(user.clone(), password.clone());
     }
@@ -313,7 +334,7 @@ pub fn spawn(config: MqttConfig, app: Arc<AppState>, stats: Arc<MqttStats>) -> S
     let writer = tokio::spawn(write_loop(
         rx,
         client.clone(),
-        app,
+        ingestor,
         config.clone(),
         stats.clone(),
     ));
@@ -383,7 +404,7 @@ async fn read_loop(
 async fn write_loop(
     mut rx: tokio::sync::mpsc::Receiver<Publish>,
     client: AsyncClient,
-    app: Arc<AppState>,
+    ingestor: Ingestor,
     config: Arc<MqttConfig>,
     stats: Arc<MqttStats>,
 ) {
@@ -411,24 +432,19 @@ async fn write_loop(
             if spans.is_empty() {
                 continue;
             }
+            let options = WriteOptions {
+                precision,
+                ..WriteOptions::default()
+            };
             let outcome = loop {
-                let result = crate::http::write::ingest(
-                    &app,
-                    &config.db,
-                    Bytes::from(body.clone()),
-                    precision,
-                    true,
-                    true,
-                )
-                .await;
+                let result = ingestor
+                    .write(&config.db, Bytes::from(body.clone()), options)
+                    .await;
                 match result {
                     Ok(o) => break o,
                     Err(e) => {
                         // Nothing is acknowledged until written: keep trying.
-                        let e = format!(
-                            "MQTT write to database '{}' failed: {}",
-                            config.db, e.message
-                        );
+                        let e = format!("MQTT write to database '{}' failed: {e}", config.db);
                         tracing::warn!("{e}; retrying in {backoff:?}");
                         stats.note_error(e);
                         stats.write_retries.fetch_add(1, Ordering::Relaxed);
@@ -480,13 +496,6 @@ fn reject(stats: &MqttStats, msg: &Publish, why: &str) {
     stats.note_error(format!("topic {}: {why}", msg.topic));
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
 /// Where one message's lines sit in a combined body.
 #[derive(Debug, Clone, PartialEq)]
 struct Span {
@@ -505,11 +514,8 @@ impl Spans {
     }
 
     /// Groups rejected lines (sorted by line) by the message they came from.
-    fn attribute<'e>(
-        &self,
-        rejected: &'e [citytsdb_ingest::LineError],
-    ) -> Vec<(&Span, Vec<&'e citytsdb_ingest::LineError>)> {
-        let mut out: Vec<(&Span, Vec<&citytsdb_ingest::LineError>)> = Vec::new();
+    fn attribute<'e>(&self, rejected: &'e [LineError]) -> Vec<(&Span, Vec<&'e LineError>)> {
+        let mut out: Vec<(&Span, Vec<&LineError>)> = Vec::new();
         for e in rejected {
             let i = self.0.partition_point(|s| s.first_line + s.lines <= e.line);
             let Some(span) = self.0.get(i) else { continue };
@@ -584,7 +590,7 @@ fn push_span(body: &mut Vec<u8>, spans: &mut Spans, message: usize, text: &[u8])
 /// - `time`: an integer or float whose unit goes by its magnitude (seconds,
 ///   milliseconds, microseconds or nanoseconds, like InfluxDB 3's `auto`), or an
 ///   RFC 3339 string; without it, the time the message arrived.
-pub fn json_lines(
+fn json_lines(
     topic: &str,
     payload: &[u8],
     pattern: Option<&TopicPattern>,
@@ -739,10 +745,12 @@ fn json_time(v: &Value) -> Result<i64, String> {
                 }
             }
         }
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
-            .map_err(|e| format!("'time' \"{s}\" is not an RFC 3339 time: {e}"))?
-            .timestamp_nanos_opt()
-            .ok_or_else(out_of_range),
+        Value::String(s) => parse_rfc3339(s).map_err(|e| match e {
+            citytsdb_storage::units::InvalidUnit::Time { reason, .. } => {
+                format!("'time' \"{s}\" is not an RFC 3339 time: {reason}")
+            }
+            _ => out_of_range(),
+        }),
         other => Err(format!(
             "'time' must be a number or an RFC 3339 string, found {}",
             json_kind(other)
@@ -817,7 +825,7 @@ mod tests {
             lines,
             "manhole,device=MH\\ 1,district=Nan\\,Shan ok=true,tilt_deg=3.0 1700000000123000000\n"
         );
-        let parsed = citytsdb_ingest::parse_body(lines.as_bytes());
+        let parsed = crate::parse_body(lines.as_bytes());
         assert!(parsed.rejected.is_empty());
     }
 
@@ -873,7 +881,7 @@ mod tests {
         push_span(&mut body, &mut spans, 1, b"bad line");
         push_span(&mut body, &mut spans, 2, b"a x=3 3");
         assert_eq!(body, b"a x=1 1\na x=2 2\nbad line\na x=3 3\n");
-        let parsed = citytsdb_ingest::parse_body(&body);
+        let parsed = crate::parse_body(&body);
         let groups = spans.attribute(&parsed.rejected);
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].0.message, 1);
@@ -904,6 +912,7 @@ mod tests {
                 "c".into(),
                 Precision::Nanosecond,
             )
+            .map_err(|e| e.to_string())
         };
         assert_eq!(resolve("mqtt://localhost", "city/#").unwrap().port, 1883);
         assert!(resolve("mqtts://localhost", "#")

@@ -1,8 +1,10 @@
 //! Building one line of line protocol from a CSV row or a JSON object, refusing
 //! what line protocol cannot carry, and reading times.
 
-use citytsdb_ingest::escape::{push_float, push_key, push_measurement, push_string_value};
-use citytsdb_ingest::Precision;
+use crate::escape::{push_float, push_key, push_measurement, push_string_value};
+use citytsdb_storage::units::{parse_rfc3339, InvalidUnit};
+
+use crate::write::Precision;
 
 /// A field's value, typed as it will be written.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,7 +109,7 @@ impl LineBuilder {
 
 /// Why a name or value cannot go into line protocol, if it cannot.
 fn unwritable(text: &str) -> Option<&'static str> {
-    citytsdb_ingest::escape::unwritable(text)
+    crate::escape::unwritable(text)
 }
 
 /// Reads a time: an integer in `precision`, or RFC 3339 text; in nanoseconds.
@@ -119,11 +121,12 @@ pub(super) fn parse_time(text: &str, precision: Precision) -> Result<i64, String
     if let Ok(n) = text.parse::<i64>() {
         return integer_time(n, precision);
     }
-    let t = chrono::DateTime::parse_from_rfc3339(text).map_err(|_| {
-        format!("time '{text}' is neither an integer (in --precision) nor RFC 3339")
-    })?;
-    t.timestamp_nanos_opt()
-        .ok_or_else(|| format!("time '{text}' is out of range (years 1677 to 2262)"))
+    parse_rfc3339(text).map_err(|e| match e {
+        InvalidUnit::TimeOutOfRange(_) => {
+            format!("time '{text}' is out of range (years 1677 to 2262)")
+        }
+        _ => format!("time '{text}' is neither an integer (in --precision) nor RFC 3339"),
+    })
 }
 
 /// An integer time in `precision`, in nanoseconds.
@@ -158,7 +161,7 @@ pub(super) fn parse_bool(text: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use citytsdb_ingest::{parse_body, FieldValue};
+    use crate::{parse_body, FieldValue};
 
     #[test]
     fn built_lines_parse_back_to_the_same_names_and_values() {

@@ -1,0 +1,247 @@
+//! The one way rows get into citytsdb. HTTP (`/api/v1/write` and InfluxDB's
+//! paths), MQTT and `citytsdb import --data-dir` all hand a line-protocol body to
+//! an [`Ingestor`], which:
+//!
+//! 1. parses it on borrowed bytes (`line_protocol.rs`), off the async threads;
+//! 2. validates each line under the storage engine's schema lock (`write.rs`),
+//!    growing tables and columns, rejecting a line whose types conflict;
+//! 3. builds one Arrow batch per table of the accepted lines;
+//! 4. writes them with `Engine::write`, which returns once they are durable and
+//!    visible;
+//! 5. tells the [`WriteListener`]s (the alert fast path) of the written batches.
+//!
+//! Its [`IngestError`] says whose fault a failure is: the client's (do not send
+//! it again), a busy store's (send it again later), or ours (permanent).
+
+use std::sync::Arc;
+
+use citytsdb_storage::units::now_nanos;
+use citytsdb_storage::{Engine, StorageError};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::line_protocol::LineError;
+use crate::write::{build_batches, parse_body, validate, Precision};
+
+/// Told of every write once it is durable, with its batches (one per table, as
+/// written). Must not block: it runs on the writer's task.
+pub trait WriteListener: Send + Sync {
+    /// `tables` were written to `db`.
+    fn written(&self, db: &str, tables: &[(String, RecordBatch)]);
+}
+
+/// Whose fault a failed write is, which decides what its sender should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request is wrong; sending it again fails again (HTTP 4xx).
+    Client,
+    /// The store is busy or stopping; the same request may succeed later (HTTP 503).
+    Retry,
+    /// The store failed; nothing was written (HTTP 500).
+    Permanent,
+}
+
+/// Why a write wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The database name cannot be stored.
+    #[error("invalid database name: at most 255 characters, no control characters")]
+    InvalidDatabase,
+    /// The storage engine refused or failed the write.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The accepted lines could not be made into batches (a bug).
+    #[error("building batches: {0}")]
+    Batches(#[source] ArrowError),
+    /// The blocking task parsing the body did not finish (a bug).
+    #[error("the parsing task failed: {0}")]
+    Task(String),
+}
+
+impl IngestError {
+    /// Whose fault it is.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::InvalidDatabase => Fault::Client,
+            Self::Storage(StorageError::InvalidInput(_) | StorageError::DatabaseNotFound(_)) => {
+                Fault::Client
+            }
+            Self::Storage(StorageError::BufferFull(_) | StorageError::ShuttingDown) => Fault::Retry,
+            Self::Storage(_) | Self::Batches(_) | Self::Task(_) => Fault::Permanent,
+        }
+    }
+}
+
+/// What to write and how.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// The unit of the lines' timestamps.
+    pub precision: Precision,
+    /// Fsync before returning (false: InfluxDB 3's `no_sync`, the rows survive a
+    /// crash of the process but not of the machine).
+    pub sync: bool,
+    /// Write the good lines of a body with bad ones (false: write nothing then).
+    pub accept_partial: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::Nanosecond,
+            sync: true,
+            accept_partial: true,
+        }
+    }
+}
+
+/// What a write did with a body.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Lines rejected, in line order (none written when `accept_partial` was false).
+    pub rejected: Vec<LineError>,
+    /// Lines that were neither blank nor comments.
+    pub data_lines: usize,
+    /// Whether the accepted lines were written.
+    pub written: bool,
+}
+
+impl Outcome {
+    /// Rows written.
+    pub fn rows_written(&self) -> usize {
+        if self.written {
+            self.data_lines - self.rejected.len()
+        } else {
+            0
+        }
+    }
+}
+
+/// A body parsed and validated, not yet written.
+pub struct Prepared {
+    /// One Arrow batch per table, of the accepted lines.
+    pub tables: Vec<(String, RecordBatch)>,
+    /// Rejected lines, in line order.
+    pub rejected: Vec<LineError>,
+    /// Lines that were neither blank nor comments.
+    pub data_lines: usize,
+}
+
+/// Writes line protocol into a storage engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingestor {
+    storage: Engine,
+    listeners: Vec<Arc<dyn WriteListener>>,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor")
+            .field("listeners", &self.listeners.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingestor {
+    /// An ingestor writing into `storage`.
+    pub fn new(storage: Engine) -> Self {
+        Self {
+            storage,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Adds a listener told of every write.
+    pub fn with_listener(mut self, listener: Arc<dyn WriteListener>) -> Self {
+        self.listeners.push(listener);
+        self
+    }
+
+    /// The storage engine written to.
+    pub fn storage(&self) -> &Engine {
+        &self.storage
+    }
+
+    /// Parses, validates and writes a body: its good lines, or, without
+    /// `accept_partial`, nothing if a line is bad. When this returns `Ok` with
+    /// `written`, the rows are visible and (with `sync`) durable.
+    pub async fn write(
+        &self,
+        db: &str,
+        body: bytes::Bytes,
+        options: WriteOptions,
+    ) -> Result<Outcome, IngestError> {
+        let now = now_nanos();
+        let this = self.clone();
+        let db_name = db.to_string();
+        let prepared = tokio::task::spawn_blocking(move || {
+            this.prepare(&db_name, &body, options.precision, now)
+        })
+        .await
+        .map_err(|e| IngestError::Task(e.to_string()))??;
+        let write = options.accept_partial || prepared.rejected.is_empty();
+        if write && !prepared.tables.is_empty() {
+            self.write_prepared(db, prepared.tables, options.sync)
+                .await?;
+        }
+        Ok(Outcome {
+            rejected: prepared.rejected,
+            data_lines: prepared.data_lines,
+            written: write,
+        })
+    }
+
+    /// Writes batches made by [`Ingestor::prepare`] and tells the listeners.
+    pub async fn write_prepared(
+        &self,
+        db: &str,
+        tables: Vec<(String, RecordBatch)>,
+        sync: bool,
+    ) -> Result<(), IngestError> {
+        if self.listeners.is_empty() {
+            self.storage.write(db, tables, sync).await?;
+            return Ok(());
+        }
+        // Batches share their buffers: the copy for the listeners is cheap.
+        let written = tables.clone();
+        self.storage.write(db, tables, sync).await?;
+        for l in &self.listeners {
+            l.written(db, &written);
+        }
+        Ok(())
+    }
+
+    /// Parses a body, validates its lines against the database's schemas (adding
+    /// new tables and columns), and builds the batches of the accepted lines;
+    /// lines without a timestamp get `now_ns`. Nothing is written. Blocks on the
+    /// schema lock: call it off the async threads.
+    pub fn prepare(
+        &self,
+        db: &str,
+        body: &[u8],
+        precision: Precision,
+        now_ns: i64,
+    ) -> Result<Prepared, IngestError> {
+        check_db_name(db)?;
+        let parsed = parse_body(body);
+        let mut rejected = parsed.rejected;
+        let validated = self
+            .storage
+            .update_schemas(db, |schemas| validate(parsed.lines, precision, schemas));
+        rejected.extend(validated.rejected.iter().cloned());
+        rejected.sort_by_key(|e| e.line);
+        let tables = build_batches(&validated, now_ns).map_err(IngestError::Batches)?;
+        Ok(Prepared {
+            tables,
+            rejected,
+            data_lines: parsed.data_lines,
+        })
+    }
+}
+
+/// Refuses database names no store can hold.
+pub fn check_db_name(db: &str) -> Result<(), IngestError> {
+    if db.chars().count() > 255 || db.chars().any(char::is_control) {
+        return Err(IngestError::InvalidDatabase);
+    }
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Durations, sizes and times as people write them: `30s`, `512MiB`,
+//! `2025-12-01T00:00:00Z`. The one place each is parsed and printed, for flags,
+//! config files, rules and answers alike.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, Timelike};
+
+/// A value that does not read as the unit it should be; the message says what
+/// was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidUnit {
+    /// Not a duration.
+    #[error("{0}")]
+    Duration(String),
+    /// Not a size.
+    #[error("{0}")]
+    Size(String),
+    /// Not an RFC 3339 time.
+    #[error("'{text}' is not an RFC 3339 time: {reason}")]
+    Time {
+        /// The text given.
+        text: String,
+        /// What chrono found wrong.
+        reason: String,
+    },
+    /// An RFC 3339 time outside what nanoseconds since 1970 in an `i64` hold.
+    #[error("'{0}' is outside the years 1677 to 2262")]
+    TimeOutOfRange(String),
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `2d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, InvalidUnit> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| InvalidUnit::Duration(format!("'{s}' is not a duration like 30s or 5m")))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(InvalidUnit::Duration(format!(
+                "'{s}': unknown unit '{unit}' (use ms, s, m, h or d)"
+            )))
+        }
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| InvalidUnit::Duration(format!("'{s}' is too long")))
+}
+
+/// Parses a size above zero: `1048576`, `512KiB`, `64MiB`, `1GiB` (also `KB`,
+/// `MB`, `GB` as powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, InvalidUnit> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| InvalidUnit::Size(format!("'{s}' is not a size like 512MiB")))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        u => {
+            return Err(InvalidUnit::Size(format!(
+                "'{s}': unknown unit '{u}' (use B, KiB, MiB or GiB)"
+            )))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| InvalidUnit::Size(format!("'{s}' is not a usable size")))
+}
+
+/// Parses an RFC 3339 time (`2025-12-01T08:00:00+08:00`) into Unix nanoseconds.
+pub fn parse_rfc3339(s: &str) -> Result<i64, InvalidUnit> {
+    let t = DateTime::parse_from_rfc3339(s.trim()).map_err(|e| InvalidUnit::Time {
+        text: s.to_string(),
+        reason: e.to_string(),
+    })?;
+    t.timestamp_nanos_opt()
+        .ok_or_else(|| InvalidUnit::TimeOutOfRange(s.to_string()))
+}
+
+/// Unix nanoseconds as RFC 3339 in UTC: `2025-12-01T00:00:00Z`,
+/// `2025-12-01T00:00:00.5Z`.
+pub fn rfc3339(nanos: i128) -> String {
+    let mut s = String::with_capacity(30);
+    push_rfc3339(&mut s, nanos);
+    s
+}
+
+/// Appends [`rfc3339`] of `nanos` to `out`, without allocating for the common
+/// years 0 to 9999. A time chrono cannot represent is printed as its number.
+pub fn push_rfc3339(out: &mut String, nanos: i128) {
+    let secs = nanos.div_euclid(1_000_000_000);
+    let frac = nanos.rem_euclid(1_000_000_000) as u32;
+    let Some(dt) = i64::try_from(secs)
+        .ok()
+        .and_then(|s| DateTime::from_timestamp(s, frac))
+    else {
+        let _ = write!(out, "{nanos}");
+        return;
+    };
+    let year = dt.year();
+    if (0..=9999).contains(&year) {
+        let _ = write!(
+            out,
+            "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            dt.month(),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second()
+        );
+    } else {
+        // ISO 8601 expanded years, as chrono writes them.
+        let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
+    }
+    if frac > 0 {
+        let mut digits = *b"000000000";
+        let mut rest = frac;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let used = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        out.push('.');
+        // The digits are ASCII.
+        out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
+    }
+    out.push('Z');
+}
+
+/// Unix nanoseconds now (0 before 1970, `i64::MAX` after 2262).
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 furlongs").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("99999999999999999d").is_err());
+    }
+
+    #[test]
+    fn times_read_with_their_offset() {
+        assert_eq!(
+            parse_rfc3339("2025-12-01T08:00:00+08:00"),
+            Ok(1_764_547_200_000_000_000)
+        );
+        assert!(matches!(
+            parse_rfc3339("yesterday"),
+            Err(InvalidUnit::Time { .. })
+        ));
+        assert!(matches!(
+            parse_rfc3339("9999-01-01T00:00:00Z"),
+            Err(InvalidUnit::TimeOutOfRange(_))
+        ));
+    }
+
+    /// The old, allocating way: chrono's formatter and trimmed fraction digits.
+    fn rfc3339_by_chrono(nanos: i128) -> String {
+        let secs = nanos.div_euclid(1_000_000_000);
+        let frac = nanos.rem_euclid(1_000_000_000) as u32;
+        let Some(dt) = i64::try_from(secs)
+            .ok()
+            .and_then(|s| DateTime::from_timestamp(s, frac))
+        else {
+            return nanos.to_string();
+        };
+        let mut s = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
+        if frac > 0 {
+            let digits = format!("{frac:09}");
+            let _ = write!(s, ".{}", digits.trim_end_matches('0'));
+        }
+        s + "Z"
+    }
+
+    #[test]
+    fn timestamps_print_as_chrono_would() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut cases: Vec<i128> = vec![
+            0,
+            1,
+            -1,
+            1_764_547_200_000_000_000,
+            1_764_547_200_120_000_000,
+            -62_135_596_800_000_000_000, // 0001-01-01
+            -62_135_596_800_000_000_001, // the year 0
+            253_402_300_800_000_000_000, // 10000-01-01
+            i64::MIN as i128,
+            i64::MAX as i128,
+            i128::MAX,
+        ];
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push(x as i64 as i128 * 1_000);
+            cases.push(x as i64 as i128);
+        }
+        for n in cases {
+            assert_eq!(rfc3339(n), rfc3339_by_chrono(n), "{n}");
+        }
+    }
+}
