@@ -29,14 +29,13 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, RecordBatch, TimestampNanosecondArray, UInt64Array,
 };
-use datafusion::arrow::compute::{cast, concat_batches, lexsort_to_indices, take, SortColumn};
+use datafusion::arrow::compute::{cast, lexsort_to_indices, take, SortColumn};
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::Session;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{plan_err, DFSchema, DFSchemaRef, DataFusionError, Result, ScalarValue};
 use datafusion::execution::context::QueryPlanner;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::functions::datetime::date_bin;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
@@ -49,14 +48,10 @@ use datafusion::logical_expr::{
 };
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::optimizer::AnalyzerRule;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
-    PlanProperties, ReplaceChildrenOptions,
-};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
+
+use crate::collect::{CollectExec, Transform};
 
 /// Most rows one gap fill may produce; past it the query is refused, not run out
 /// of memory (a one-second stride over a year would be 31 million rows per group).
@@ -667,7 +662,7 @@ impl ExtensionPlanner for GapFillPlanner {
 
 /// What [`GapFillExec`] does, by input column index.
 #[derive(Debug, Clone)]
-struct Spec {
+pub struct Spec {
     bucket: usize,
     groups: Vec<usize>,
     stride: i64,
@@ -677,121 +672,29 @@ struct Spec {
 }
 
 /// Writes every bucket of every group of its (aggregated) input, filled.
-#[derive(Debug)]
-pub struct GapFillExec {
-    input: Arc<dyn ExecutionPlan>,
-    spec: Spec,
-    properties: Arc<PlanProperties>,
-}
+pub type GapFillExec = CollectExec<Spec>;
 
-impl GapFillExec {
-    fn new(input: Arc<dyn ExecutionPlan>, spec: Spec) -> Self {
-        let keys: Vec<usize> = std::iter::once(spec.bucket)
-            .chain(spec.groups.iter().copied())
+impl Transform for Spec {
+    const NAME: &'static str = "GapFillExec";
+
+    fn schema(&self, input: &SchemaRef) -> SchemaRef {
+        let keys: Vec<usize> = std::iter::once(self.bucket)
+            .chain(self.groups.iter().copied())
             .collect();
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(filled_arrow_schema(&input.schema(), &keys)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
-        Self {
-            input,
-            spec,
-            properties,
-        }
+        filled_arrow_schema(input, &keys)
     }
-}
 
-impl DisplayAs for GapFillExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.spec;
-        let buckets = (s.last_bucket - s.first_bucket).div_euclid(s.stride) + 1;
+    fn describe(&self, _input: &SchemaRef, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let buckets = (self.last_bucket - self.first_bucket).div_euclid(self.stride) + 1;
         write!(
             f,
-            "GapFillExec: stride={}ns buckets={} fills={:?}",
-            s.stride, buckets, s.fills
-        )
-    }
-}
-
-impl ExecutionPlan for GapFillExec {
-    fn name(&self) -> &str {
-        "GapFillExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self::new(
-            children.swap_remove(0),
-            self.spec.clone(),
-        )))
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+            "stride={}ns buckets={} fills={:?}",
+            self.stride, buckets, self.fills
         )
     }
 
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(DataFusionError::Internal(format!(
-                "GapFillExec has one partition, asked for {partition}"
-            )));
-        }
-        let mut streams = Vec::new();
-        for p in 0..self.input.properties().partitioning.partition_count() {
-            streams.push(self.input.execute(p, context.clone())?);
-        }
-        let schema = self.schema();
-        let input_schema = self.input.schema();
-        let spec = self.spec.clone();
-        let out_schema = schema.clone();
-        let fut = async move {
-            let mut batches = Vec::new();
-            for s in streams {
-                batches.extend(common::collect(s).await?);
-            }
-            let input = concat_batches(&input_schema, &batches)?;
-            let filled = fill(&input, &spec)?;
-            Ok(RecordBatch::try_new(out_schema, filled.columns().to_vec())?)
-        };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            futures::stream::once(fut),
-        )))
+    fn apply(&self, input: &RecordBatch) -> Result<RecordBatch> {
+        fill(input, self)
     }
 }
 

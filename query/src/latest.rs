@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use citytsdb_storage::schema::TIME_COLUMN;
 use citytsdb_storage::{ColumnKind, Engine, TableSchema};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
-use datafusion::arrow::compute::{concat_batches, take_record_batch};
+use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::catalog::{Session, TableProvider};
@@ -35,7 +35,6 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{exec_err, plan_err, Column, DFSchemaRef, HashMap, Result};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -44,15 +43,10 @@ use datafusion::logical_expr::{
     UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::AnalyzerRule;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
-    PlanProperties, ReplaceChildrenOptions,
-};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
+use crate::collect::{CollectExec, Transform};
 use crate::exec::{external, CityScanExec, ScanReport};
 
 /// The analyzer rule that answers latest-per-series queries from memory.
@@ -320,7 +314,7 @@ impl ExtensionPlanner for LatestPlanner {
 
 /// What [`LatestPerKeyExec`] does, by input column index.
 #[derive(Debug, Clone)]
-struct KeySpec {
+pub struct KeySpec {
     keys: Vec<usize>,
     time: usize,
     nulls_first: bool,
@@ -328,121 +322,31 @@ struct KeySpec {
 
 /// Runs [`LatestPerKey`]: collects its (small) input and keeps the latest row of
 /// each key, in input order.
-#[derive(Debug)]
-pub struct LatestPerKeyExec {
-    input: Arc<dyn ExecutionPlan>,
-    spec: KeySpec,
-    properties: Arc<PlanProperties>,
-}
+pub type LatestPerKeyExec = CollectExec<KeySpec>;
 
-impl LatestPerKeyExec {
-    fn new(input: Arc<dyn ExecutionPlan>, spec: KeySpec) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(input.schema()),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
-        Self {
-            input,
-            spec,
-            properties,
-        }
+impl Transform for KeySpec {
+    const NAME: &'static str = "LatestPerKeyExec";
+
+    fn schema(&self, input: &SchemaRef) -> SchemaRef {
+        input.clone()
     }
-}
 
-impl DisplayAs for LatestPerKeyExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let schema = self.input.schema();
-        let name = |i: usize| schema.field(i).name().clone();
+    fn describe(&self, input: &SchemaRef, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = |i: usize| input.field(i).name().clone();
         write!(
             f,
-            "LatestPerKeyExec: keys=[{}] time={}",
-            self.spec
-                .keys
+            "keys=[{}] time={}",
+            self.keys
                 .iter()
                 .map(|&i| name(i))
                 .collect::<Vec<_>>()
                 .join(", "),
-            name(self.spec.time)
-        )
-    }
-}
-
-impl ExecutionPlan for LatestPerKeyExec {
-    fn name(&self) -> &str {
-        "LatestPerKeyExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self::new(
-            children.swap_remove(0),
-            self.spec.clone(),
-        )))
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+            name(self.time)
         )
     }
 
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return exec_err!("LatestPerKeyExec has one partition, asked for {partition}");
-        }
-        let mut streams = Vec::new();
-        for p in 0..self.input.properties().partitioning.partition_count() {
-            streams.push(self.input.execute(p, context.clone())?);
-        }
-        let schema = self.schema();
-        let spec = self.spec.clone();
-        let fut = {
-            let schema = schema.clone();
-            async move {
-                let mut batches = Vec::new();
-                for s in streams {
-                    batches.extend(common::collect(s).await?);
-                }
-                latest_per_key(&concat_batches(&schema, &batches)?, &spec)
-            }
-        };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            futures::stream::once(fut),
-        )))
+    fn apply(&self, input: &RecordBatch) -> Result<RecordBatch> {
+        latest_per_key(input, self)
     }
 }
 

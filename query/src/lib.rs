@@ -14,9 +14,12 @@
 //!    ordered aggregates; latest-per-series `DISTINCT ON` reads the series registry.
 //!    `gapfill.rs` plans `date_bin_gapfill` with `locf`/`interpolate` as a
 //!    `GapFill` node and runs it as `GapFillExec`.
+//!    Both run in `collect.rs`'s `CollectExec`, which collects a node's whole
+//!    input, charging it to the query's memory pool, then transforms it.
 //! 5. `system.rs` — the `system` schema: tables, segments, devices, alert state.
 //! 6. `error.rs` — failures classified as the user's (with a position) or ours.
 
+pub mod collect;
 pub mod engine;
 pub mod error;
 pub mod exec;

@@ -19,7 +19,7 @@ use std::hint::black_box;
 use citytsdb_benches::fixtures::{city_batches, city_body};
 use citytsdb_ingest::line_protocol::parse_lines;
 use citytsdb_ingest::{build_batches, parse_body, validate, Precision};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 
 /// Lines in the body.
 const LINES: usize = 10_000;
@@ -60,4 +60,3 @@ fn line_protocol(c: &mut Criterion) {
 }
 
 criterion_group!(benches, line_protocol);
-criterion_main!(benches);

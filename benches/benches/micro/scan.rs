@@ -23,7 +23,7 @@ use citytsdb_ingest::{build_batches, parse_body, validate, Precision};
 use citytsdb_query::{QueryEngine, QueryLimits};
 use citytsdb_server::format::{render, Format};
 use citytsdb_storage::{Engine, EngineConfig};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use object_store::memory::InMemory;
 
 const LATEST: &str = "SELECT DISTINCT ON (device) device, district, time, tilt_deg, \
@@ -110,4 +110,3 @@ fn scan(c: &mut Criterion) {
 }
 
 criterion_group!(benches, scan);
-criterion_main!(benches);

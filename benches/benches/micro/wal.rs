@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use citytsdb_benches::fixtures::{city_batches, city_body};
 use citytsdb_storage::wal::{list_files, WalEntry, WalWriter};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 
 /// Lines in the write.
 const LINES: usize = 1_000;
@@ -82,4 +82,3 @@ fn wal(c: &mut Criterion) {
 }
 
 criterion_group!(benches, wal);
-criterion_main!(benches);

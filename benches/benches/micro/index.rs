@@ -19,7 +19,7 @@ use citytsdb_benches::fixtures::{city_batches, city_days, segment_rows};
 use citytsdb_query::provider::access_plan;
 use citytsdb_storage::index::{SegmentIndex, TagConstraint};
 use citytsdb_storage::segment::encode;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 
 /// The access plan of the rows matching `filter`, and the rows it selects.
 fn plan(index: &SegmentIndex, filter: &[TagConstraint]) -> u64 {
@@ -65,4 +65,3 @@ fn index(c: &mut Criterion) {
 }
 
 criterion_group!(benches, index);
-criterion_main!(benches);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use citytsdb_benches::fixtures::{city_batches, city_days, segment_rows};
 use citytsdb_storage::segment::encode;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 
 fn segment(c: &mut Criterion) {
     let write = city_batches(&city_days(500, 300, 1));
@@ -28,4 +28,3 @@ fn segment(c: &mut Criterion) {
 }
 
 criterion_group!(benches, segment);
-criterion_main!(benches);
