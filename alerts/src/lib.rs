@@ -21,7 +21,10 @@
 //!    their `active_at`) and the outbox as they were: a firing instance stays
 //!    firing without a second "firing" message.
 
+pub mod clock;
+pub mod notifier;
 pub mod notify;
+pub mod queries;
 pub mod rows;
 pub mod rule;
 pub mod state;
