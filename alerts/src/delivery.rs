@@ -126,3 +126,92 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.deliver_due();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use crate::testing::{answer, rule, Harness, HOOK, S, T0, TILTED};
+
+    #[tokio::test]
+    async fn nothing_is_posted_before_the_outbox_is_stored() {
+        let h = Harness::new().await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        assert_eq!(h.engine.deliver_due(), 0, "not stored yet");
+        assert!(h.notifier.posts().is_empty());
+        assert!(h.engine.store_now());
+        assert_eq!(
+            h.stored_state()["outbox"]["0"]["body"]["alerts"][0]["labels"]["device"],
+            "mh-1",
+            "stored before it is sent"
+        );
+        assert_eq!(h.engine.deliver_due(), 1);
+        assert_eq!(h.notifier.accepted().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_notification_is_retried_with_backoff_and_order_is_kept() {
+        let h = Harness::new().await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.notifier.set_failing(true);
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        h.advance(5.0);
+        h.queries.set_answer(TILTED, vec![]);
+        h.engine.evaluate_now(&id).await;
+
+        // Only the oldest entry of the target is tried; it is refused.
+        assert_eq!(h.store_and_deliver(), 1);
+        assert!(h.engine.store_now());
+        let outbox = h.stored_state()["outbox"].clone();
+        assert_eq!(outbox.as_object().map(|o| o.len()), Some(2));
+        assert_eq!(outbox["0"]["attempts"], 1);
+        assert_eq!(outbox["0"]["next_attempt"], T0 + 6 * S);
+        assert_eq!(
+            outbox["0"]["last_error"],
+            format!("POST {HOOK}: answered 503")
+        );
+        assert_eq!(outbox["1"]["attempts"], 0);
+
+        h.advance(0.5);
+        assert_eq!(h.engine.deliver_due(), 0, "waits out 1 s");
+        h.advance(0.5);
+        assert_eq!(h.engine.deliver_due(), 1, "refused again");
+        h.notifier.set_failing(false);
+        h.advance(1.0);
+        assert_eq!(h.engine.deliver_due(), 0, "waits out 2 s");
+        h.advance(1.0);
+        assert_eq!(h.engine.deliver_due(), 2, "the head, then the next");
+
+        let attempts: Vec<(String, bool)> = h
+            .notifier
+            .posts()
+            .iter()
+            .map(|p| {
+                (
+                    p.body["status"].as_str().unwrap_or_default().to_string(),
+                    p.accepted,
+                )
+            })
+            .collect();
+        assert_eq!(
+            attempts,
+            [
+                ("firing".to_string(), false),
+                ("firing".to_string(), false),
+                ("firing".to_string(), true),
+                ("resolved".to_string(), true),
+            ]
+        );
+        let stats = h.engine.stats();
+        assert_eq!(stats.notifications_failed.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.notifications_sent.load(Ordering::Relaxed), 2);
+        assert!(h.engine.store_now());
+        assert_eq!(h.stored_state()["outbox"], serde_json::json!({}));
+        assert_eq!(h.stored_state()["next_id"], 2);
+    }
+}

@@ -533,3 +533,159 @@ impl AlertEngine {
         self.store_state().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::{answer, rule, Harness, HOOK, TILTED, TILTED_LONG};
+
+    fn stored_rules(h: &Harness) -> Vec<Value> {
+        let bytes = std::fs::read(h.dir.path().join("alerts/rules.json")).expect("rules.json");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn rules_are_checked_planned_and_stored_before_the_answer() {
+        let h = Harness::new().await;
+        let refused = |patch: Value| {
+            let mut spec = rule("tilted", TILTED, "0s", "0s");
+            for (k, v) in patch.as_object().expect("an object") {
+                spec[k] = v.clone();
+            }
+            spec
+        };
+        for (patch, want) in [
+            (json!({"every": "0s"}), "every must be at least"),
+            (json!({"db": "nowhere"}), "database nowhere does not exist"),
+            (json!({"sql": "SELECT nope"}), "sql: "),
+            (
+                json!({"annotations": {"summary": "{{level}}"}}),
+                "annotations.summary uses {{level}}, which the query does not return (its columns: device, tilt_deg)",
+            ),
+        ] {
+            match h.create(refused(patch.clone())).await {
+                Err(RuleError::Invalid(message)) => {
+                    assert!(message.contains(want), "{patch}: {message:?} should say {want:?}")
+                }
+                other => panic!("{patch} should be invalid, got {other:?}"),
+            }
+        }
+        assert!(h.engine.list(None).is_empty());
+        assert!(!h.dir.path().join("alerts/rules.json").exists());
+
+        let id = h.create(rule("tilted", TILTED, "1m", "0s")).await.unwrap();
+        assert_eq!(stored_rules(&h)[0]["id"], json!(id));
+        assert_eq!(stored_rules(&h)[0]["for"], "1m");
+
+        let mut changed = rule("tilted", TILTED, "1m", "0s");
+        changed["severity"] = json!("critical");
+        let spec = serde_json::from_value::<RuleSpec>(changed).unwrap();
+        let shown = h.engine.replace(&id, spec.clone()).await.unwrap();
+        assert_eq!(
+            (shown["id"].clone(), shown["severity"].clone()),
+            (json!(id), json!("critical"))
+        );
+        assert_eq!(stored_rules(&h)[0]["severity"], "critical");
+        assert!(matches!(
+            h.engine.replace("nope", spec).await,
+            Err(RuleError::NotFound(_))
+        ));
+        assert!(matches!(
+            h.engine.delete("nope").await,
+            Err(RuleError::NotFound(_))
+        ));
+        assert_eq!(h.engine.department_of(&id).as_deref(), Some("covers"));
+        h.engine.delete(&id).await.unwrap();
+        assert_eq!(stored_rules(&h), Vec::<Value>::new());
+        assert!(h.engine.get(&id).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_new_query_or_a_deletion_resolves_firing_instances_durably() {
+        let h = Harness::new().await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        assert_eq!(h.states().len(), 1);
+
+        let mut same = rule("tilted", TILTED, "0s", "0s");
+        same["severity"] = json!("critical");
+        h.engine
+            .replace(&id, serde_json::from_value(same).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(h.states().len(), 1, "the same query keeps its instances");
+
+        let other = rule("tilted", TILTED_LONG, "0s", "0s");
+        h.engine
+            .replace(&id, serde_json::from_value(other).unwrap())
+            .await
+            .unwrap();
+        assert!(h.states().is_empty(), "another query starts afresh");
+        let outbox = h.stored_state()["outbox"].clone();
+        assert_eq!(
+            outbox["1"]["body"]["status"], "resolved",
+            "stored when replace returns: {outbox}"
+        );
+
+        h.queries
+            .set_answer(TILTED_LONG, vec![answer(&[("mh-2", 50.0)])]);
+        h.engine.evaluate_now(&id).await;
+        h.engine.delete(&id).await.unwrap();
+        assert!(h.states().is_empty());
+        assert_eq!(
+            h.stored_state()["outbox"]["3"]["body"]["status"],
+            "resolved"
+        );
+        assert_eq!(h.stored_state()["instances"], json!({}));
+        h.engine.deliver_due();
+        assert_eq!(
+            h.told(),
+            [
+                ("firing".to_string(), "mh-1".to_string()),
+                ("resolved".to_string(), "mh-1".to_string()),
+                ("firing".to_string(), "mh-2".to_string()),
+                ("resolved".to_string(), "mh-2".to_string()),
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_the_background_a_rule_is_evaluated_stored_and_told() {
+        let h = Harness::with_driver(Driver::Background).await;
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        let mut spec = rule("tilted", TILTED, "0s", "0s");
+        spec["every"] = json!("1s");
+        h.create(spec).await.unwrap();
+        let stored_outbox = || {
+            std::fs::read(h.dir.path().join("alerts/state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .map(|v| v["outbox"].clone())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(h.notifier.accepted().len() == 1 && stored_outbox() == Some(json!({}))) {
+            assert!(
+                Instant::now() < deadline,
+                "posted: {:?}, stored outbox: {:?}",
+                h.notifier.posts(),
+                stored_outbox()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(h.notifier.posts()[0].target.post_url(), HOOK);
+        assert_eq!(h.told(), [("firing".to_string(), "mh-1".to_string())]);
+        h.engine.shutdown().await;
+        assert!(h.engine.shared.stopping.load(Ordering::SeqCst));
+        assert_eq!(
+            h.stored_state()["instances"].as_object().map(|i| i.len()),
+            Some(1)
+        );
+    }
+}

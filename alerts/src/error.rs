@@ -41,3 +41,26 @@ impl RuleError {
         Self::Internal(format!("{what}: the task did not finish: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use citytsdb_query::Position;
+
+    use super::*;
+
+    #[test]
+    fn plan_errors_are_the_clients_with_where() {
+        let at = RuleError::from_plan(QueryError::Invalid {
+            message: "column nope not found".into(),
+            position: Some(Position { line: 1, column: 8 }),
+        });
+        assert_eq!(
+            at.to_string(),
+            "sql: column nope not found (line 1, column 8)"
+        );
+        let missing = RuleError::from_plan(QueryError::DatabaseNotFound("nowhere".into()));
+        assert!(
+            matches!(missing, RuleError::Invalid(m) if m.starts_with("sql: database nowhere does not exist yet"))
+        );
+    }
+}

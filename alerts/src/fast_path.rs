@@ -273,3 +273,124 @@ fn identities(batch: &RecordBatch, identity: &[String]) -> Vec<BTreeMap<String, 
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use crate::testing::{at, readings, rule, Harness, DB, S, T0, TILTED_NOW};
+    use crate::Clock;
+
+    #[tokio::test]
+    async fn a_matching_write_fires_and_the_next_reading_of_its_series_resolves() {
+        let h = Harness::new().await;
+        let mut spec = rule("tilted-now", TILTED_NOW, "0s", "0s");
+        spec["every"] = "10m".into();
+        let id = h.create(spec).await.unwrap();
+        assert_eq!(h.engine.get(&id).unwrap()["fast_path"], true);
+        let write = |device: &str, tilt: f64| {
+            let t = h.clock.now_nanos();
+            h.engine.on_write(
+                DB,
+                &[("manhole".to_string(), readings(&[(device, t, tilt)]))],
+            );
+        };
+
+        h.engine.on_write(
+            DB,
+            &[(
+                "manhole".to_string(),
+                readings(&[("mh-1", T0, 19.5), ("mh-2", T0, 2.0)]),
+            )],
+        );
+        h.engine.check_written().await;
+        assert_eq!(
+            h.states(),
+            [("mh-1".to_string(), "firing".to_string(), at(0), Some(at(0)))]
+        );
+
+        // Another series' reading changes nothing; the same series' next one resolves.
+        h.advance(1.0);
+        write("mh-2", 3.0);
+        h.engine.check_written().await;
+        assert_eq!(h.states().len(), 1);
+        h.advance(1.0);
+        write("mh-1", 0.5);
+        h.engine.check_written().await;
+        assert!(h.states().is_empty());
+
+        h.store_and_deliver();
+        assert_eq!(
+            h.told(),
+            [
+                ("firing".to_string(), "mh-1".to_string()),
+                ("resolved".to_string(), "mh-1".to_string())
+            ]
+        );
+        let bodies = h.notifier.accepted();
+        assert_eq!(
+            bodies[0]["alerts"][0]["annotations"]["summary"],
+            "mh-1 tilted 19.5 degrees"
+        );
+        assert_eq!(bodies[1]["alerts"][0]["endsAt"], at(2));
+        assert_eq!(
+            h.engine.stats().fast_path_batches.load(Ordering::Relaxed),
+            3
+        );
+        // Its scheduled evaluation only lets time pass: no query runs.
+        h.engine.evaluate_now(&id).await;
+        assert_eq!(h.queries.queries_run(), 0);
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_reading_of_a_series_says_whether_it_still_matches() {
+        let h = Harness::new().await;
+        let id = h
+            .create(rule("tilted-now", TILTED_NOW, "0s", "0s"))
+            .await
+            .unwrap();
+        // Cleared within the batch: fired by the old reading, resolved by the new.
+        let batch = readings(&[
+            ("mh-1", T0 + S, 1.0),
+            ("mh-1", T0, 25.0),
+            ("mh-2", T0, 30.0),
+        ]);
+        h.engine.on_write(DB, &[("manhole".to_string(), batch)]);
+        h.engine.check_written().await;
+        assert_eq!(
+            h.states(),
+            [("mh-2".to_string(), "firing".to_string(), at(0), Some(at(0)))]
+        );
+        let mut moves = h.moves();
+        assert_eq!(moves.pop().as_deref(), Some("mh-1:firing->resolved"));
+        moves.sort();
+        assert_eq!(
+            moves,
+            [
+                "mh-1:inactive->pending",
+                "mh-1:pending->firing",
+                "mh-2:inactive->pending",
+                "mh-2:pending->firing",
+            ]
+        );
+        assert!(h.engine.get(&id).is_some());
+    }
+
+    #[tokio::test]
+    async fn writes_without_fast_path_rules_are_not_checked() {
+        let h = Harness::new().await;
+        h.create(rule("tilted-now", TILTED_NOW, "0s", "0s"))
+            .await
+            .unwrap();
+        let batch = readings(&[("mh-1", T0, 25.0)]);
+        h.engine
+            .on_write("elsewhere", &[("manhole".to_string(), batch.clone())]);
+        h.engine.on_write(DB, &[("parking".to_string(), batch)]);
+        h.engine.check_written().await;
+        assert_eq!(
+            h.engine.stats().fast_path_batches.load(Ordering::Relaxed),
+            0
+        );
+        assert!(h.states().is_empty());
+    }
+}

@@ -46,6 +46,8 @@ pub mod rule;
 mod schedule;
 pub mod state;
 mod store;
+#[cfg(test)]
+mod testing;
 pub mod views;
 
 pub use clock::{Clock, ManualClock, SystemClock};

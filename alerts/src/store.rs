@@ -334,3 +334,219 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: i64) -> Event {
+        Event {
+            time: n,
+            rule_id: "r".into(),
+            rule_name: "n".into(),
+            department: "d".into(),
+            db: "city".into(),
+            fingerprint: "f".into(),
+            from: "pending".into(),
+            to: "firing".into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_history_file_is_appended_then_rewritten_when_twice_too_long() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = Files::new(tmp.path());
+        std::fs::create_dir_all(&files.dir).unwrap();
+        let mut history = History::default();
+        for n in 0..(2 * HISTORY as i64) {
+            history.push(event(n));
+        }
+        let Some(HistoryWrite::Append(lines)) = history.take_unwritten() else {
+            panic!("the first lines are appended");
+        };
+        assert_eq!(lines.len(), 2 * HISTORY);
+        files.write_history(HistoryWrite::Append(lines));
+        history.push(event(-1));
+        let Some(HistoryWrite::Rewrite(kept)) = history.take_unwritten() else {
+            panic!("one line more is a rewrite");
+        };
+        assert_eq!(kept.len(), HISTORY);
+        assert_eq!(kept.last().map(|e| e.time), Some(-1));
+        files.write_history(HistoryWrite::Rewrite(kept));
+        assert!(history.take_unwritten().is_none());
+
+        // A torn last line is skipped on load.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files.history)
+            .unwrap()
+            .write_all(b"{\"time\": 5, \"rule")
+            .unwrap();
+        let loaded = files.load().unwrap();
+        assert_eq!(loaded.history.file_lines, HISTORY + 1);
+        assert_eq!(loaded.history.events().count(), HISTORY);
+        assert_eq!(loaded.history.events().last().map(|e| e.time), Some(-1));
+    }
+
+    use crate::rows::instance_fingerprint;
+    use crate::testing::{answer, at, rule, Harness, HOOK, T0, TILTED, TILTED_LONG};
+
+    #[tokio::test]
+    async fn a_restart_keeps_rules_states_and_the_outbox_and_tells_nothing_twice() {
+        let h = Harness::new().await;
+        let tilted = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        let long = h
+            .create(rule("tilted-long", TILTED_LONG, "1h", "0s"))
+            .await
+            .unwrap();
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.queries
+            .set_answer(TILTED_LONG, vec![answer(&[("mh-2", 45.0)])]);
+        h.engine.evaluate_now(&tilted).await;
+        h.engine.evaluate_now(&long).await;
+        assert_eq!(h.store_and_deliver(), 1, "mh-1 fired and was told");
+        // mh-3 fires while the receiver is down: its message waits in the outbox.
+        h.advance(10.0);
+        h.notifier.set_failing(true);
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0), ("mh-3", 30.0)])]);
+        h.engine.evaluate_now(&tilted).await;
+        assert_eq!(h.store_and_deliver(), 1);
+        assert!(h.engine.store_now());
+        let rules = h.engine.list(None);
+        let before = h.states();
+        assert_eq!(before.len(), 3);
+
+        let h = h.restart().await;
+        let same = |r: &serde_json::Value| {
+            let mut r = r.clone();
+            r["last_error"] = serde_json::Value::Null;
+            r["last_evaluation"] = serde_json::Value::Null;
+            r
+        };
+        assert_eq!(
+            h.engine.list(None),
+            rules.iter().map(same).collect::<Vec<_>>()
+        );
+        assert_eq!(h.states(), before, "states and their times survive");
+        let outbox = h.stored_state()["outbox"].clone();
+        assert_eq!(outbox.as_object().map(|o| o.len()), Some(1));
+        assert_eq!(outbox["1"]["attempts"], 1);
+        assert_eq!(outbox["1"]["body"]["alerts"][0]["labels"]["device"], "mh-3");
+
+        h.notifier.set_failing(false);
+        h.advance(10.0);
+        h.engine.evaluate_now(&tilted).await;
+        h.engine.evaluate_now(&long).await;
+        assert_eq!(h.states(), before, "nothing moved");
+        assert_eq!(h.store_and_deliver(), 1, "only the waiting message");
+        let told: Vec<(String, String)> = h.told();
+        assert_eq!(
+            told,
+            [
+                ("firing".to_string(), "mh-1".to_string()),
+                ("firing".to_string(), "mh-3".to_string())
+            ]
+        );
+        assert_eq!(
+            h.moves(),
+            [
+                "mh-1:inactive->pending",
+                "mh-1:pending->firing",
+                "mh-2:inactive->pending",
+                "mh-3:inactive->pending",
+                "mh-3:pending->firing"
+            ],
+            "the history survives too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_state_not_yet_stored_is_lost_with_its_message_and_told_once_after() {
+        let h = Harness::new().await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        // Killed before the store thread wrote anything.
+        let h = h.restart().await;
+        assert!(h.states().is_empty());
+        h.engine.evaluate_now(&id).await;
+        h.store_and_deliver();
+        assert_eq!(h.told(), [("firing".to_string(), "mh-1".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn files_written_by_earlier_versions_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = dir.path().join("alerts");
+        std::fs::create_dir_all(&alerts).unwrap();
+        let id = "0123456789abcdef";
+        let fp = instance_fingerprint(id, &[("device".to_string(), "mh-1".to_string())].into());
+        std::fs::write(
+            alerts.join("rules.json"),
+            format!(
+                r#"[
+  {{
+    "id": "{id}",
+    "name": "tilted",
+    "department": "covers",
+    "sql": "{TILTED}",
+    "db": "city",
+    "every": "15s",
+    "for": "0s",
+    "keep_firing_for": "0s",
+    "severity": "critical",
+    "labels": {{}},
+    "annotations": {{}},
+    "webhook": "{HOOK}",
+    "fast_path": false,
+    "updated_at": "2025-11-30T00:00:00Z"
+  }}
+]"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            alerts.join("state.json"),
+            format!(
+                r#"{{"instances":{{"{id}":{{"active":{{"{fp}":{{"rule_id":"{id}","fingerprint":"{fp}","labels":{{"alertname":"tilted","department":"covers","device":"mh-1","severity":"critical"}},"annotations":{{}},"values":{{"tilt_deg":20.0}},"state":"firing","active_at":{T0},"fired_at":{T0},"last_seen":{T0},"keep_firing_since":null}}}}}}}},"outbox":{{"7":{{"id":7,"rule_id":"{id}","target":{{"kind":"webhook","url":"{HOOK}"}},"body":{{"status":"firing","alerts":[{{"status":"firing","labels":{{"device":"mh-1"}}}}]}},"attempts":3,"next_attempt":{T0},"last_error":"POST {HOOK}: answered 503"}}}},"next_id":8}}"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            alerts.join("history.jsonl"),
+            format!(
+                "{{\"time\":{T0},\"rule_id\":\"{id}\",\"rule_name\":\"tilted\",\"department\":\"covers\",\"db\":\"city\",\"fingerprint\":\"{fp}\",\"from\":\"pending\",\"to\":\"firing\",\"labels\":{{\"device\":\"mh-1\"}}}}\n"
+            ),
+        )
+        .unwrap();
+
+        let h = Harness::new().await;
+        let h = Harness { dir, ..h }.restart().await;
+        let shown = h.engine.get(id).expect("the stored rule");
+        assert_eq!(shown["severity"], "critical");
+        assert_eq!(shown["updated_at"], "2025-11-30T00:00:00Z");
+        assert_eq!(
+            h.states(),
+            [("mh-1".to_string(), "firing".to_string(), at(0), Some(at(0)))]
+        );
+        assert_eq!(h.moves(), ["mh-1:pending->firing"]);
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(id).await;
+        assert_eq!(
+            h.engine.deliver_due(),
+            1,
+            "the stored outbox may go at once"
+        );
+        assert_eq!(h.told(), [("firing".to_string(), "mh-1".to_string())]);
+        assert!(h.engine.store_now());
+        let stored = h.stored_state();
+        assert_eq!(stored["outbox"], serde_json::json!({}));
+        assert_eq!(stored["next_id"], 8);
+        assert_eq!(stored["instances"][id]["active"][&fp]["active_at"], T0);
+    }
+}
