@@ -1,11 +1,10 @@
-//! Notifications: the messages, the persisted outbox they wait in, and their
-//! delivery with retries.
+//! Notifications: what is told, to whom, in which form, and how long to wait
+//! before trying again.
 //!
-//! A state change that must be told (firing, resolved) becomes one outbox entry per
-//! target of its rule, persisted with the instance states before anything is sent.
-//! The delivery thread posts due entries, oldest first and in order per target,
-//! and retries a failure with backoff (1 s doubling to 60 s) until it succeeds:
-//! at least once, never lost to a restart.
+//! A state change that must be told (firing, resolved) becomes one outbox entry
+//! per target of its rule: a webhook gets Alertmanager's webhook message (version
+//! "4"), an Alertmanager gets its `/api/v2/alerts` list. `delivery.rs` posts them
+//! and retries a failure with [`backoff`] (1 s doubling to 60 s) until accepted.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -159,32 +158,6 @@ pub fn alertmanager_alert(i: &Instance, resolved_at: Option<i64>) -> Value {
         a["endsAt"] = Value::from(time(t));
     }
     a
-}
-
-/// Posts one message; `Err` with the reason when it was not accepted.
-pub fn post(agent: &ureq::Agent, target: &Target, body: &Value) -> Result<(), String> {
-    let url = target.post_url();
-    let response = agent
-        .post(&url)
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .map_err(|e| format!("POST {url}: {e}"))?;
-    let status = response.status().as_u16();
-    if (200..300).contains(&status) {
-        Ok(())
-    } else {
-        Err(format!("POST {url}: answered {status}"))
-    }
-}
-
-/// The HTTP client of the delivery thread: bounded in time, statuses as values.
-pub fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .timeout_global(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build(),
-    )
 }
 
 #[cfg(test)]

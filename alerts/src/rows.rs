@@ -5,7 +5,7 @@
 //! its values. Labels and annotations fill `{{column}}` templates from the row,
 //! numbers in their shortest exact form.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
@@ -15,7 +15,7 @@ use datafusion::arrow::datatypes::{
 };
 use serde_json::Value;
 
-use crate::rule::Rule;
+use crate::rule::{Rule, RuleSpec};
 use crate::state::{fingerprint, Observation};
 use citytsdb_storage::units::rfc3339;
 
@@ -51,6 +51,29 @@ pub fn references(template: &str) -> Vec<String> {
         rest = &rest[start + 2 + len + 2..];
     }
     out
+}
+
+/// Checks that every `{{name}}` of the spec's labels and annotations is a column
+/// of the rule's answer; says which is not, and what the columns are.
+pub fn check_templates(spec: &RuleSpec, answer: &Schema) -> Result<(), String> {
+    let columns: BTreeSet<&String> = answer.fields().iter().map(|f| f.name()).collect();
+    for (kind, map) in [("labels", &spec.labels), ("annotations", &spec.annotations)] {
+        for (key, template) in map {
+            for name in references(template) {
+                if !columns.contains(&name) {
+                    return Err(format!(
+                        "{kind}.{key} uses {{{{{name}}}}}, which the query does not return (its columns: {})",
+                        columns
+                            .iter()
+                            .map(|c| c.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fills a template's `{{name}}` references from `row` (an unknown name stays as
@@ -204,7 +227,6 @@ pub fn observations(rule: &Rule, batches: &[RecordBatch]) -> Vec<Observation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule::RuleSpec;
     use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
     use datafusion::arrow::datatypes::Field;
     use std::sync::Arc;

@@ -114,7 +114,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
     if let Some(subscriber) = subscriber {
         subscriber.stop();
     }
-    alerts.shutdown();
+    alerts.shutdown().await;
     tracing::info!("shutting down: flushing buffered rows");
     storage
         .shutdown()

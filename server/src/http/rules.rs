@@ -106,7 +106,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     may_manage_rule(&app, &caller, &id)?;
-    app.alerts.delete(&id)?;
+    app.alerts.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
