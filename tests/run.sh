@@ -12,6 +12,8 @@
 #   while installing, a policy-rc.d that forbids it is put in place if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each phase's wall time goes to stderr, so a slow CI run says where its time went.
+phase() { echo "run.sh: $1 done after ${SECONDS}s" >&2; }
 
 # need_deb PACKAGE BINARY: installs Debian's PACKAGE unless BINARY is on PATH.
 need_deb() {
@@ -46,6 +48,7 @@ need_deb prometheus-alertmanager prometheus-alertmanager
 need_deb mosquitto /usr/sbin/mosquitto
 need_deb mosquitto-clients mosquitto_pub
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+phase "installing"
 
 cargo fmt --all -- --check
 # One build of everything, linted as it compiles: clippy's driver wraps rustc for
@@ -57,7 +60,9 @@ export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 # A fresh build gains nothing from incremental caches, and writing them costs time and disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo build --workspace --all-targets
+phase "formatting, lints and the build"
 # The build is a few GB; say how much room is left, so a full disk is plain to see.
 df -h "${CARGO_TARGET_DIR:-target}" | sed 's/^/run.sh: /' >&2
 # The end-to-end tests start the binary of this very build.
 CITYTSDB_BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/debug/citytsdb" cargo test --workspace --all-targets
+phase "the tests"
