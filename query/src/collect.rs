@@ -263,10 +263,7 @@ mod tests {
         let err = collect_all(exec.execute(0, context(256 << 10)).unwrap())
             .await
             .unwrap_err();
-        assert!(
-            err.to_string().contains("Resources exhausted"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("Resources exhausted"), "{err}");
         let pool = context(64 << 20);
         let ok = collect_all(exec.execute(0, pool.clone()).unwrap()).await;
         assert!(ok.is_ok());
