@@ -24,6 +24,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use futures::StreamExt;
 
 use crate::error::{Position, QueryError};
@@ -37,6 +39,11 @@ use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
 const CATALOG: &str = "citytsdb";
 /// Nesting depth at which the parser refuses SQL, well before any stack is at risk.
 const RECURSION_LIMIT: usize = 64;
+/// Most operators one statement may hold. A flat chain (`a + a + ...`, `x = 1 OR
+/// x = 2 OR ...`) is no nesting to the parser, but the planner walks it, and
+/// frees it, recursively: a few tens of thousands of links take more stack than
+/// any thread has.
+const MAX_OPERATORS: usize = 10_000;
 
 /// What one query may use before it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +133,10 @@ impl Executor {
     fn new() -> Result<Self, QueryError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name("citytsdb-query")
-            // Planning deeply nested SQL recurses; give it room.
-            .thread_stack_size(8 << 20)
+            // Planning recurses through the statement's tree: with MAX_OPERATORS
+            // links and the test profile's larger frames, tens of MiB. Only the
+            // pages a thread touches are ever committed.
+            .thread_stack_size(64 << 20)
             .enable_all()
             .build()
             .map_err(|e| QueryError::Internal(format!("cannot start the query threads: {e}")))?;
@@ -463,6 +472,7 @@ fn plain_filter_table(plan: &datafusion::logical_expr::LogicalPlan) -> Option<St
 /// Refuses anything but exactly one SELECT, EXPLAIN or SHOW statement; returns the
 /// statement rewritten where DataFusion's own reading would surprise (`SHOW`).
 fn check_read_only(sql: &str) -> Result<Option<String>, QueryError> {
+    check_operators(sql)?;
     let statements = DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
         .map_err(|e| QueryError::from_datafusion(e, sql))?;
     let mut iter = statements.iter();
@@ -484,6 +494,49 @@ fn check_read_only(sql: &str) -> Result<Option<String>, QueryError> {
         });
     }
     Ok(rewrite_show(first))
+}
+
+/// Refuses a statement of more than [`MAX_OPERATORS`] operators, pointing at the
+/// first one too many. Text the tokenizer cannot read is left to the parser, which
+/// says what is wrong with it.
+fn check_operators(sql: &str) -> Result<(), QueryError> {
+    let dialect = PostgreSqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
+        return Ok(());
+    };
+    let mut operators = tokens.iter().filter(|t| {
+        matches!(
+            t.token,
+            Token::Plus
+                | Token::Minus
+                | Token::Mul
+                | Token::Div
+                | Token::Mod
+                | Token::Eq
+                | Token::DoubleEq
+                | Token::Neq
+                | Token::Lt
+                | Token::Gt
+                | Token::LtEq
+                | Token::GtEq
+                | Token::StringConcat
+                | Token::Ampersand
+                | Token::Pipe
+                | Token::Caret
+        ) || matches!(&t.token, Token::Word(w) if matches!(w.keyword, Keyword::AND | Keyword::OR))
+    });
+    match operators.nth(MAX_OPERATORS) {
+        None => Ok(()),
+        Some(t) => Err(QueryError::Invalid {
+            message: format!(
+                "the statement holds more than {MAX_OPERATORS} operators; split it, or test many values with IN (...)"
+            ),
+            position: Some(Position {
+                line: t.span.start.line,
+                column: t.span.start.column,
+            }),
+        }),
+    }
 }
 
 /// `SHOW COLUMNS FROM t` means the database's table `t`, not every schema's (the
