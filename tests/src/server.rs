@@ -70,10 +70,32 @@ pub fn binary() -> &'static Path {
             .or_else(|| option_env!("CARGO").map(Into::into))
             .unwrap_or_else(|| "cargo".into());
         let args = ["build", "-p", "citytsdb-server", "--bin", "citytsdb"];
-        let status = Command::new(&cargo)
+        let mut build = Command::new(&cargo);
+        build
             .args(args)
             .current_dir(workspace_root())
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // Cargo runs this test with its package's variables set; a dependency whose
+        // build script watches one (ring watches CARGO_MANIFEST_DIR) would be seen
+        // as changed, and with it most of the stack rebuilt.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let set_by_cargo = key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || key.starts_with("CARGO_BIN_")
+                || matches!(
+                    key.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                );
+            if set_by_cargo {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build
             .status()
             .unwrap_or_else(|e| {
                 panic!("could not run {cargo:?} build for the citytsdb binary: {e}")
