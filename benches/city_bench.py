@@ -419,24 +419,22 @@ def city_rows(body: bytes) -> list[dict]:
     return [json.loads(l) for l in body.splitlines() if l.strip()]
 
 
-def latest_catalog(store: Path) -> dict:
-    snaps = sorted((store / "catalog").glob("*.json"))
-    if not snaps:
-        raise RuntimeError(f"no catalog snapshot under {store}/catalog")
-    return json.loads(snaps[-1].read_text())
-
-
-def live_files(store: Path) -> dict:
-    """Files the newest catalog lists, by table and kind."""
-    cat = latest_catalog(store)
-    out = {"parquet": {}, "index": [], "series": [], "catalog": sorted((store / "catalog").glob("*.json"))[-1]}
-    db = cat["databases"].get(DB, {"tables": {}})
-    for name, t in db["tables"].items():
-        out["parquet"][name] = [store / s["path"] for s in t["segments"].values()]
-        out["index"] += [store / s["index_path"] for s in t["segments"].values()]
-        if t.get("series"):
-            out["series"].append(store / t["series"])
-        out.setdefault("schema", {})[name] = t["schema"]
+def live_files(client: Client, store: Path) -> dict:
+    """Files the newest catalog lists, by table and kind, as the server's system tables
+    name them; `floats` names each table's float field columns."""
+    status, body = city_sql(client, "SELECT table_name, path FROM system.segments")
+    if status != 200:
+        raise RuntimeError(f"system.segments answered {status}: {body[:300]!r}")
+    out = {"parquet": {}, "index": [], "series": sorted(p for p in (store / "series").rglob("*") if p.is_file()),
+           "catalog": sorted(p for p in (store / "catalog").rglob("*") if p.is_file()), "floats": {}}
+    for row in city_rows(body):
+        path = store / row["path"]
+        out["parquet"].setdefault(row["table_name"], []).append(path)
+        out["index"].append(path.with_suffix(".index"))
+    for name in out["parquet"]:
+        status, body = city_sql(client, f"SHOW COLUMNS FROM {name}")
+        cols = city_rows(body) if status == 200 else []
+        out["floats"][name] = {c["column_name"] for c in cols if c.get("data_type") == "Float64"}
     return out
 
 
@@ -445,7 +443,7 @@ def float_column_bytes(files: dict) -> tuple[int, int, int]:
     import pyarrow.parquet as pq
     col_bytes = values = all_bytes = 0
     for table, paths in files["parquet"].items():
-        floats = {c["name"] for c in files["schema"][table] if c.get("kind") == "field" and c.get("type") == "float"}
+        floats = files["floats"][table]
         for p in paths:
             md = pq.ParquetFile(p).metadata
             for rg in range(md.num_row_groups):
@@ -723,13 +721,13 @@ def phase_citytsdb(args, work: Path, queries: list[dict], R: dict) -> None:
     if status != 200:
         raise RuntimeError(f"flush answered {status}: {body[:300]!r}")
     store = data / "store"
-    files = live_files(store)
+    files = live_files(Client(port), store)
     R["city_files"] = files
     parquet = [p for ps in files["parquet"].values() for p in ps]
     R["city_parquet_bytes"] = sum(p.stat().st_size for p in parquet)
     R["city_index_bytes"] = sum(p.stat().st_size for p in files["index"])
     R["city_series_bytes"] = sum(p.stat().st_size for p in files["series"])
-    R["city_catalog_bytes"] = files["catalog"].stat().st_size
+    R["city_catalog_bytes"] = sum(p.stat().st_size for p in files["catalog"])
     R["city_live_store_bytes"] = (R["city_parquet_bytes"] + R["city_index_bytes"] + R["city_series_bytes"]
                                   + R["city_catalog_bytes"])
     R["city_store_du"] = dir_bytes(store)

@@ -162,7 +162,7 @@ impl<T: Transform> ExecutionPlan for CollectExec<T> {
 
 /// Every batch of `streams` in one batch, its bytes charged to `reservation`
 /// while they are held (the batches and their concatenation, at the peak).
-async fn collect(
+pub(crate) async fn collect(
     streams: Vec<SendableRecordBatchStream>,
     schema: &SchemaRef,
     reservation: MemoryReservation,

@@ -8,6 +8,7 @@ use citytsdb_storage::merge::sort_dedup;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -16,8 +17,8 @@ use datafusion::physical_plan::metrics::{
 };
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    common, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan,
-    ExecutionPlanProperties, Partitioning, PlanProperties, ReplaceChildrenOptions,
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties,
+    Partitioning, PlanProperties, ReplaceChildrenOptions,
 };
 
 /// A storage failure inside a query, as DataFusion carries it.
@@ -294,12 +295,11 @@ impl ExecutionPlan for DedupExec {
         }
         let keys = self.keys.clone();
         let out_schema = schema.clone();
+        let reservation = MemoryConsumer::new("DedupExec").register(context.memory_pool());
         let fut = async move {
-            let mut batches = Vec::new();
-            for s in streams {
-                batches.extend(common::collect(s).await?);
-            }
-            sort_dedup(&out_schema, &batches, &keys).map_err(external)
+            // What is merged is held whole: charged to the query's memory pool.
+            let all = crate::collect::collect(streams, &out_schema, reservation).await?;
+            sort_dedup(&out_schema, &[all], &keys).map_err(external)
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             schema,

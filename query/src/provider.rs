@@ -6,9 +6,11 @@
 //!    groups plus a `RowSelection`), so only the pages holding those rows are read;
 //!    the key filters also go to the Parquet reader for page-index pruning on time.
 //! 4. Buffered rows are filtered by the same bounds and merged in memory.
-//! 5. Segments whose time range meets the buffered rows' go through [`DedupExec`]
-//!    with them, so a (series, time) in both appears once, newest fields winning.
-//!    Segments never overlap each other (the flush keeps it so).
+//! 5. Segments that may hold the same (series, time) — of different runs (one
+//!    flush's or one compaction's segments) whose time ranges meet, or meeting the
+//!    buffered rows' range — go through [`DedupExec`] together, oldest run first,
+//!    so each (series, time) appears once, newest fields winning. Once compaction
+//!    has merged a day into one run, its segments are read as they are.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,6 +43,7 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
+use roaring::RoaringBitmap;
 
 use crate::exec::{external, CityScanExec, DedupExec, ScanReport};
 use crate::pruning::KeyBounds;
@@ -185,9 +188,9 @@ impl TableProvider for CityTable {
         let catalog = self.snapshot.table_catalog(&self.name);
         let mut report = ScanReport {
             table: self.name.clone(),
-            segments_total: catalog.map(|c| c.segments.len()).unwrap_or(0),
+            segments_total: catalog.map(|c| c.segment_count()).unwrap_or(0),
             rows_total: catalog
-                .map(|c| c.segments.values().map(|s| s.rows).sum())
+                .map(|c| c.segments().map(|s| s.rows).sum())
                 .unwrap_or(0),
             ..Default::default()
         };
@@ -204,60 +207,59 @@ impl TableProvider for CityTable {
             .and_then(citytsdb_storage::buffer::time_range);
         report.buffer_rows = buffered.as_ref().map(|b| b.num_rows()).unwrap_or(0);
 
-        // Segments by time range, then by the global tag bitmaps.
-        let mut candidates: Vec<&SegmentMeta> = catalog
-            .map(|c| {
-                c.segments
-                    .values()
-                    .filter(|s| s.overlaps(bounds.min_time, bounds.max_time))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(c) = catalog {
+        // Segments by day and time range, then by the day's tag bitmaps, then each
+        // one's own bitmaps become row selections.
+        let mut chosen: Vec<Chosen<'_>> = Vec::new();
+        for (_, day) in catalog
+            .map(|c| c.days_between(bounds.min_time, bounds.max_time))
+            .into_iter()
+            .flatten()
+        {
+            let mut holding: Option<RoaringBitmap> = None;
             for t in &bounds.tags {
-                let ids = c.tag_segments.get(&t.column);
-                candidates.retain(|s| {
-                    ids.map(|vals| {
-                        t.values
-                            .iter()
-                            .any(|v| vals.get(v).is_some_and(|b| b.0.contains(s.id)))
-                    })
-                    .unwrap_or(false)
+                let ids = day.holding(&t.column, &t.values);
+                holding = Some(match holding {
+                    Some(h) => h & ids,
+                    None => ids,
                 });
             }
-        }
-
-        // Segment bitmaps -> row selections.
-        let mut plain: Vec<PartitionedFile> = Vec::new();
-        let mut overlapping: Vec<PartitionedFile> = Vec::new();
-        for seg in candidates {
-            let file = PartitionedFile::new(seg.path.clone(), seg.size);
-            let file = if bounds.tags.is_empty() {
-                report.rows_selected += seg.rows;
-                report.rows_decoded += seg.rows;
-                file
-            } else {
-                let index = self.indexes.get(&self.store, &seg.index_path).await?;
-                let rows = index.matching_rows(&bounds.tags);
-                if rows.as_ref().is_some_and(|r| r.is_empty()) {
+            for seg in day.segments.values() {
+                if !seg.overlaps(bounds.min_time, bounds.max_time)
+                    || holding.as_ref().is_some_and(|h| !h.contains(seg.id))
+                {
                     continue;
                 }
-                let selection = index.selection(rows.as_ref());
-                report.rows_selected += selection.rows_selected;
-                report.rows_decoded += selection.rows_decoded;
-                file.with_extension(access_plan(selection.row_groups))
-            };
-            report.segments_opened += 1;
-            match buffer_range {
-                Some((lo, hi)) if seg.overlaps(lo, hi) => overlapping.push(file),
-                _ => plain.push(file),
+                let file = PartitionedFile::new(seg.path.clone(), seg.size);
+                let file = if bounds.tags.is_empty() {
+                    report.rows_selected += seg.rows;
+                    report.rows_decoded += seg.rows;
+                    file
+                } else {
+                    let index = self.indexes.get(&self.store, &seg.index_path).await?;
+                    let rows = index.matching_rows(&bounds.tags);
+                    if rows.as_ref().is_some_and(|r| r.is_empty()) {
+                        continue;
+                    }
+                    let selection = index.selection(rows.as_ref());
+                    report.rows_selected += selection.rows_selected;
+                    report.rows_decoded += selection.rows_decoded;
+                    file.with_extension(access_plan(selection.row_groups))
+                };
+                report.segments_opened += 1;
+                chosen.push(Chosen { meta: seg, file });
             }
         }
-        report.segments_merged = overlapping.len();
+        let groups = merge_groups(&chosen, buffer_range);
+        let plain: Vec<PartitionedFile> = groups
+            .plain
+            .iter()
+            .map(|&i| chosen[i].file.clone())
+            .collect();
+        report.segments_merged = groups.merged.iter().map(|g| g.len()).sum();
 
         // With a merge, every source must carry the key columns.
         let mut read_cols = projection.clone();
-        if !overlapping.is_empty() {
+        if !groups.merged.is_empty() {
             for k in key_columns(&self.schema, &self.arrow).map_err(external)? {
                 if !read_cols.contains(&k) {
                     read_cols.push(k);
@@ -266,12 +268,17 @@ impl TableProvider for CityTable {
         }
         let read_schema = Arc::new(self.arrow.project(&read_cols)?);
         let predicate = self.key_predicate(state, &filters)?;
+        let keys = if groups.merged.is_empty() {
+            Vec::new()
+        } else {
+            key_columns(&self.schema, &read_schema).map_err(external)?
+        };
 
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         if !plain.is_empty() {
             parts.push(self.parquet_exec(plain, &read_cols, predicate.clone())?);
         }
-        let memory = match buffered {
+        let mut memory = match buffered {
             Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(
                 &[vec![b]],
                 self.arrow.clone(),
@@ -279,20 +286,24 @@ impl TableProvider for CityTable {
             )? as Arc<dyn ExecutionPlan>),
             _ => None,
         };
-        match (overlapping.is_empty(), memory) {
-            (true, Some(m)) => parts.push(m),
-            (false, Some(m)) => {
-                let seg = self.parquet_exec(overlapping, &read_cols, predicate)?;
-                let keys = key_columns(&self.schema, &read_schema).map_err(external)?;
-                parts.push(Arc::new(DedupExec::new(
-                    read_schema.clone(),
-                    vec![seg, m],
-                    keys,
-                )));
+        for (g, members) in groups.merged.iter().enumerate() {
+            // Oldest rows first: the merge lets later inputs win.
+            let mut inputs: Vec<Arc<dyn ExecutionPlan>> = members
+                .iter()
+                .map(|&i| {
+                    self.parquet_exec(vec![chosen[i].file.clone()], &read_cols, predicate.clone())
+                })
+                .collect::<Result<_>>()?;
+            if groups.buffer_group == Some(g) {
+                inputs.extend(memory.take());
             }
-            (false, None) => parts.push(self.parquet_exec(overlapping, &read_cols, predicate)?),
-            (true, None) => {}
+            parts.push(Arc::new(DedupExec::new(
+                read_schema.clone(),
+                inputs,
+                keys.clone(),
+            )));
         }
+        parts.extend(memory);
 
         let mut plan: Arc<dyn ExecutionPlan> = match parts.len() {
             0 => Arc::new(EmptyExec::new(read_schema.clone())),
@@ -388,6 +399,81 @@ impl CityTable {
                 .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+/// A segment a scan reads, and how.
+struct Chosen<'a> {
+    meta: &'a SegmentMeta,
+    file: PartitionedFile,
+}
+
+/// Which chosen segments are read as they are and which are merged together.
+#[derive(Debug, Default, PartialEq)]
+struct MergeGroups {
+    /// Segments no other source can share a (series, time) with.
+    plain: Vec<usize>,
+    /// Groups to merge, each oldest first (by `seq`).
+    merged: Vec<Vec<usize>>,
+    /// The group the buffered rows join, if they meet any segment.
+    buffer_group: Option<usize>,
+}
+
+/// Groups segments that may hold the same (series, time): two segments of different
+/// runs of one day whose time ranges meet, and any segment meeting the buffered
+/// rows' range, end up in one group (transitively).
+fn merge_groups(chosen: &[Chosen<'_>], buffer: Option<(i64, i64)>) -> MergeGroups {
+    let n = chosen.len();
+    // Union-find over the segments, with node `n` for the buffered rows.
+    let mut parent: Vec<usize> = (0..=n).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut joined = vec![false; n + 1];
+    let join = |parent: &mut Vec<usize>, joined: &mut Vec<bool>, a: usize, b: usize| {
+        let (ra, rb) = (root(parent, a), root(parent, b));
+        parent[ra] = rb;
+        joined[a] = true;
+        joined[b] = true;
+    };
+    for i in 0..n {
+        let a = chosen[i].meta;
+        for (j, other) in chosen.iter().enumerate().skip(i + 1) {
+            let b = other.meta;
+            if a.day == b.day && a.run != b.run && a.overlaps(b.min_time, b.max_time) {
+                join(&mut parent, &mut joined, i, j);
+            }
+        }
+        if let Some((lo, hi)) = buffer {
+            if a.overlaps(lo, hi) {
+                join(&mut parent, &mut joined, i, n);
+            }
+        }
+    }
+    let mut out = MergeGroups::default();
+    let mut group_of_root: HashMap<usize, usize> = HashMap::new();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (chosen[i].meta.seq, chosen[i].meta.id));
+    for i in order {
+        if !joined[i] {
+            out.plain.push(i);
+            continue;
+        }
+        let r = root(&mut parent, i);
+        let g = *group_of_root.entry(r).or_insert_with(|| {
+            out.merged.push(Vec::new());
+            out.merged.len() - 1
+        });
+        out.merged[g].push(i);
+    }
+    if joined[n] {
+        out.buffer_group = group_of_root.get(&root(&mut parent, n)).copied();
+    }
+    out.plain.sort_unstable();
+    out
 }
 
 /// A segment's row-group access, from its tag bitmaps (`SegmentIndex::selection`),

@@ -212,7 +212,7 @@ impl SystemSchema {
             cols.1.push(schema.columns().len() as u64);
             cols.2.push(of_kind(true));
             cols.3.push(of_kind(false));
-            let segments = catalog.map(|c| c.segments.values().collect::<Vec<_>>());
+            let segments = catalog.map(|c| c.segments().collect::<Vec<_>>());
             let segments = segments.unwrap_or_default();
             nums[0].push(series);
             nums[1].push(segments.len() as u64);
@@ -262,7 +262,7 @@ impl SystemSchema {
             let Some(c) = self.snapshot.table_catalog(name) else {
                 continue;
             };
-            let mut segments: Vec<_> = c.segments.values().collect();
+            let mut segments: Vec<_> = c.segments().collect();
             segments.sort_by_key(|s| (s.day, s.id));
             for s in segments {
                 table.push(name.clone());

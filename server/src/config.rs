@@ -53,6 +53,16 @@ pub struct ServeArgs {
     /// Memory one query may hold, e.g. 512MiB; past it a 413
     #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT", default_value = "1GiB", value_parser = size)]
     pub query_memory_limit: usize,
+    /// Compaction cuts merged segments at about this size, e.g. 128MiB
+    #[arg(long, env = "CITYTSDB_COMPACTION_TARGET_SIZE", default_value = "128MiB", value_parser = size)]
+    pub compaction_target_size: usize,
+    /// A day with no new segment for this long is compacted into one run, e.g. 1m
+    #[arg(long, env = "CITYTSDB_COMPACTION_SETTLE", default_value = "60s", value_parser = duration)]
+    pub compaction_settle: Duration,
+    /// Objects no catalog version refers to (left by an interrupted flush or
+    /// compaction) are deleted once this old, e.g. 1h
+    #[arg(long, env = "CITYTSDB_SWEEP_GRACE", default_value = "1h", value_parser = duration)]
+    pub sweep_grace: Duration,
     /// Turns auth on with this admin token (at least 16 characters); without it
     /// auth is off and the server binds loopback addresses only
     #[arg(long, env = "CITYTSDB_ADMIN_TOKEN", hide_env_values = true)]
@@ -148,6 +158,23 @@ impl ServeArgs {
             let dir = citytsdb_storage::paths::local_store_dir(&self.data_dir);
             format!("file://{}", absolute(&dir).display())
         })
+    }
+
+    /// The storage engine's settings over `store`, opened from `store_url`.
+    pub fn engine_config(
+        &self,
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        store_url: &str,
+    ) -> citytsdb_storage::EngineConfig {
+        let mut config = citytsdb_storage::EngineConfig::new(self.data_dir.clone(), store);
+        config.flush_rows = self.flush_rows;
+        config.flush_interval = self.flush_interval;
+        config.max_buffer_bytes = self.max_buffer_size;
+        config.compaction.target_bytes = self.compaction_target_size as u64;
+        config.compaction.settle = self.compaction_settle;
+        config.sweep_grace = self.sweep_grace;
+        config.local_store = crate::store::local_dir(store_url);
+        config
     }
 
     /// Per-query limits.

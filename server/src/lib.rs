@@ -30,7 +30,7 @@ use std::sync::Arc;
 use citytsdb_alerts::{AlertEngine, AlertTables};
 use citytsdb_ingest::{Ingestor, WriteListener};
 use citytsdb_query::QueryEngine;
-use citytsdb_storage::{Engine, EngineConfig};
+use citytsdb_storage::Engine;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::config::ServeArgs;
@@ -45,23 +45,17 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
         tracing::warn!("the memory:// store keeps segments in this process only: rows flushed to it are gone after a restart");
     }
     let mqtt = config.mqtt_config()?;
-    let storage = Engine::open(EngineConfig {
-        data_dir: config.data_dir.clone(),
-        store,
-        flush_rows: config.flush_rows,
-        flush_interval: config.flush_interval,
-        max_buffer_bytes: config.max_buffer_size,
-    })
-    .await
-    .map_err(|e| {
-        Error::storage(
-            format!(
-                "opening the storage engine in {}",
-                config.data_dir.display()
-            ),
-            e,
-        )
-    })?;
+    let storage = Engine::open(config.engine_config(store, &store_url))
+        .await
+        .map_err(|e| {
+            Error::storage(
+                format!(
+                    "opening the storage engine in {}",
+                    config.data_dir.display()
+                ),
+                e,
+            )
+        })?;
     let alert_tables = Arc::new(AlertTables::default());
     let query =
         QueryEngine::new(storage.clone(), config.query_limits())?.with_alerts(alert_tables.clone());
@@ -83,6 +77,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
         ingestor: ingestor.clone(),
         query,
         max_body_size: config.max_body_size,
+        sweep_grace: config.sweep_grace,
         alerts: alerts.clone(),
         mqtt: mqtt.as_ref().map(|_| Arc::default()),
     });

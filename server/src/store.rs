@@ -48,6 +48,14 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>> {
     }
 }
 
+/// The directory of a `file://` store, if `url` names one.
+pub fn local_dir(url: &str) -> Option<std::path::PathBuf> {
+    let parsed = url::Url::parse(url).ok()?;
+    (parsed.scheme() == "file")
+        .then(|| parsed.to_file_path().ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,39 +1,42 @@
-//! The storage engine: the write path from an acknowledged batch to a segment.
+//! The storage engine: the write path from an acknowledged batch to a segment,
+//! and the upkeep that keeps a store that has lived for years as cheap as a new one.
 //!
 //! 1. [`Engine::update_schemas`] serializes schema growth, so two writers cannot
 //!    give one new column two types.
 //! 2. [`Engine::write`] hands the encoded batch to the WAL thread, which appends
 //!    every write that arrived meanwhile, fsyncs once (group commit), applies them to
 //!    the write buffer, and only then acknowledges: an `Ok` is durable and visible.
-//! 3. [`Engine::flush`] (run by the background flusher on size and age, or on
-//!    request) rotates the WAL so the buffer's rows are exactly those in closed files,
-//!    writes one segment per table and day, commits a new catalog version, and then
-//!    deletes the closed WAL files. A failed flush keeps everything in memory and in
-//!    the WAL, and is retried.
-//! 4. [`Engine::snapshot`] gives readers a consistent view: a catalog version plus
-//!    the buffered rows not in it.
+//! 3. [`Engine::flush`] (`flush.rs`; run by the background flusher on size and age,
+//!    or on request) rotates the WAL so the buffer's rows are exactly those in closed
+//!    files, writes one new segment per table and day and a registry of the series it
+//!    touched, commits them as one catalog record (`commit.rs`), and then deletes the
+//!    closed WAL files. A failed flush keeps everything in memory and in the WAL, and
+//!    is retried. A flush only adds: it never reads or rewrites a segment.
+//! 4. Compaction (`compact.rs`), in the background, merges a day's small segments
+//!    into large sorted ones and swaps them in with one record.
+//! 5. Garbage collection (`gc.rs`) deletes what no version refers to once no reader
+//!    holds an older one, and sweeps objects an interrupted flush or compaction left.
+//! 6. [`Engine::snapshot`] gives readers a consistent view: a catalog version plus
+//!    the buffered rows not in it; it pins that version until dropped.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use datafusion::arrow::array::{AsArray, BooleanArray};
-use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::TimestampNanosecondType;
 use datafusion::arrow::record_batch::RecordBatch;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::buffer::{time_range, TableBuffer, WriteBuffer};
-use crate::catalog::{self, day_of, Catalog, SegmentMeta, TableCatalog};
+use crate::buffer::{TableBuffer, WriteBuffer};
+use crate::catalog::{Catalog, CatalogLog, TableCatalog, WriterId};
+use crate::commit::Commits;
+use crate::compact::CompactionConfig;
 use crate::error::{Result, StorageError};
-use crate::merge::{align, key_columns, sort_dedup};
 use crate::paths;
-use crate::schema::{TableSchema, TIME_COLUMN};
-use crate::segment;
+use crate::schema::TableSchema;
 use crate::series::{SeriesRows, SeriesTable};
 use crate::wal::{self, WalEntry, WalWriter};
 
@@ -51,35 +54,56 @@ pub struct EngineConfig {
     /// Writes are refused (see [`StorageError::BufferFull`]) while more than this
     /// many bytes wait in memory for a flush, as when the object store is failing.
     pub max_buffer_bytes: usize,
+    /// How segments are merged in the background.
+    pub compaction: CompactionConfig,
+    /// An object no catalog version refers to is swept once it is this old (an
+    /// interrupted flush or compaction left it; younger ones may still be on their
+    /// way into the catalog from another process).
+    pub sweep_grace: Duration,
+    /// The directory of a local (`file://`) store, whose interrupted uploads leave
+    /// staging files the store does not list; the sweep removes them too.
+    pub local_store: Option<PathBuf>,
 }
 
-/// How long replaced segments stay readable for queries that started before the swap.
-const DELETE_GRACE: Duration = Duration::from_secs(300);
+impl EngineConfig {
+    /// The defaults for a data directory and a store.
+    pub fn new(data_dir: PathBuf, store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            data_dir,
+            store,
+            flush_rows: 1_000_000,
+            flush_interval: Duration::from_secs(60),
+            max_buffer_bytes: 2 << 30,
+            compaction: CompactionConfig::default(),
+            sweep_grace: Duration::from_secs(3600),
+            local_store: None,
+        }
+    }
+}
+
 /// Most writes one WAL group commit takes at once.
 const MAX_GROUP: usize = 4096;
 
 /// Unflushed rows moved out of the active buffer by a WAL rotation.
 #[derive(Debug)]
-struct Persisting {
-    buffer: WriteBuffer,
+pub(crate) struct Persisting {
+    pub(crate) buffer: WriteBuffer,
     /// Every WAL file up to and including this one holds only rows of this and
     /// earlier persisting buffers.
-    wal_upto: u64,
+    pub(crate) wal_upto: u64,
 }
 
 /// Database -> table -> series registry.
 type SeriesMap = BTreeMap<String, BTreeMap<String, SeriesTable>>;
 
 #[derive(Debug, Default)]
-struct State {
-    catalog: Arc<Catalog>,
-    schemas: BTreeMap<String, BTreeMap<String, Arc<TableSchema>>>,
-    active: WriteBuffer,
-    persisting: Vec<Arc<Persisting>>,
+pub(crate) struct State {
+    pub(crate) catalog: Arc<Catalog>,
+    pub(crate) schemas: BTreeMap<String, BTreeMap<String, Arc<TableSchema>>>,
+    pub(crate) active: WriteBuffer,
+    pub(crate) persisting: Vec<Arc<Persisting>>,
     /// Every acknowledged row's series, buffered or persisted.
     series: SeriesMap,
-    /// The series of the rows `catalog` holds: where the next flush starts from.
-    persisted_series: SeriesMap,
 }
 
 impl State {
@@ -115,43 +139,51 @@ pub struct FlushStats {
     pub segments_written: usize,
     /// Rows written to them (after merging).
     pub rows: u64,
-    /// Existing segments merged into new ones because late rows overlapped them.
+    /// Existing segments replaced: always 0 since flushes only add segments
+    /// (compaction replaces them); kept for the API's answer.
     pub segments_replaced: usize,
 }
 
 /// What opening found in the WAL, for the log.
 #[derive(Debug, Clone, Default)]
 struct ReplayStats {
-    /// WAL files read.
-    pub files: usize,
-    /// Writes replayed.
-    pub writes: usize,
-    /// Rows replayed.
-    pub rows: usize,
-    /// Bytes of torn tails cut off.
-    pub torn_bytes: u64,
+    files: usize,
+    skipped: usize,
+    writes: usize,
+    rows: usize,
+    torn_bytes: u64,
 }
 
 /// The storage engine. Cheap to clone; all clones share one engine.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    config: EngineConfig,
-    state: Arc<RwLock<State>>,
+pub(crate) struct Inner {
+    pub(crate) config: EngineConfig,
+    pub(crate) state: Arc<RwLock<State>>,
     schema_lock: Mutex<()>,
     wal_tx: Mutex<Option<mpsc::Sender<WalCommand>>>,
     wal_thread: Mutex<Option<JoinHandle<()>>>,
-    flush_lock: tokio::sync::Mutex<()>,
-    flush_wanted: Arc<Notify>,
-    stop: Notify,
-    stopping: std::sync::atomic::AtomicBool,
-    graveyard: Mutex<Vec<(Instant, Vec<ObjectPath>)>>,
-    /// Segment ids handed out by this process never repeat, even across failed
-    /// flushes whose catalog commit may or may not have landed.
-    next_segment_id: std::sync::atomic::AtomicU32,
+    pub(crate) flush_lock: tokio::sync::Mutex<()>,
+    pub(crate) flush_wanted: Arc<Notify>,
+    pub(crate) compaction_wanted: Notify,
+    /// One compaction at a time (the background one, or one asked for).
+    pub(crate) compaction_lock: tokio::sync::Mutex<()>,
+    /// Set once when the engine stops; background tasks return when they see it.
+    stop: tokio::sync::watch::Sender<bool>,
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// Held (shared) by whatever writes objects on their way into the catalog, and
+    /// (exclusive) by the sweep, which must not take them for leftovers.
+    pub(crate) upkeep: tokio::sync::RwLock<()>,
+    /// The catalog log, and this engine's place in it.
+    pub(crate) commits: Commits,
+    /// Versions readers hold: catalog record -> snapshots on it.
+    pub(crate) readers: Arc<Mutex<BTreeMap<u64, usize>>>,
+    /// Object ids (segments, series files) handed out by this process never repeat,
+    /// even across failed flushes whose records may or may not have landed.
+    next_object_id: std::sync::atomic::AtomicU32,
     /// The data directory's `LOCK` file, locked while the engine lives (the OS
     /// releases it when the process ends, however it ends).
     _lock: std::fs::File,
@@ -161,13 +193,13 @@ fn read(state: &RwLock<State>) -> RwLockReadGuard<'_, State> {
     state.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write(state: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
+pub(crate) fn write(state: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
     state.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Locking that outlives a panicked holder: every guarded value here stays
 /// consistent between statements, so a poisoned lock is still safe to use.
-trait Locked<T> {
+pub(crate) trait Locked<T> {
     fn locked(&self) -> std::sync::MutexGuard<'_, T>;
 }
 
@@ -178,36 +210,41 @@ impl<T> Locked<T> for Mutex<T> {
 }
 
 impl Engine {
-    /// Opens the engine: locks the data directory, loads the newest catalog, replays
-    /// the WAL (cutting off a torn tail), and starts the WAL thread and the
-    /// background flusher.
+    /// Opens the engine: locks the data directory, reads the catalog (its newest
+    /// checkpoint and the records after it), claims the store with a new epoch,
+    /// loads the series registries, replays the WAL files not yet persisted
+    /// (cutting off a torn tail), and starts the WAL thread and the background
+    /// flusher, compactor and collector.
     ///
     /// Fails with [`StorageError::DataDirInUse`] while another process has the
-    /// data directory open: two writers of one WAL would corrupt it.
+    /// data directory open: two writers of one WAL would corrupt it. Another
+    /// process on another data directory sharing the store is fenced: its next
+    /// commit fails with [`StorageError::Fenced`].
     ///
     /// Must be called within a Tokio runtime.
     pub async fn open(config: EngineConfig) -> Result<Self> {
         let wal_dir = paths::wal_dir(&config.data_dir);
         std::fs::create_dir_all(&wal_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
-        let catalog = catalog::load_latest(&config.store).await?;
-        let persisted_series = load_series(&config.store, &catalog).await?;
+        let node = node_id(&config.data_dir)?;
+        let log = CatalogLog::new(config.store.clone());
+        let loaded = log.load().await?;
+        let commits = Commits::new(log, node.clone(), loaded.checkpoint, loaded.record_bytes);
+        let catalog = commits.claim(loaded.catalog).await?;
+        let series = load_series(&config.store, &catalog).await?;
+        let wal_persisted = catalog.wal_persisted.get(&node).copied().unwrap_or(0);
         let mut state = State {
-            series: persisted_series.clone(),
-            persisted_series,
+            series,
             schemas: catalog
-                .databases
-                .iter()
-                .map(|(db, d)| {
-                    let tables = d
-                        .tables
-                        .iter()
-                        .map(|(t, tc)| (t.clone(), Arc::new(tc.schema.clone())))
-                        .collect();
-                    (db.clone(), tables)
-                })
-                .collect(),
-            catalog: Arc::new(catalog),
+                .tables()
+                .map(|(db, t, tc)| (db.to_string(), t.to_string(), Arc::new(tc.schema.clone())))
+                .fold(
+                    BTreeMap::new(),
+                    |mut m: BTreeMap<_, BTreeMap<_, _>>, (db, t, s)| {
+                        m.entry(db).or_default().insert(t, s);
+                        m
+                    },
+                ),
             ..Default::default()
         };
 
@@ -215,6 +252,14 @@ impl Engine {
         let files = wal::list_files(&wal_dir)?;
         let mut last_seq = 0;
         for (seq, path) in &files {
+            last_seq = *seq;
+            if *seq <= wal_persisted {
+                // Its rows are in segments; a crash came between the commit and
+                // the file's deletion.
+                std::fs::remove_file(path)?;
+                replay.skipped += 1;
+                continue;
+            }
             let file = wal::replay_file(path)?;
             replay.files += 1;
             replay.torn_bytes += file.torn_bytes;
@@ -227,18 +272,20 @@ impl Engine {
                     .sum::<usize>();
                 apply_replayed(&mut state, entry);
             }
-            last_seq = *seq;
         }
-        if replay.files > 0 {
+        if replay.files + replay.skipped > 0 {
             tracing::info!(
                 files = replay.files,
+                skipped = replay.skipped,
                 writes = replay.writes,
                 rows = replay.rows,
                 torn_bytes = replay.torn_bytes,
                 "replayed the WAL"
             );
         }
-        let writer = WalWriter::create(&wal_dir, last_seq + 1)?;
+        let next_object_id = catalog.next_segment_id;
+        state.catalog = Arc::new(catalog);
+        let writer = WalWriter::create(&wal_dir, last_seq.max(wal_persisted) + 1)?;
         let state = Arc::new(RwLock::new(state));
         let flush_wanted = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(MAX_GROUP);
@@ -259,20 +306,45 @@ impl Engine {
                 wal_thread: Mutex::new(Some(thread)),
                 flush_lock: tokio::sync::Mutex::new(()),
                 flush_wanted,
-                stop: Notify::new(),
+                compaction_wanted: Notify::new(),
+                compaction_lock: tokio::sync::Mutex::new(()),
+                stop: tokio::sync::watch::Sender::new(false),
                 stopping: std::sync::atomic::AtomicBool::new(false),
-                graveyard: Mutex::new(Vec::new()),
-                next_segment_id: std::sync::atomic::AtomicU32::new(0),
+                upkeep: tokio::sync::RwLock::new(()),
+                commits,
+                readers: Arc::new(Mutex::new(BTreeMap::new())),
+                next_object_id: std::sync::atomic::AtomicU32::new(next_object_id),
                 _lock: lock,
             }),
         };
         engine.spawn_flusher();
+        engine.spawn_compactor();
+        engine.spawn_collector();
         Ok(engine)
     }
 
     /// The object store holding segments and the catalog.
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.inner.config.store
+    }
+
+    /// The newest catalog version.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        read(&self.inner.state).catalog.clone()
+    }
+
+    /// Who this engine writes as.
+    pub fn writer(&self) -> WriterId {
+        self.inner.commits.writer()
+    }
+
+    /// A fresh id for an object (a segment, a series file), never handed out before
+    /// by this process nor found in the catalog.
+    pub(crate) fn allocate_id(&self) -> u32 {
+        let floor = read(&self.inner.state).catalog.next_segment_id;
+        let ids = &self.inner.next_object_id;
+        ids.fetch_max(floor, std::sync::atomic::Ordering::SeqCst);
+        ids.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs `f` on the database's table schemas with every other schema change held
@@ -349,7 +421,15 @@ impl Engine {
         }
     }
 
-    /// A consistent read view of one database, or `None` if it does not exist.
+    /// Moves the active buffer aside (still readable) and closes its WAL file.
+    pub(crate) async fn rotate_wal(&self) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.send(WalCommand::Rotate { done }).await?;
+        wait.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    /// A consistent read view of one database, or `None` if it does not exist. The
+    /// catalog version it holds is not garbage-collected while the view lives.
     pub fn snapshot(&self, db: &str) -> Option<DbSnapshot> {
         let state = read(&self.inner.state);
         let schemas = state.schemas.get(db)?.clone();
@@ -368,6 +448,10 @@ impl Engine {
         }
         Some(DbSnapshot {
             name: db.to_string(),
+            pin: Arc::new(ReaderPin::new(
+                state.catalog.seq,
+                self.inner.readers.clone(),
+            )),
             catalog: state.catalog.clone(),
             schemas,
             buffers,
@@ -403,276 +487,14 @@ impl Engine {
         s.active.rows + s.persisting.iter().map(|p| p.buffer.rows).sum::<usize>()
     }
 
-    /// Persists every buffered row to segments and deletes the WAL files that held them.
-    ///
-    /// When this returns `Ok`, every write acknowledged before the call is in a
-    /// segment listed by a committed catalog version.
-    pub async fn flush(&self) -> Result<FlushStats> {
-        let _guard = self.inner.flush_lock.lock().await;
-        if self.buffered_rows() == 0 {
-            self.bury_expired().await;
-            return Ok(FlushStats::default());
-        }
-        let (done, wait) = oneshot::channel();
-        self.send(WalCommand::Rotate { done }).await?;
-        wait.await.map_err(|_| StorageError::ShuttingDown)??;
-
-        let (base, persisting, schemas, mut series) = {
-            let s = read(&self.inner.state);
-            (
-                s.catalog.clone(),
-                s.persisting.clone(),
-                s.schemas.clone(),
-                s.persisted_series.clone(),
-            )
-        };
-        self.bury_expired().await;
-        if persisting.is_empty() {
-            return Ok(FlushStats::default());
-        }
-        let mut next = (*base).clone();
-        next.version += 1;
-        let floor = &self.inner.next_segment_id;
-        next.next_segment_id = next
-            .next_segment_id
-            .max(floor.load(std::sync::atomic::Ordering::SeqCst));
-        let mut stats = FlushStats::default();
-        let mut replaced = Vec::new();
-        let mut tables: BTreeMap<(String, String), Vec<RecordBatch>> = BTreeMap::new();
-        for p in &persisting {
-            for (db, ts) in &p.buffer.databases {
-                for (t, b) in ts {
-                    tables
-                        .entry((db.clone(), t.clone()))
-                        .or_default()
-                        .extend(b.batches.iter().cloned());
-                }
-            }
-        }
-        for ((db, table), batches) in tables {
-            let Some(schema) = schemas.get(&db).and_then(|t| t.get(&table)).cloned() else {
-                return Err(StorageError::Internal(format!(
-                    "buffered rows for {db}.{table} have no schema"
-                )));
-            };
-            let registry = {
-                let mut registry = series
-                    .get(&db)
-                    .and_then(|t| t.get(&table))
-                    .cloned()
-                    .unwrap_or_default();
-                let (schema, batches) = (schema.clone(), batches.clone());
-                tokio::task::spawn_blocking(move || {
-                    for b in &batches {
-                        registry.apply(b)?;
-                    }
-                    registry.encode(&schema).map(|bytes| (registry, bytes))
-                })
-                .await
-                .map_err(|e| StorageError::Internal(format!("flush task failed: {e}")))??
-            };
-            let version = next.version;
-            let (db_id, tc) = next.table_mut(&db, &table);
-            let key = paths::series_file(db_id, tc.id, version);
-            self.store().put(&key, PutPayload::from(registry.1)).await?;
-            if let Some(old) = tc.series.replace(key.to_string()) {
-                replaced.push(ObjectPath::from(old));
-            }
-            series
-                .entry(db.clone())
-                .or_default()
-                .insert(table.clone(), registry.0);
-            let days = {
-                let schema = schema.clone();
-                tokio::task::spawn_blocking(move || merge_by_day(&schema, &batches))
-                    .await
-                    .map_err(|e| StorageError::Internal(format!("flush task failed: {e}")))??
-            };
-            for (day, rows) in days {
-                self.write_segment(
-                    &mut next,
-                    &db,
-                    &table,
-                    &schema,
-                    day,
-                    rows,
-                    &mut stats,
-                    &mut replaced,
-                )
-                .await?;
-            }
-        }
-        for (db, tables) in &schemas {
-            for (table, schema) in tables {
-                if let Some(tc) = next
-                    .databases
-                    .get_mut(db)
-                    .and_then(|d| d.tables.get_mut(table))
-                {
-                    tc.schema = (**schema).clone();
-                }
-            }
-        }
-        floor.fetch_max(next.next_segment_id, std::sync::atomic::Ordering::SeqCst);
-        if let Err(e) = catalog::commit(self.store(), &next).await {
-            // The commit may have landed anyway (a timeout after the write): start the
-            // retry from whatever the store now holds.
-            self.reload_catalog().await;
-            return Err(e);
-        }
-        let wal_upto = persisting.iter().map(|p| p.wal_upto).max().unwrap_or(0);
-        {
-            let mut s = write(&self.inner.state);
-            s.catalog = Arc::new(next);
-            s.persisted_series = series;
-            s.persisting
-                .retain(|p| !persisting.iter().any(|q| Arc::ptr_eq(p, q)));
-        }
-        self.delete_wal_upto(wal_upto)?;
-        if !replaced.is_empty() {
-            self.inner
-                .graveyard
-                .locked()
-                .push((Instant::now(), replaced));
-        }
-        tracing::debug!(?stats, "flushed");
-        Ok(stats)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn write_segment(
-        &self,
-        next: &mut Catalog,
-        db: &str,
-        table: &str,
-        schema: &Arc<TableSchema>,
-        day: i64,
-        rows: RecordBatch,
-        stats: &mut FlushStats,
-        replaced: &mut Vec<ObjectPath>,
-    ) -> Result<()> {
-        let Some((lo, hi)) = time_range(&rows) else {
-            return Ok(());
-        };
-        let segment_id = next.allocate_segment_id();
-        let (db_id, tc) = next.table_mut(db, table);
-        tc.schema = (**schema).clone();
-        let table_id = tc.id;
-        // Segments of a table never overlap in time, so a (series, time) lives in at most
-        // one: late rows that overlap existing segments are merged into a new one.
-        let overlapping: Vec<SegmentMeta> = tc
-            .segments
-            .values()
-            .filter(|s| s.day == day && s.overlaps(lo, hi))
-            .cloned()
-            .collect();
-        let mut parts = Vec::with_capacity(overlapping.len() + 1);
-        let arrow = schema.arrow_schema();
-        for old in &overlapping {
-            let bytes = self
-                .store()
-                .get(&ObjectPath::from(old.path.as_str()))
-                .await?
-                .bytes()
-                .await?;
-            for b in segment::decode(bytes)? {
-                parts.push(align(&b, &arrow)?);
-            }
-        }
-        let schema2 = schema.clone();
-        let encoded = tokio::task::spawn_blocking(move || {
-            let merged = if parts.is_empty() {
-                rows
-            } else {
-                parts.push(rows);
-                let keys = key_columns(&schema2, &arrow)?;
-                sort_dedup(&arrow, &parts, &keys)?
-            };
-            segment::encode(&merged, &schema2)
-        })
-        .await
-        .map_err(|e| StorageError::Internal(format!("segment encoding task failed: {e}")))??;
-
-        let path = paths::segment_file(db_id, table_id, day, segment_id);
-        let index_path = paths::segment_index(db_id, table_id, day, segment_id);
-        let size = encoded.parquet.len() as u64;
-        self.store()
-            .put(&path, PutPayload::from(encoded.parquet.clone()))
-            .await?;
-        self.store()
-            .put(&index_path, PutPayload::from(encoded.index.encode()?))
-            .await?;
-        let (min_time, max_time) = overlapping
-            .iter()
-            .fold((lo, hi), |(a, b), s| (a.min(s.min_time), b.max(s.max_time)));
-        let tags: BTreeMap<String, Vec<String>> = encoded
-            .index
-            .tags
-            .iter()
-            .map(|(c, values)| (c.clone(), values.keys().cloned().collect()))
-            .collect();
-        let (_, tc) = next.table_mut(db, table);
-        for old in &overlapping {
-            tc.remove_segment(old.id);
-            replaced.push(ObjectPath::from(old.path.as_str()));
-            replaced.push(ObjectPath::from(old.index_path.as_str()));
-        }
-        let meta = SegmentMeta {
-            id: segment_id,
-            day,
-            path: path.to_string(),
-            index_path: index_path.to_string(),
-            size,
-            rows: encoded.rows,
-            min_time,
-            max_time,
-            row_group_rows: encoded.row_group_rows,
-        };
-        tc.add_segment(meta, &tags);
-        stats.segments_written += 1;
-        stats.segments_replaced += overlapping.len();
-        stats.rows += encoded.rows;
-        Ok(())
-    }
-
-    async fn reload_catalog(&self) {
-        match catalog::load_latest(self.store()).await {
-            Ok(latest) => {
-                let mut s = write(&self.inner.state);
-                if latest.version > s.catalog.version {
-                    tracing::warn!(
-                        version = latest.version,
-                        "a catalog commit reported failure but landed; using it"
-                    );
-                    s.catalog = Arc::new(latest);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot reload the catalog after a failed commit"),
-        }
-    }
-
-    fn delete_wal_upto(&self, upto: u64) -> Result<()> {
+    /// Deletes this node's WAL files up to `upto`: their rows are in segments.
+    pub(crate) fn delete_wal_upto(&self, upto: u64) -> Result<()> {
         for (seq, path) in wal::list_files(&paths::wal_dir(&self.inner.config.data_dir))? {
             if seq <= upto {
                 std::fs::remove_file(&path)?;
             }
         }
         Ok(())
-    }
-
-    async fn bury_expired(&self) {
-        let due: Vec<ObjectPath> = {
-            let mut g = self.inner.graveyard.locked();
-            let (due, keep): (Vec<_>, Vec<_>) =
-                g.drain(..).partition(|(t, _)| t.elapsed() >= DELETE_GRACE);
-            *g = keep;
-            due.into_iter().flat_map(|(_, p)| p).collect()
-        };
-        for p in due {
-            if let Err(e) = self.store().delete(&p).await {
-                tracing::warn!(path = %p, error = %e, "could not delete a replaced segment");
-            }
-        }
     }
 
     fn spawn_flusher(&self) {
@@ -684,13 +506,9 @@ impl Engine {
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = engine.inner.flush_wanted.notified() => {}
-                    _ = engine.inner.stop.notified() => return,
+                    _ = engine.stopped() => return,
                 }
-                if engine
-                    .inner
-                    .stopping
-                    .load(std::sync::atomic::Ordering::SeqCst)
-                {
+                if engine.is_stopping() {
                     return;
                 }
                 if engine.buffered_rows() == 0 {
@@ -703,7 +521,7 @@ impl Engine {
                         tracing::error!(error = %e, retry_in = ?backoff, "flush failed; rows stay in the WAL and memory");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
-                            _ = engine.inner.stop.notified() => return,
+                            _ = engine.stopped() => return,
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(60));
                         engine.inner.flush_wanted.notify_one();
@@ -713,15 +531,30 @@ impl Engine {
         });
     }
 
-    /// Stops taking writes, flushes what is buffered, and stops the WAL thread.
+    /// Resolves once the engine is stopping (at once if it already is).
+    pub(crate) async fn stopped(&self) {
+        let mut stop = self.inner.stop.subscribe();
+        // `wait_for` looks at the current value first, so a stop sent before this
+        // call is not missed.
+        let _ = stop.wait_for(|&s| s).await;
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.inner
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops taking writes, flushes what is buffered, and stops the WAL thread and
+    /// the background tasks.
     ///
     /// A failed final flush loses nothing: the rows stay in the WAL for the next start.
     pub async fn shutdown(&self) -> Result<()> {
-        // The flag covers a flusher that is mid-flush and not waiting on `stop`.
+        // The flag covers a task that is mid-work and not waiting on `stop`.
         self.inner
             .stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.inner.stop.notify_waiters();
+        self.inner.stop.send_replace(true);
         let flushed = self.flush().await;
         self.inner.wal_tx.locked().take();
         let thread = self.inner.wal_thread.locked().take();
@@ -735,8 +568,51 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+impl Engine {
+    /// Stops the engine as a crash would: no flush, the buffered rows stay in the
+    /// WAL; the background tasks end, and with them the data directory's lock.
+    pub(crate) async fn halt(self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.stop.send_replace(true);
+        self.inner.wal_tx.locked().take();
+        let thread = self.inner.wal_thread.locked().take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// A catalog version held by a reader; the collector keeps what it refers to.
+#[derive(Debug)]
+pub struct ReaderPin {
+    seq: u64,
+    readers: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+impl ReaderPin {
+    fn new(seq: u64, readers: Arc<Mutex<BTreeMap<u64, usize>>>) -> Self {
+        *readers.locked().entry(seq).or_default() += 1;
+        Self { seq, readers }
+    }
+}
+
+impl Drop for ReaderPin {
+    fn drop(&mut self) {
+        let mut readers = self.readers.locked();
+        if let Some(n) = readers.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                readers.remove(&self.seq);
+            }
+        }
+    }
+}
+
 /// Takes the data directory's exclusive lock, without waiting for it.
-fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -756,33 +632,25 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
     }
 }
 
-/// Sorts and merges a table's buffered batches and splits them by UTC day.
-fn merge_by_day(schema: &TableSchema, batches: &[RecordBatch]) -> Result<Vec<(i64, RecordBatch)>> {
-    let arrow = schema.arrow_schema();
-    let aligned = batches
-        .iter()
-        .map(|b| align(b, &arrow))
-        .collect::<Result<Vec<_>>>()?;
-    let keys = key_columns(schema, &arrow)?;
-    let merged = sort_dedup(&arrow, &aligned, &keys)?;
-    let times = merged
-        .column_by_name(TIME_COLUMN)
-        .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
-        .ok_or_else(|| StorageError::Internal("merged batch has no time column".into()))?;
-    let days: Vec<i64> = times.values().iter().map(|&t| day_of(t)).collect();
-    let mut distinct = days.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    if distinct.len() <= 1 {
-        return Ok(distinct.into_iter().map(|d| (d, merged.clone())).collect());
+/// The data directory's node id, made once and kept in `NODE`.
+fn node_id(data_dir: &Path) -> Result<String> {
+    let path = paths::node_file(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
-    distinct
-        .into_iter()
-        .map(|d| {
-            let mask = BooleanArray::from(days.iter().map(|&x| x == d).collect::<Vec<_>>());
-            Ok((d, filter_record_batch(&merged, &mask)?))
-        })
-        .collect()
+    use std::hash::{BuildHasher, Hasher};
+    // Unique enough to tell nodes apart: the clock, the process and the path, mixed
+    // by the standard library's randomly keyed hasher.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(crate::units::now_nanos());
+    h.write_u32(std::process::id());
+    h.write(data_dir.as_os_str().as_encoded_bytes());
+    let id = format!("{:016x}", h.finish());
+    crate::files::write_atomically(&path, id.as_bytes())?;
+    Ok(id)
 }
 
 fn apply_replayed(state: &mut State, entry: WalEntry) {
@@ -806,22 +674,34 @@ fn apply_replayed(state: &mut State, entry: WalEntry) {
     }
 }
 
+/// Reads a table's series registry: its full file, then each delta in order.
+pub(crate) async fn read_registry(
+    store: &Arc<dyn ObjectStore>,
+    table: &TableCatalog,
+) -> Result<SeriesTable> {
+    let mut registry = SeriesTable::default();
+    for key in table.series.keys() {
+        let bytes = store.get(&ObjectPath::from(key)).await?.bytes().await?;
+        let part = tokio::task::spawn_blocking(move || SeriesTable::decode(&bytes))
+            .await
+            .map_err(|e| StorageError::Internal(format!("series task failed: {e}")))??;
+        if registry.is_empty() {
+            registry = part;
+        } else {
+            registry.absorb(&part);
+        }
+    }
+    Ok(registry)
+}
+
 /// Loads the series registry of every table the catalog lists.
 async fn load_series(store: &Arc<dyn ObjectStore>, catalog: &Catalog) -> Result<SeriesMap> {
     let mut out = SeriesMap::new();
-    for (db, d) in &catalog.databases {
-        for (table, tc) in &d.tables {
-            let Some(key) = &tc.series else { continue };
-            let bytes = store
-                .get(&ObjectPath::from(key.as_str()))
-                .await?
-                .bytes()
-                .await?;
-            let registry = SeriesTable::decode(&bytes)?;
-            out.entry(db.clone())
-                .or_default()
-                .insert(table.clone(), registry);
-        }
+    for (db, table, tc) in catalog.tables() {
+        let registry = read_registry(store, tc).await?;
+        out.entry(db.to_string())
+            .or_default()
+            .insert(table.to_string(), registry);
     }
     Ok(out)
 }
@@ -973,12 +853,19 @@ pub struct DbSnapshot {
     pub schemas: BTreeMap<String, Arc<TableSchema>>,
     /// Buffered rows per table, oldest buffer first.
     pub buffers: BTreeMap<String, Vec<TableBuffer>>,
+    /// Keeps `catalog`'s objects from being collected while the view lives.
+    pin: Arc<ReaderPin>,
 }
 
 impl DbSnapshot {
     /// The persisted part of a table, if any of it is persisted.
     pub fn table_catalog(&self, table: &str) -> Option<&TableCatalog> {
-        self.catalog.databases.get(&self.name)?.tables.get(table)
+        self.catalog.table(&self.name, table).map(|t| t.as_ref())
+    }
+
+    /// The catalog record the view is of.
+    pub fn seq(&self) -> u64 {
+        self.pin.seq
     }
 
     /// Buffered batches of a table in write order, with their overall time range.

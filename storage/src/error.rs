@@ -36,6 +36,14 @@ pub enum StorageError {
     /// Another process (a server, an import) has the data directory open.
     #[error("data directory {0} is in use by another citytsdb process")]
     DataDirInUse(String),
+    /// Another writer claimed the store with a newer epoch: this one may not commit
+    /// any more (its rows stay in its WAL).
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// A change computed against one catalog version no longer fits the newest one
+    /// (a compaction whose inputs were replaced meanwhile); nothing was committed.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The engine is shutting down and takes no more writes.
     #[error("the storage engine is shutting down")]
     ShuttingDown,

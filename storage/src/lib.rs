@@ -21,10 +21,16 @@
 
 pub mod buffer;
 pub mod catalog;
+mod commit;
+pub mod compact;
 pub mod engine;
 pub mod error;
 pub mod files;
+mod flush;
+pub mod gc;
 pub mod index;
+#[cfg(test)]
+mod lifecycle_tests;
 pub mod merge;
 pub mod paths;
 pub mod schema;
@@ -33,6 +39,8 @@ pub mod series;
 pub mod units;
 pub mod wal;
 
+pub use compact::{CompactionConfig, CompactionStats};
 pub use engine::{DbSnapshot, Engine, EngineConfig, FlushStats};
 pub use error::{Result, StorageError};
+pub use gc::GcStats;
 pub use schema::{ColumnKind, FieldType, TableSchema};

@@ -3,10 +3,21 @@
 //! Names chosen by users (databases, tables) never appear in keys: they are mapped
 //! to numeric ids by the catalog, so any UTF-8 name is safe.
 //!
+//! The object store:
+//!
+//! ```text
+//! catalog/log/<seq>.json                          catalog records, create-only
+//! catalog/checkpoint/<seq>.json                   the catalog as of record <seq>
+//! segments/<db>/<table>/<day>/<id>.parquet        a segment
+//! segments/<db>/<table>/<day>/<id>.index          its tag index
+//! series/<db>/<table>/<seq>.{full,delta}.arrow    series registry files
+//! ```
+//!
 //! The data directory:
 //!
 //! ```text
 //! <data-dir>/LOCK                   held by the process that has the directory open
+//! <data-dir>/NODE                   this node's id, named in the catalog records it writes
 //! <data-dir>/wal/<seq>.wal          the write-ahead log
 //! <data-dir>/store/                 the embedded default object store
 //! <data-dir>/alerts/rules.json      registered alert rules
@@ -19,18 +30,48 @@ use std::path::{Path, PathBuf};
 
 use object_store::path::Path as ObjectPath;
 
-/// Prefix under which catalog snapshots live.
-pub fn catalog_prefix() -> ObjectPath {
-    ObjectPath::from("catalog")
+/// Key of catalog record `seq`.
+pub fn catalog_record(seq: u64) -> ObjectPath {
+    ObjectPath::from(format!("catalog/log/{seq:020}.json"))
 }
 
-/// Key of catalog snapshot `version`.
-pub fn catalog_snapshot(version: u64) -> ObjectPath {
-    ObjectPath::from(format!("catalog/{version:020}.json"))
+/// Prefix of the catalog records.
+pub fn catalog_record_prefix() -> ObjectPath {
+    ObjectPath::from("catalog/log")
 }
 
-/// Parses the version out of a catalog snapshot key, if it is one.
-pub fn catalog_version(path: &ObjectPath) -> Option<u64> {
+/// Parses the number out of a catalog record's key, if it is one.
+pub fn catalog_record_seq(path: &ObjectPath) -> Option<u64> {
+    let mut parts = path.parts();
+    (parts.next()?.as_ref() == "catalog" && parts.next()?.as_ref() == "log").then_some(())?;
+    number_json(path)
+}
+
+/// Key of the catalog checkpoint holding the state as of record `seq`.
+pub fn catalog_checkpoint(seq: u64) -> ObjectPath {
+    ObjectPath::from(format!("catalog/checkpoint/{seq:020}.json"))
+}
+
+/// Prefix of the catalog checkpoints.
+pub fn catalog_checkpoint_prefix() -> ObjectPath {
+    ObjectPath::from("catalog/checkpoint")
+}
+
+/// Parses the record number out of a checkpoint's key, if it is one.
+pub fn catalog_checkpoint_seq(path: &ObjectPath) -> Option<u64> {
+    let mut parts = path.parts();
+    (parts.next()?.as_ref() == "catalog" && parts.next()?.as_ref() == "checkpoint").then_some(())?;
+    number_json(path)
+}
+
+/// Parses the version out of a whole catalog snapshot's key
+/// (`catalog/<version>.json`, as stores before the catalog log wrote them).
+pub fn legacy_catalog_version(path: &ObjectPath) -> Option<u64> {
+    (path.parts().count() == 2).then_some(())?;
+    number_json(path)
+}
+
+fn number_json(path: &ObjectPath) -> Option<u64> {
     path.filename()?.strip_suffix(".json")?.parse().ok()
 }
 
@@ -48,9 +89,11 @@ pub fn segment_index(db_id: u32, table_id: u32, day: i64, segment_id: u32) -> Ob
     ))
 }
 
-/// Key of a table's series registry as of catalog `version`.
-pub fn series_file(db_id: u32, table_id: u32, version: u64) -> ObjectPath {
-    ObjectPath::from(format!("series/{db_id}/{table_id}/{version:020}.arrow"))
+/// Key of a table's series registry file `id` (ids are shared with segments): the
+/// series a flush touched, or (`full`) every series.
+pub fn series_file(db_id: u32, table_id: u32, id: u32, full: bool) -> ObjectPath {
+    let kind = if full { "full" } else { "delta" };
+    ObjectPath::from(format!("series/{db_id}/{table_id}/{id:010}.{kind}.arrow"))
 }
 
 /// The local directory of WAL files under a data directory.
@@ -66,6 +109,11 @@ pub fn wal_file(wal_dir: &Path, seq: u64) -> PathBuf {
 /// Parses a WAL file's sequence number from its file name.
 pub fn wal_seq(file_name: &str) -> Option<u64> {
     file_name.strip_suffix(".wal")?.parse().ok()
+}
+
+/// The file holding the id of the node a data directory is.
+pub fn node_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("NODE")
 }
 
 /// The file locked by the process that has a data directory open.
@@ -121,7 +169,14 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(catalog_version(&catalog_snapshot(42)), Some(42));
+        assert_eq!(catalog_record_seq(&catalog_record(42)), Some(42));
+        assert_eq!(catalog_checkpoint_seq(&catalog_checkpoint(7)), Some(7));
+        assert_eq!(catalog_record_seq(&catalog_checkpoint(7)), None);
+        assert_eq!(
+            legacy_catalog_version(&ObjectPath::from("catalog/00000000000000000003.json")),
+            Some(3)
+        );
+        assert_eq!(legacy_catalog_version(&catalog_record(3)), None);
         let f = wal_file(Path::new("/d/wal"), 7);
         assert_eq!(wal_seq(f.file_name().unwrap().to_str().unwrap()), Some(7));
         assert_eq!(

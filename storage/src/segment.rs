@@ -1,11 +1,15 @@
 //! Segments: one table's rows for one UTC day, as a Parquet file plus its tag index.
 //!
 //! Layout, chosen on the city workload (DESIGN.md, "Storage"): rows sorted by series
-//! then time; ZSTD; dictionary-encoded tags; `DELTA_BINARY_PACKED` timestamps and
-//! integers; float fields stored as a standard Parquet `DECIMAL` (scaled integers,
-//! delta-packed) whenever every value round-trips exactly at some scale, else as
-//! dictionary-encoded doubles. Page statistics and the page index are written, with
-//! small pages, so a reader fetches only the pages that hold the wanted series.
+//! then time; ZSTD; dictionary-encoded tags; `DELTA_BINARY_PACKED` timestamps in long
+//! pages; float fields stored as a standard Parquet `DECIMAL` (scaled integers, as
+//! narrow as the values allow) whenever every value round-trips exactly at some
+//! scale, else as doubles. A flush writes one fixed layout per column kind
+//! ([`Layout::Fixed`]); compaction, which writes the segments that stay, measures
+//! each column chunk's candidate encodings and ZSTD levels and keeps the smallest
+//! ([`Layout::Measured`]). Page statistics and the page index are written, with
+//! small pages but for `time`, so a reader fetches only the pages that hold the
+//! wanted series. The files are plain Parquet that DuckDB, pandas and Spark read.
 
 use std::sync::Arc;
 
@@ -25,6 +29,8 @@ use crate::schema::{ColumnKind, FieldType, TableSchema};
 
 /// Rows per data page: small enough that one device's day decodes little else.
 pub const PAGE_ROWS: usize = 1024;
+/// Rows per data page of `time`.
+pub const TIME_PAGE_ROWS: usize = 16 * 1024;
 /// Rows per row group.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Largest decimal scale tried for float fields.
@@ -45,45 +51,160 @@ pub struct EncodedSegment {
     pub row_group_rows: Vec<u64>,
 }
 
-/// Encodes a batch that is already sorted by series then time and merged.
-pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment> {
-    let mut props = WriterProperties::builder()
+/// How a segment's column chunks are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// One fixed layout per column kind: cheap, for flushes (compaction rewrites
+    /// what lasts).
+    #[default]
+    Fixed,
+    /// Each column chunk tries the encodings and compression levels that suit its
+    /// kind on a sample of its rows and keeps the smallest: for compaction, which
+    /// writes the segments that stay.
+    Measured,
+}
+
+/// An encoding choice for one column: `None` is dictionary encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Choice {
+    encoding: Option<Encoding>,
+    zstd: i32,
+}
+
+/// Rows of a column tried per candidate layout.
+const SAMPLE_ROWS: usize = 128 * 1024;
+/// ZSTD levels tried by [`Layout::Measured`].
+const LEVELS: [i32; 2] = [3, 9];
+
+/// The candidate encodings of a column of the file's type.
+fn candidates(kind: Option<ColumnKind>, data_type: &DataType) -> Vec<Option<Encoding>> {
+    match (kind, data_type) {
+        (Some(ColumnKind::Time), _) => vec![Some(Encoding::DELTA_BINARY_PACKED)],
+        (Some(ColumnKind::Tag), _) => vec![None],
+        (_, DataType::Decimal128(..) | DataType::Int64 | DataType::UInt64) => vec![
+            Some(Encoding::DELTA_BINARY_PACKED),
+            None,
+            Some(Encoding::PLAIN),
+        ],
+        (_, DataType::Float64) => vec![
+            None,
+            Some(Encoding::PLAIN),
+            Some(Encoding::BYTE_STREAM_SPLIT),
+        ],
+        // Booleans, strings: the writer's defaults.
+        _ => vec![None],
+    }
+}
+
+/// The fixed choice of a column, as flushes write it.
+fn fixed(kind: Option<ColumnKind>, data_type: &DataType) -> Choice {
+    let encoding = match (kind, data_type) {
+        (Some(ColumnKind::Time), _)
+        | (_, DataType::Decimal128(..) | DataType::Int64 | DataType::UInt64) => {
+            Some(Encoding::DELTA_BINARY_PACKED)
+        }
+        _ => None,
+    };
+    Choice { encoding, zstd: 3 }
+}
+
+/// The properties every segment is written with, before per-column choices.
+fn base_properties() -> Result<datafusion::parquet::file::properties::WriterPropertiesBuilder> {
+    Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_statistics_enabled(EnabledStatistics::Page)
-        .set_data_page_row_count_limit(PAGE_ROWS)
+        // Time pages are long: on a regular grid a page of time costs little more
+        // than its header, so short pages are mostly overhead. Every other column
+        // closes a page after each write batch of PAGE_ROWS rows (its size limit
+        // below is one byte), so one device's rows decode little else.
+        .set_data_page_row_count_limit(TIME_PAGE_ROWS)
         .set_write_batch_size(PAGE_ROWS)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_created_by("citytsdb".to_string());
+        .set_created_by("citytsdb".to_string()))
+}
 
+/// Applies `choice` and the page size of a column of `kind` to `props`.
+fn with_choice(
+    props: datafusion::parquet::file::properties::WriterPropertiesBuilder,
+    path: ColumnPath,
+    kind: Option<ColumnKind>,
+    choice: Choice,
+) -> Result<datafusion::parquet::file::properties::WriterPropertiesBuilder> {
+    let mut props = props.set_column_compression(
+        path.clone(),
+        Compression::ZSTD(ZstdLevel::try_new(choice.zstd)?),
+    );
+    if kind != Some(ColumnKind::Time) {
+        props = props.set_column_data_page_size_limit(path.clone(), 1);
+    }
+    Ok(match choice.encoding {
+        None => props.set_column_dictionary_enabled(path, true),
+        Some(e) => props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_encoding(path, e),
+    })
+}
+
+/// The smallest of a column's candidate layouts, on a sample of its rows.
+fn measure(field: &Arc<Field>, column: &ArrayRef, kind: Option<ColumnKind>) -> Result<Choice> {
+    let sample = column.slice(0, column.len().min(SAMPLE_ROWS));
+    let schema = Arc::new(Schema::new(vec![field.clone()]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![sample])?;
+    let mut best: Option<(u64, Choice)> = None;
+    for encoding in candidates(kind, field.data_type()) {
+        for zstd in LEVELS {
+            let choice = Choice { encoding, zstd };
+            let path = ColumnPath::from(field.name().as_str());
+            let props = with_choice(base_properties()?, path, kind, choice)?.build();
+            let mut buf = Vec::new();
+            let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props))?;
+            write_paged(&mut writer, &batch)?;
+            let meta = writer.close()?;
+            let bytes: u64 = meta
+                .row_groups()
+                .iter()
+                .map(|g| g.column(0).compressed_size() as u64)
+                .sum();
+            if best.is_none_or(|(b, _)| bytes < b) {
+                best = Some((bytes, choice));
+            }
+        }
+    }
+    Ok(best
+        .map(|(_, c)| c)
+        .unwrap_or(fixed(kind, field.data_type())))
+}
+
+/// Encodes a batch that is already sorted by series then time and merged.
+pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment> {
+    encode_with(batch, table, Layout::Fixed)
+}
+
+/// Encodes a batch that is already sorted by series then time and merged, with
+/// its column chunks laid out as `layout` says.
+pub fn encode_with(
+    batch: &RecordBatch,
+    table: &TableSchema,
+    layout: Layout,
+) -> Result<EncodedSegment> {
     let schema = batch.schema();
     let mut fields = Vec::with_capacity(schema.fields().len());
     let mut columns = Vec::with_capacity(schema.fields().len());
+    let mut kinds = Vec::with_capacity(schema.fields().len());
     let mut sorting = Vec::new();
     for (i, f) in schema.fields().iter().enumerate() {
-        let path = ColumnPath::from(f.name().as_str());
         let col = batch.column(i);
         let kind = table.kind(f.name());
-        match kind {
-            Some(ColumnKind::Time)
-            | Some(ColumnKind::Field(FieldType::Integer | FieldType::UInteger)) => {
-                props = props
-                    .set_column_dictionary_enabled(path.clone(), false)
-                    .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+        kinds.push(kind);
+        if kind == Some(ColumnKind::Field(FieldType::Float)) {
+            if let Some((precision, scale, decimals)) = as_decimal(col) {
+                fields.push(Arc::new(
+                    Field::new(f.name(), DataType::Decimal128(precision, scale), true)
+                        .with_metadata(f.metadata().clone()),
+                ));
+                columns.push(decimals);
+                continue;
             }
-            Some(ColumnKind::Field(FieldType::Float)) => {
-                if let Some((scale, decimals)) = as_decimal(col) {
-                    props = props
-                        .set_column_dictionary_enabled(path.clone(), false)
-                        .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
-                    fields.push(Arc::new(
-                        Field::new(f.name(), DataType::Decimal128(18, scale), true)
-                            .with_metadata(f.metadata().clone()),
-                    ));
-                    columns.push(decimals);
-                    continue;
-                }
-            }
-            _ => {}
         }
         if matches!(kind, Some(ColumnKind::Tag)) {
             sorting.push(SortingColumn {
@@ -95,25 +216,39 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
         fields.push(f.clone());
         columns.push(col.clone());
     }
-    if let Some(t) = schema
-        .fields()
-        .iter()
-        .position(|f| table.kind(f.name()) == Some(ColumnKind::Time))
-    {
+    if let Some(t) = kinds.iter().position(|k| *k == Some(ColumnKind::Time)) {
         sorting.push(SortingColumn {
             column_idx: t as i32,
             descending: false,
             nulls_first: true,
         });
     }
+    let mut props = base_properties()?;
+    for ((field, column), kind) in fields.iter().zip(&columns).zip(&kinds) {
+        let choice = match layout {
+            Layout::Fixed => fixed(*kind, field.data_type()),
+            Layout::Measured => measure(field, column, *kind)?,
+        };
+        props = with_choice(
+            props,
+            ColumnPath::from(field.name().as_str()),
+            *kind,
+            choice,
+        )?;
+    }
     let props = props.set_sorting_columns(Some(sorting)).build();
     let file_schema: SchemaRef =
         Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
     let file_batch = RecordBatch::try_new(file_schema.clone(), columns)?;
+    // The page boundaries the index records: a column of PAGE_ROWS-row pages.
+    let paged_column = kinds
+        .iter()
+        .position(|k| *k != Some(ColumnKind::Time))
+        .unwrap_or(0);
 
     let mut buf = Vec::with_capacity(batch.num_rows() * 4 + 1024);
     let mut writer = ArrowWriter::try_new(&mut buf, file_schema, Some(props))?;
-    writer.write(&file_batch)?;
+    write_paged(&mut writer, &file_batch)?;
     writer.close()?;
     let parquet = Bytes::from(buf);
 
@@ -134,7 +269,7 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
         let rows = rg.num_rows() as u64;
         let page_starts = offsets
             .and_then(|o| o.get(g))
-            .and_then(|cols| cols.first())
+            .and_then(|cols| cols.get(paged_column))
             .map(|c| {
                 c.page_locations()
                     .iter()
@@ -158,27 +293,55 @@ pub fn encode(batch: &RecordBatch, table: &TableSchema) -> Result<EncodedSegment
     })
 }
 
-/// The float column as exact scaled decimals, with the smallest scale that round-trips.
+/// Writes `batch` PAGE_ROWS rows at a time. The column writers decide whether to
+/// close a page after each write, so every column but `time` (whose page size limit
+/// is one byte) gets pages of exactly PAGE_ROWS rows, however the writer chunks a
+/// large batch internally (it takes whole pages of `time`'s row count limit when a
+/// column has no nulls).
+fn write_paged<W: std::io::Write + Send>(
+    writer: &mut ArrowWriter<W>,
+    batch: &RecordBatch,
+) -> Result<()> {
+    let mut start = 0;
+    while start < batch.num_rows() {
+        let len = PAGE_ROWS.min(batch.num_rows() - start);
+        writer.write(&batch.slice(start, len))?;
+        start += len;
+    }
+    Ok(())
+}
+
+/// The float column as exact scaled decimals, with the smallest scale that
+/// round-trips and the smallest precision that holds every value (up to 9 digits
+/// the file stores 32-bit integers).
 ///
 /// The check divides exactly as the Arrow cast back to `Float64` does, so reading a
 /// decimal column as a float returns the very bits that were written.
-fn as_decimal(col: &ArrayRef) -> Option<(i8, ArrayRef)> {
+fn as_decimal(col: &ArrayRef) -> Option<(u8, i8, ArrayRef)> {
     let floats = col.as_primitive_opt::<Float64Type>()?;
     'scale: for scale in 0..=MAX_SCALE {
         let p = 10f64.powi(scale);
+        let mut largest = 0f64;
         for v in floats.iter().flatten() {
             let m = (v * p).round();
             if m.abs() >= EXACT_INT || (m / p).to_bits() != v.to_bits() {
                 continue 'scale;
             }
+            largest = largest.max(m.abs());
         }
+        let digits = if largest < 1.0 {
+            1
+        } else {
+            largest.log10().floor() as u8 + 1
+        };
+        let precision = digits.max(scale as u8).clamp(1, 18);
         let ints: Decimal128Array = floats
             .iter()
             .map(|v| v.map(|v| (v * p).round() as i128))
             .collect::<Decimal128Array>()
-            .with_precision_and_scale(18, scale as i8)
+            .with_precision_and_scale(precision, scale as i8)
             .ok()?;
-        return Some((scale as i8, Arc::new(ints)));
+        return Some((precision, scale as i8, Arc::new(ints)));
     }
     None
 }
@@ -243,8 +406,8 @@ mod tests {
             .clone();
         assert_eq!(
             file_schema.field(2).data_type(),
-            &DataType::Decimal128(18, 1),
-            "level stored as DECIMAL"
+            &DataType::Decimal128(4, 1),
+            "level stored as DECIMAL, as narrow as its values"
         );
         assert_eq!(
             file_schema.field(3).data_type(),

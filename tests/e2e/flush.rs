@@ -80,7 +80,7 @@ fn buffer_flushes_by_age() {
 }
 
 #[test]
-fn late_rows_merge_into_the_days_segment() {
+fn late_rows_are_merged_at_query_time_then_folded_in_by_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"));
     server.write_ok(DB, "s", readings(3, 10, 0.5));
@@ -100,8 +100,21 @@ fn late_rows_merge_into_the_days_segment() {
     assert_eq!(server.flush(DB), 1);
     let m = server.explain_analyze_metrics(DB, "SELECT * FROM manhole");
     assert_eq!(
-        m["segments_total"], 1,
-        "the late rows replaced the day's segment, not overlapped it"
+        (m["segments_total"], m["segments_merged"]),
+        (2, 2),
+        "a flush only adds a segment; the day's two are merged at query time"
+    );
+    assert_eq!(
+        m["rows_total"], 32,
+        "the retry is stored twice until compaction"
+    );
+    let stats = server.compact();
+    assert_eq!(stats["segments_in"], 2, "{stats}");
+    let m = server.explain_analyze_metrics(DB, "SELECT * FROM manhole");
+    assert_eq!(
+        (m["segments_total"], m["segments_merged"]),
+        (1, 0),
+        "compaction folded the late rows into the day's segment"
     );
     assert_eq!(m["rows_total"], 31);
     let rows = server.query_json(

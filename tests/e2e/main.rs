@@ -14,6 +14,7 @@ mod formats;
 mod gen;
 mod http_errors;
 mod import;
+mod lifecycle;
 mod mqtt;
 mod oracle;
 mod pruning;

@@ -32,6 +32,7 @@ pub mod mosquitto;
 pub mod oracle;
 pub mod plan;
 pub mod receiver;
+pub mod s3;
 pub mod server;
 pub mod slt;
 pub mod sqlgen;

@@ -95,11 +95,9 @@ pub fn binary() -> &'static Path {
                 build.env_remove(key.as_ref());
             }
         }
-        let status = build
-            .status()
-            .unwrap_or_else(|e| {
-                panic!("could not run {cargo:?} build for the citytsdb binary: {e}")
-            });
+        let status = build.status().unwrap_or_else(|e| {
+            panic!("could not run {cargo:?} build for the citytsdb binary: {e}")
+        });
         assert!(
             status.success(),
             "`cargo {}` failed ({status}); see its output above",
@@ -237,6 +235,15 @@ impl Client {
             self.agent
                 .post(format!("{}/api/v1/flush", self.base))
                 .query("db", db)
+                .send_empty()?,
+        )
+    }
+
+    /// `POST /api/v1/compact`.
+    pub fn compact(&self) -> Result<(u16, String), ureq::Error> {
+        answer(
+            self.agent
+                .post(format!("{}/api/v1/compact", self.base))
                 .send_empty()?,
         )
     }
@@ -495,6 +502,17 @@ impl Server {
             .ok()
             .and_then(|v| v["segments_written"].as_u64())
             .unwrap_or_else(|| self.fail(&format!("flush answer lacks segments_written: {body}")))
+    }
+
+    /// Compacts every day into one run, collects garbage and sweeps
+    /// (`POST /api/v1/compact`); the answer's counters.
+    pub fn compact(&self) -> Value {
+        let (status, body) = self.reached("compact", self.client.compact());
+        if status != 200 {
+            self.fail(&format!("compact answered {status}: {body}"));
+        }
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| self.fail(&format!("compact answer is not JSON ({e}): {body}")))
     }
 
     /// Runs `EXPLAIN ANALYZE <sql>` and returns the numeric `key=value` pairs of

@@ -50,15 +50,13 @@ const QUERIES: [(&str, &str); 4] = [
 
 /// Writes and flushes the workload as the server would, and opens a query engine on it.
 async fn flushed_database(data_dir: &std::path::Path) -> QueryEngine {
-    let storage = Engine::open(EngineConfig {
-        data_dir: data_dir.to_path_buf(),
-        store: Arc::new(InMemory::new()),
-        flush_rows: usize::MAX,
-        flush_interval: Duration::from_secs(24 * 3600),
-        max_buffer_bytes: usize::MAX,
-    })
-    .await
-    .expect("opening the storage engine");
+    let mut config = EngineConfig::new(data_dir.to_path_buf(), Arc::new(InMemory::new()));
+    config.flush_rows = usize::MAX;
+    config.flush_interval = Duration::from_secs(24 * 3600);
+    config.max_buffer_bytes = usize::MAX;
+    let storage = Engine::open(config)
+        .await
+        .expect("opening the storage engine");
     let body = city_days(500, 300, 1);
     let parsed = parse_body(&body);
     assert!(parsed.rejected.is_empty());

@@ -82,7 +82,10 @@ fn storage_status(e: &StorageError) -> StatusCode {
     match e {
         StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
         StorageError::DatabaseNotFound(_) => StatusCode::NOT_FOUND,
-        StorageError::ShuttingDown | StorageError::BufferFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+        StorageError::ShuttingDown | StorageError::BufferFull(_) | StorageError::Fenced(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        StorageError::Conflict(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

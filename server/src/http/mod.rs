@@ -41,6 +41,8 @@ pub struct AppState {
     pub query: QueryEngine,
     /// Largest write body, bytes after decompression.
     pub max_body_size: usize,
+    /// Leftover objects younger than this are not swept.
+    pub sweep_grace: std::time::Duration,
     /// The alert-rule engine.
     pub alerts: AlertEngine,
     /// The MQTT subscriber's counters, when it runs.
@@ -65,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(query::query_get).post(query::query_post),
         )
         .route("/api/v1/flush", post(flush))
+        .route("/api/v1/compact", post(compact))
         .route("/api/v1/rules", get(rules::list).post(rules::create))
         .route(
             "/api/v1/rules/{id}",
@@ -161,6 +164,33 @@ async fn flush(
         "segments_written": stats.segments_written,
         "segments_replaced": stats.segments_replaced,
         "rows": stats.rows,
+    })))
+}
+
+/// `POST /api/v1/compact` (admin): merges every day's segments into one run now,
+/// settled or not, deletes what no version refers to any more, and sweeps
+/// leftovers older than `--sweep-grace`. For operators (before a backup, say) and
+/// for tests; the same runs by itself in the background.
+async fn compact(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&caller, caller.is_admin(), "admin")?;
+    let compacted = app.storage.compact(true).await?;
+    let folded_tables = app.storage.fold_series(1).await?;
+    let collected = app.storage.collect_garbage().await?;
+    let swept = app.storage.sweep(app.sweep_grace).await?;
+    Ok(Json(json!({
+        "compactions": compacted.compactions,
+        "segments_in": compacted.segments_in,
+        "segments_out": compacted.segments_out,
+        "rows": compacted.rows,
+        "bytes_in": compacted.bytes_in,
+        "bytes_out": compacted.bytes_out,
+        "series_folded": folded_tables,
+        "collected": collected.collected,
+        "folded": collected.folded,
+        "swept": swept,
     })))
 }
 

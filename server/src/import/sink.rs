@@ -249,12 +249,10 @@ impl DataDirSink {
             .build()
             .map_err(|e| Error::io("cannot start the runtime", e))?;
         let engine = runtime
-            .block_on(Engine::open(EngineConfig {
-                data_dir: data_dir.to_path_buf(),
-                store,
-                flush_rows: 1_000_000,
-                flush_interval: Duration::from_secs(60),
-                max_buffer_bytes: 2 << 30,
+            .block_on(Engine::open({
+                let mut config = EngineConfig::new(data_dir.to_path_buf(), store);
+                config.local_store = crate::store::local_dir(&store_url);
+                config
             }))
             .map_err(|e| match e {
                 StorageError::DataDirInUse(_) => Error::Invalid(format!(

@@ -1,0 +1,431 @@
+//! Catalog records: one change each, and how it folds into the state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Catalog, DatabaseCatalog, Garbage, SegmentMeta, TableCatalog};
+use crate::error::{Result, StorageError};
+use crate::schema::TableSchema;
+
+/// Who wrote a record: a node (a data directory, whose WAL it flushes) and the
+/// fencing epoch it claimed when it opened the store. A writer whose epoch is no
+/// longer the newest may not commit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WriterId {
+    /// The node's id, kept in its data directory.
+    pub node: String,
+    /// The epoch it claimed.
+    pub epoch: u64,
+}
+
+/// One change of the catalog, as stored in `catalog/log/<seq>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Its number: one more than the record it follows.
+    pub seq: u64,
+    /// Who wrote it.
+    pub writer: WriterId,
+    /// When, Unix nanoseconds (informative).
+    pub time: i64,
+    /// What changed, applied in order.
+    pub ops: Vec<Op>,
+}
+
+/// One step of a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// A writer takes over the store with a new epoch; earlier epochs are fenced.
+    Claim {
+        /// The new writer.
+        writer: WriterId,
+    },
+    /// A table (and its database, if new) is created with these ids.
+    CreateTable {
+        /// Database name.
+        db: String,
+        /// Its id, if the database is new (else the existing id is kept).
+        db_id: u32,
+        /// Table name.
+        table: String,
+        /// The table's id.
+        table_id: u32,
+    },
+    /// A table's schema as of this record.
+    Schema {
+        /// Database.
+        db: String,
+        /// Table.
+        table: String,
+        /// The schema.
+        schema: TableSchema,
+    },
+    /// A segment joins the table.
+    AddSegment {
+        /// Database.
+        db: String,
+        /// Table.
+        table: String,
+        /// The segment.
+        segment: SegmentMeta,
+        /// Its tag values, by tag column.
+        tags: BTreeMap<String, Vec<String>>,
+    },
+    /// A segment leaves the table; its files become garbage.
+    RemoveSegment {
+        /// Database.
+        db: String,
+        /// Table.
+        table: String,
+        /// Its day.
+        day: i64,
+        /// Its id.
+        id: u32,
+    },
+    /// A registry of the series a flush touched, to apply after the table's others.
+    SeriesDelta {
+        /// Database.
+        db: String,
+        /// Table.
+        table: String,
+        /// The object id in its key.
+        id: u32,
+        /// Its key.
+        key: String,
+    },
+    /// The table's registry files up to and including `replaced` were folded into
+    /// one full registry; they become garbage.
+    SeriesFolded {
+        /// Database.
+        db: String,
+        /// Table.
+        table: String,
+        /// The object id in the full registry's key.
+        id: u32,
+        /// The full registry.
+        full: String,
+        /// The files it replaces (the old full one and deltas), oldest first.
+        replaced: Vec<String>,
+    },
+    /// Every row of the node's WAL files up to `upto` is in segments.
+    WalPersisted {
+        /// The node.
+        node: String,
+        /// The newest such WAL file.
+        upto: u64,
+    },
+    /// Garbage that was deleted.
+    Collected {
+        /// Its keys.
+        paths: Vec<String>,
+    },
+}
+
+fn missing(what: String) -> StorageError {
+    StorageError::Corrupt(format!(
+        "catalog record refers to {what}, which does not exist"
+    ))
+}
+
+impl Catalog {
+    /// The state after `record`, which must be the next one.
+    pub fn apply(&self, record: &Record) -> Result<Catalog> {
+        if record.seq != self.seq + 1 {
+            return Err(StorageError::Corrupt(format!(
+                "catalog record {} does not follow {}",
+                record.seq, self.seq
+            )));
+        }
+        let mut next = self.clone();
+        next.seq = record.seq;
+        for op in &record.ops {
+            next.apply_op(op, record.seq)?;
+        }
+        Ok(next)
+    }
+
+    /// Whether `record` could be applied now: every segment it removes is still
+    /// here. Records are computed against one version and committed against a later
+    /// one; this is the check that the later one still fits.
+    pub fn admits(&self, ops: &[Op]) -> bool {
+        ops.iter().all(|op| match op {
+            Op::RemoveSegment { db, table, day, id } => self
+                .table(db, table)
+                .and_then(|t| t.segment(*day, *id))
+                .is_some(),
+            _ => true,
+        })
+    }
+
+    fn table_mut(&mut self, db: &str, table: &str) -> Result<&mut TableCatalog> {
+        let d = self
+            .databases
+            .get_mut(db)
+            .ok_or_else(|| missing(format!("database {db}")))?;
+        let t = Arc::make_mut(d)
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| missing(format!("table {db}.{table}")))?;
+        Ok(Arc::make_mut(t))
+    }
+
+    fn apply_op(&mut self, op: &Op, seq: u64) -> Result<()> {
+        match op {
+            Op::Claim { writer } => self.writer = Some(writer.clone()),
+            Op::CreateTable {
+                db,
+                db_id,
+                table,
+                table_id,
+            } => {
+                let d = self.databases.entry(db.clone()).or_insert_with(|| {
+                    Arc::new(DatabaseCatalog {
+                        id: *db_id,
+                        tables: BTreeMap::new(),
+                    })
+                });
+                self.next_db_id = self.next_db_id.max(d.id + 1);
+                Arc::make_mut(d)
+                    .tables
+                    .entry(table.clone())
+                    .or_insert_with(|| {
+                        Arc::new(TableCatalog {
+                            id: *table_id,
+                            ..Default::default()
+                        })
+                    });
+                self.next_table_id = self.next_table_id.max(table_id + 1);
+            }
+            Op::Schema { db, table, schema } => self.table_mut(db, table)?.schema = schema.clone(),
+            Op::AddSegment {
+                db,
+                table,
+                segment,
+                tags,
+            } => {
+                self.next_segment_id = self.next_segment_id.max(segment.id + 1);
+                let t = self.table_mut(db, table)?;
+                let day = t.days.entry(segment.day).or_default();
+                Arc::make_mut(day).add_segment(segment.clone(), tags);
+            }
+            Op::RemoveSegment { db, table, day, id } => {
+                let t = self.table_mut(db, table)?;
+                let days = &mut t.days;
+                let entry = days
+                    .get_mut(day)
+                    .ok_or_else(|| missing(format!("segment {id} of day {day}")))?;
+                let d = Arc::make_mut(entry);
+                let meta = d
+                    .remove_segment(*id)
+                    .ok_or_else(|| missing(format!("segment {id} of day {day}")))?;
+                if d.segments.is_empty() {
+                    days.remove(day);
+                }
+                for path in meta.files() {
+                    self.garbage.push(Garbage {
+                        since: seq,
+                        path: path.to_string(),
+                    });
+                }
+            }
+            Op::SeriesDelta { db, table, id, key } => {
+                self.next_segment_id = self.next_segment_id.max(id + 1);
+                self.table_mut(db, table)?.series.deltas.push(key.clone());
+            }
+            Op::SeriesFolded {
+                db,
+                table,
+                id,
+                full,
+                replaced,
+            } => {
+                self.next_segment_id = self.next_segment_id.max(id + 1);
+                let series = &mut self.table_mut(db, table)?.series;
+                let kept: Vec<String> = series
+                    .keys()
+                    .filter(|k| !replaced.iter().any(|r| r == k))
+                    .map(str::to_string)
+                    .collect();
+                // The folded files are the oldest ones; what came after them stays.
+                series.full = Some(full.clone());
+                series.deltas = kept
+                    .into_iter()
+                    .filter(|k| Some(k) != series.full.as_ref())
+                    .collect();
+                for path in replaced {
+                    self.garbage.push(Garbage {
+                        since: seq,
+                        path: path.clone(),
+                    });
+                }
+            }
+            Op::WalPersisted { node, upto } => {
+                let e = self.wal_persisted.entry(node.clone()).or_default();
+                *e = (*e).max(*upto);
+            }
+            Op::Collected { paths } => self.garbage.retain(|g| !paths.contains(&g.path)),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> WriterId {
+        WriterId {
+            node: "n1".into(),
+            epoch: 1,
+        }
+    }
+
+    fn segment(id: u32, day: i64) -> SegmentMeta {
+        SegmentMeta {
+            id,
+            day,
+            path: format!("s{id}.parquet"),
+            index_path: format!("s{id}.index"),
+            size: 10,
+            rows: 5,
+            min_time: day * super::super::DAY_NANOS,
+            max_time: day * super::super::DAY_NANOS + 1,
+            row_group_rows: vec![5],
+            seq: 1,
+            run: 1,
+            level: 0,
+            created: 0,
+        }
+    }
+
+    fn record(seq: u64, ops: Vec<Op>) -> Record {
+        Record {
+            seq,
+            writer: writer(),
+            time: 0,
+            ops,
+        }
+    }
+
+    #[test]
+    fn records_fold_into_the_state_and_removed_files_become_garbage() {
+        let c = Catalog::default();
+        let create = Op::CreateTable {
+            db: "city".into(),
+            db_id: 0,
+            table: "manhole".into(),
+            table_id: 0,
+        };
+        let add = |id| Op::AddSegment {
+            db: "city".into(),
+            table: "manhole".into(),
+            segment: segment(id, 20_000),
+            tags: [("device".to_string(), vec![format!("mh-{id}")])].into(),
+        };
+        let c = c.apply(&record(1, vec![create, add(0), add(1)])).unwrap();
+        let t = c.table("city", "manhole").unwrap();
+        assert_eq!(t.segment_count(), 2);
+        assert_eq!(c.next_segment_id, 2);
+        assert!(t.days[&20_000]
+            .holding("device", &["mh-1".into()])
+            .contains(1));
+
+        let before = c.clone();
+        let remove = Op::RemoveSegment {
+            db: "city".into(),
+            table: "manhole".into(),
+            day: 20_000,
+            id: 0,
+        };
+        assert!(c.admits(std::slice::from_ref(&remove)));
+        let c = c.apply(&record(2, vec![remove.clone()])).unwrap();
+        assert_eq!(c.table("city", "manhole").unwrap().segment_count(), 1);
+        assert_eq!(
+            before.table("city", "manhole").unwrap().segment_count(),
+            2,
+            "the older version is untouched"
+        );
+        assert_eq!(
+            c.garbage
+                .iter()
+                .map(|g| (g.since, g.path.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(2, "s0.parquet"), (2, "s0.index")]
+        );
+        assert!(!c.admits(std::slice::from_ref(&remove)), "already gone");
+        assert!(c.apply(&record(3, vec![remove])).is_err());
+        assert!(c.apply(&record(9, vec![])).is_err(), "out of order");
+        let c = c
+            .apply(&record(
+                3,
+                vec![Op::Collected {
+                    paths: vec!["s0.parquet".into(), "s0.index".into()],
+                }],
+            ))
+            .unwrap();
+        assert!(c.garbage.is_empty());
+    }
+
+    #[test]
+    fn a_fold_replaces_the_oldest_series_files() {
+        let mut c = Catalog::default()
+            .apply(&record(
+                1,
+                vec![Op::CreateTable {
+                    db: "d".into(),
+                    db_id: 0,
+                    table: "t".into(),
+                    table_id: 0,
+                }],
+            ))
+            .unwrap();
+        for (seq, key) in [(2, "a"), (3, "b"), (4, "c")] {
+            c = c
+                .apply(&record(
+                    seq,
+                    vec![Op::SeriesDelta {
+                        db: "d".into(),
+                        table: "t".into(),
+                        id: seq as u32,
+                        key: key.into(),
+                    }],
+                ))
+                .unwrap();
+        }
+        let c = c
+            .apply(&record(
+                5,
+                vec![Op::SeriesFolded {
+                    db: "d".into(),
+                    table: "t".into(),
+                    id: 9,
+                    full: "f".into(),
+                    replaced: vec!["a".into(), "b".into()],
+                }],
+            ))
+            .unwrap();
+        let s = &c.table("d", "t").unwrap().series;
+        assert_eq!(s.full.as_deref(), Some("f"));
+        assert_eq!(s.deltas, vec!["c".to_string()]);
+        assert_eq!(c.garbage.len(), 2);
+    }
+
+    #[test]
+    fn records_read_back_as_written() {
+        let r = record(
+            7,
+            vec![
+                Op::Claim { writer: writer() },
+                Op::WalPersisted {
+                    node: "n1".into(),
+                    upto: 3,
+                },
+            ],
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""op":"claim""#), "{json}");
+        assert_eq!(serde_json::from_str::<Record>(&json).unwrap(), r);
+    }
+}

@@ -1,0 +1,322 @@
+//! Random writes, flushes, compactions, collections and restarts (clean and
+//! crashed) against a simple model: after every step the rows the engine holds —
+//! its segments in `seq` order, then its buffer, merged as readers merge them —
+//! are exactly the model's, and the store holds nothing the catalog does not
+//! refer to once it is collected and swept.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{
+    Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampNanosecondArray,
+};
+use datafusion::arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
+use futures::TryStreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::catalog::DAY_NANOS;
+use crate::compact::CompactionConfig;
+use crate::engine::{Engine, EngineConfig, Locked};
+use crate::merge::{align, key_columns, sort_dedup};
+use crate::schema::{ColumnKind, FieldType, TableSchema};
+use crate::segment;
+
+/// (device, time) -> (a, b), merged as writes merge.
+type Model = BTreeMap<(String, i64), (Option<f64>, Option<i64>)>;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn schema() -> TableSchema {
+    let mut t = TableSchema::default();
+    t.add_column("device", ColumnKind::Tag).unwrap();
+    t.add_column("a", ColumnKind::Field(FieldType::Float))
+        .unwrap();
+    t.add_column("b", ColumnKind::Field(FieldType::Integer))
+        .unwrap();
+    t
+}
+
+/// A write of `n` random rows over three days, with repeats and nulls.
+fn rows(rng: &mut Rng, n: usize) -> Vec<(String, i64, Option<f64>, Option<i64>)> {
+    (0..n)
+        .map(|_| {
+            let device = format!("d{}", rng.below(6));
+            let time = rng.below(3) as i64 * DAY_NANOS + rng.below(200) as i64 * 60_000_000_000;
+            let a = (rng.below(4) != 0).then(|| rng.below(1000) as f64 / 10.0);
+            let b = match a {
+                None => Some(rng.below(100) as i64),
+                Some(_) => (rng.below(3) == 0).then(|| rng.below(100) as i64),
+            };
+            (device, time, a, b)
+        })
+        .collect()
+}
+
+fn batch(rows: &[(String, i64, Option<f64>, Option<i64>)]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema().arrow_schema(),
+        vec![
+            Arc::new(
+                TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.0.as_str()),
+            )),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
+            Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.3))),
+        ],
+    )
+    .unwrap()
+}
+
+fn apply(model: &mut Model, rows: &[(String, i64, Option<f64>, Option<i64>)]) {
+    for (d, t, a, b) in rows {
+        let e = model.entry((d.clone(), *t)).or_default();
+        if a.is_some() {
+            e.0 = *a;
+        }
+        if b.is_some() {
+            e.1 = *b;
+        }
+    }
+}
+
+/// Every row the engine holds for `db.t`, as readers see them.
+async fn held(engine: &Engine) -> Model {
+    let Some(snap) = engine.snapshot("db") else {
+        return Model::new();
+    };
+    let schema = snap.schemas["t"].clone();
+    let arrow = schema.arrow_schema();
+    let mut parts = Vec::new();
+    if let Some(tc) = snap.table_catalog("t") {
+        let mut segments: Vec<_> = tc.segments().collect();
+        segments.sort_by_key(|s| (s.seq, s.id));
+        for s in segments {
+            let bytes = engine
+                .store()
+                .get(&ObjectPath::from(s.path.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            for b in segment::decode(bytes).unwrap() {
+                parts.push(align(&b, &arrow).unwrap());
+            }
+        }
+    }
+    for b in snap.buffered("t").0 {
+        parts.push(align(&b, &arrow).unwrap());
+    }
+    let keys = key_columns(&schema, &arrow).unwrap();
+    let all = sort_dedup(&arrow, &parts, &keys).unwrap();
+    let times = all.column(0).as_primitive::<TimestampNanosecondType>();
+    let devices = all.column(1).as_string::<i32>();
+    let a = all.column(2).as_primitive::<Float64Type>();
+    let b = all.column(3).as_primitive::<Int64Type>();
+    let mut out = Model::new();
+    for i in 0..all.num_rows() {
+        let prior = out.insert(
+            (devices.value(i).to_string(), times.value(i)),
+            (
+                a.is_valid(i).then(|| a.value(i)),
+                b.is_valid(i).then(|| b.value(i)),
+            ),
+        );
+        assert!(prior.is_none(), "a (series, time) twice");
+    }
+    out
+}
+
+fn config(dir: &std::path::Path, store: Arc<dyn ObjectStore>) -> EngineConfig {
+    let mut c = EngineConfig::new(dir.to_path_buf(), store);
+    // Nothing happens by itself: the test decides every step.
+    c.flush_interval = Duration::from_secs(3600);
+    c.flush_rows = usize::MAX;
+    c.compaction = CompactionConfig {
+        enabled: false,
+        min_runs: 2,
+        ..Default::default()
+    };
+    c
+}
+
+/// Opens the engine, waiting for a crashed one's lock to be released.
+async fn open(dir: &std::path::Path, store: &Arc<dyn ObjectStore>) -> Engine {
+    for _ in 0..200 {
+        match Engine::open(config(dir, store.clone())).await {
+            Ok(e) => return e,
+            Err(crate::StorageError::DataDirInUse(_)) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("opening: {e}"),
+        }
+    }
+    panic!("the data directory stayed locked");
+}
+
+async fn objects(store: &Arc<dyn ObjectStore>) -> HashSet<String> {
+    store
+        .list(None)
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+async fn run(seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let mut rng = Rng(seed | 1);
+    let mut engine = open(dir.path(), &store).await;
+    let mut model = Model::new();
+    for step in 0..60 {
+        let what = rng.below(100);
+        match what {
+            0..=49 => {
+                let n = 1 + rng.below(40) as usize;
+                let rs = rows(&mut rng, n);
+                engine.update_schemas("db", |s| s.insert("t".into(), schema()));
+                engine
+                    .write("db", vec![("t".into(), batch(&rs))], true)
+                    .await
+                    .unwrap();
+                apply(&mut model, &rs);
+            }
+            50..=64 => {
+                engine.flush().await.unwrap();
+            }
+            65..=74 => {
+                engine.compact(rng.below(2) == 0).await.unwrap();
+            }
+            75..=84 => {
+                // A reader on the old version keeps its segments through a compaction.
+                let snap = engine.snapshot("db");
+                engine.compact(true).await.unwrap();
+                engine.collect_garbage().await.unwrap();
+                if let Some(snap) = &snap {
+                    for s in snap
+                        .table_catalog("t")
+                        .into_iter()
+                        .flat_map(|t| t.segments())
+                    {
+                        assert!(
+                            engine
+                                .store()
+                                .head(&ObjectPath::from(s.path.as_str()))
+                                .await
+                                .is_ok(),
+                            "step {step}: a segment a reader holds was deleted"
+                        );
+                    }
+                }
+                drop(snap);
+                engine.collect_garbage().await.unwrap();
+                assert!(engine.catalog().garbage.is_empty(), "step {step}");
+            }
+            85..=92 => {
+                engine.halt().await;
+                engine = open(dir.path(), &store).await;
+            }
+            _ => {
+                engine.shutdown().await.unwrap();
+                engine.halt().await;
+                engine = open(dir.path(), &store).await;
+            }
+        }
+        assert_eq!(
+            held(&engine).await,
+            model,
+            "seed {seed}, step {step} ({what})"
+        );
+    }
+    // Settled and collected, the store holds what the catalog refers to and the
+    // log's newest records, nothing else.
+    engine.flush().await.unwrap();
+    engine.compact(true).await.unwrap();
+    engine.fold_series(1).await.unwrap();
+    engine.collect_garbage().await.unwrap();
+    engine.sweep(Duration::ZERO).await.unwrap();
+    let catalog = engine.catalog();
+    for day in catalog.table("db", "t").unwrap().days.values() {
+        let runs: HashSet<u64> = day.segments.values().map(|s| s.run).collect();
+        assert_eq!(runs.len(), 1, "a settled day is one run");
+    }
+    let live: HashSet<String> = catalog.live_objects().map(str::to_string).collect();
+    let stored: HashSet<String> = objects(&store)
+        .await
+        .into_iter()
+        .filter(|k| !k.starts_with("catalog/"))
+        .collect();
+    assert_eq!(stored, live);
+    assert_eq!(held(&engine).await, model);
+    // Reopened, the registry counts every reading once and the rows are the same.
+    engine.halt().await;
+    let engine = open(dir.path(), &store).await;
+    assert_eq!(held(&engine).await, model);
+    let registry = engine.series_rows("db", "t").unwrap().unwrap();
+    assert_eq!(registry.latest.num_rows(), {
+        let devices: HashSet<&String> = model.keys().map(|(d, _)| d).collect();
+        devices.len()
+    });
+    engine.halt().await;
+}
+
+#[tokio::test]
+async fn random_lives_match_the_model() {
+    for seed in [1, 7, 42, 1234, 99_991] {
+        run(seed).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_writer_fences_the_first() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = open(d1.path(), &store).await;
+    let write = |e: Engine, t: i64| async move {
+        e.update_schemas("db", |s| s.insert("t".into(), schema()));
+        e.write(
+            "db",
+            vec![("t".into(), batch(&[("d1".into(), t, Some(1.0), None)]))],
+            true,
+        )
+        .await
+        .unwrap();
+        e.flush().await
+    };
+    write(first.clone(), 1).await.unwrap();
+    let second = open(d2.path(), &store).await;
+    let err = write(first.clone(), 2).await.unwrap_err();
+    assert!(matches!(err, crate::StorageError::Fenced(_)), "{err}");
+    write(second.clone(), 3).await.unwrap();
+    // The second sees the first's flushed row and its own, not the fenced one's.
+    let rows: Vec<i64> = held(&second).await.keys().map(|(_, t)| *t).collect();
+    assert_eq!(rows, vec![1, 3]);
+    assert_eq!(second.catalog().writer, Some(second.writer()));
+    assert_eq!(
+        first.inner.readers.locked().len(),
+        0,
+        "no reader was left pinned"
+    );
+    first.halt().await;
+    second.halt().await;
+}
