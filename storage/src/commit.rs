@@ -24,7 +24,7 @@ use crate::units::now_nanos;
 
 /// Records since the last checkpoint may weigh this much before a new one is due,
 /// however small the checkpoint.
-pub const CHECKPOINT_MIN_BYTES: u64 = 256 << 10;
+pub const CHECKPOINT_MIN_BYTES: u64 = 64 << 10;
 
 /// The log and this engine's place in it.
 pub(crate) struct Commits {

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! catalog/log/<seq>.json                          catalog records, create-only
-//! catalog/checkpoint/<seq>.json                   the catalog as of record <seq>
+//! catalog/checkpoint/<seq>.json.zst               the catalog as of record <seq> (zstd JSON)
 //! segments/<db>/<table>/<day>/<id>.parquet        a segment
 //! segments/<db>/<table>/<day>/<id>.index          its tag index
 //! series/<db>/<table>/<seq>.{full,delta}.arrow    series registry files
@@ -49,7 +49,7 @@ pub fn catalog_record_seq(path: &ObjectPath) -> Option<u64> {
 
 /// Key of the catalog checkpoint holding the state as of record `seq`.
 pub fn catalog_checkpoint(seq: u64) -> ObjectPath {
-    ObjectPath::from(format!("catalog/checkpoint/{seq:020}.json"))
+    ObjectPath::from(format!("catalog/checkpoint/{seq:020}.json.zst"))
 }
 
 /// Prefix of the catalog checkpoints.
@@ -61,7 +61,7 @@ pub fn catalog_checkpoint_prefix() -> ObjectPath {
 pub fn catalog_checkpoint_seq(path: &ObjectPath) -> Option<u64> {
     let mut parts = path.parts();
     (parts.next()?.as_ref() == "catalog" && parts.next()?.as_ref() == "checkpoint").then_some(())?;
-    number_json(path)
+    path.filename()?.strip_suffix(".json.zst")?.parse().ok()
 }
 
 /// Parses the version out of a whole catalog snapshot's key

@@ -17,10 +17,14 @@ use bytes::Bytes;
 use datafusion::arrow::array::{ArrayRef, AsArray, Decimal128Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_writer::{compute_leaves, ArrowRowGroupWriterFactory};
+use datafusion::parquet::arrow::{add_encoded_arrow_schema_to_metadata, ArrowSchemaConverter};
 use datafusion::parquet::basic::{Compression, Encoding, ZstdLevel};
 use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader, SortingColumn};
-use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use datafusion::parquet::file::properties::{
+    EnabledStatistics, WriterProperties, WriterPropertiesBuilder,
+};
+use datafusion::parquet::file::writer::SerializedFileWriter;
 use datafusion::parquet::schema::types::ColumnPath;
 
 use crate::error::{Result, StorageError};
@@ -108,41 +112,107 @@ fn fixed(kind: Option<ColumnKind>, data_type: &DataType) -> Choice {
     Choice { encoding, zstd: 3 }
 }
 
-/// The properties every segment is written with, before per-column choices.
-fn base_properties() -> Result<datafusion::parquet::file::properties::WriterPropertiesBuilder> {
+/// The file-level properties of every segment (compression, statistics, the
+/// sorting columns and each column's layout are set per column).
+fn file_properties() -> Result<WriterPropertiesBuilder> {
     Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_statistics_enabled(EnabledStatistics::Page)
-        // Time pages are long: on a regular grid a page of time costs little more
-        // than its header, so short pages are mostly overhead. Every other column
-        // closes a page after each write batch of PAGE_ROWS rows (its size limit
-        // below is one byte), so one device's rows decode little else.
-        .set_data_page_row_count_limit(TIME_PAGE_ROWS)
-        .set_write_batch_size(PAGE_ROWS)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_created_by("citytsdb".to_string()))
 }
 
-/// Applies `choice` and the page size of a column of `kind` to `props`.
-fn with_choice(
-    props: datafusion::parquet::file::properties::WriterPropertiesBuilder,
-    path: ColumnPath,
+/// The properties one column chunk is written with: `choice`, and pages of
+/// `TIME_PAGE_ROWS` rows for `time` (on a regular grid a page of time costs little
+/// more than its header, so short pages would be mostly overhead) or `PAGE_ROWS`
+/// rows for every other column (so one device's rows decode little else). Pages
+/// are cut by row count only; the size limit is far above any page's size.
+///
+/// The properties hold for every column (a column writer is made from a file
+/// writer's properties), but only `name`'s writer is used with them, so the
+/// encoding is set for `name` alone: other columns' defaults must stay valid for
+/// their types.
+fn column_properties(
+    name: &str,
     kind: Option<ColumnKind>,
     choice: Choice,
-) -> Result<datafusion::parquet::file::properties::WriterPropertiesBuilder> {
-    let mut props = props.set_column_compression(
-        path.clone(),
-        Compression::ZSTD(ZstdLevel::try_new(choice.zstd)?),
-    );
-    if kind != Some(ColumnKind::Time) {
-        props = props.set_column_data_page_size_limit(path.clone(), 1);
-    }
+) -> Result<WriterProperties> {
+    let rows = if kind == Some(ColumnKind::Time) {
+        TIME_PAGE_ROWS
+    } else {
+        PAGE_ROWS
+    };
+    let path = ColumnPath::from(name);
+    let props = file_properties()?
+        .set_column_compression(
+            path.clone(),
+            Compression::ZSTD(ZstdLevel::try_new(choice.zstd)?),
+        )
+        .set_data_page_row_count_limit(rows)
+        .set_write_batch_size(rows)
+        .set_data_page_size_limit(64 << 20);
     Ok(match choice.encoding {
         None => props.set_column_dictionary_enabled(path, true),
         Some(e) => props
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_encoding(path, e),
-    })
+    }
+    .build())
+}
+
+/// Writes `batch` as one Parquet file, each column chunk with its own properties
+/// (`columns[i]` for field `i`; the schema is flat, one leaf per field).
+fn write_file(
+    batch: &RecordBatch,
+    columns: &[WriterProperties],
+    file: WriterProperties,
+) -> Result<Vec<u8>> {
+    let schema = batch.schema();
+    let parquet = ArrowSchemaConverter::new().convert(&schema)?;
+    let mut file = file;
+    add_encoded_arrow_schema_to_metadata(&schema, &mut file);
+    let mut buf = Vec::with_capacity(batch.num_rows() * 4 + 1024);
+    let mut writer =
+        SerializedFileWriter::new(&mut buf, parquet.root_schema_ptr(), Arc::new(file))?;
+    // A column writer takes its properties from a file writer: one that writes
+    // nowhere per column.
+    let factories = columns
+        .iter()
+        .map(|props| {
+            let sink = SerializedFileWriter::new(
+                std::io::sink(),
+                parquet.root_schema_ptr(),
+                Arc::new(props.clone()),
+            )?;
+            Ok(ArrowRowGroupWriterFactory::new(&sink, schema.clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut start = 0;
+    let mut group = 0;
+    while start < batch.num_rows() {
+        let len = ROW_GROUP_ROWS.min(batch.num_rows() - start);
+        let mut row_group = writer.next_row_group()?;
+        for (i, field) in schema.fields().iter().enumerate() {
+            let mut writers = factories[i].create_column_writers(group)?;
+            if writers.len() != schema.fields().len() {
+                return Err(StorageError::Internal(format!(
+                    "a segment's schema is not flat: {} leaves for {} columns",
+                    writers.len(),
+                    schema.fields().len()
+                )));
+            }
+            let mut column = writers.swap_remove(i);
+            for leaf in compute_leaves(field, &batch.column(i).slice(start, len))? {
+                column.write(&leaf)?;
+            }
+            column.close()?.append_to_row_group(&mut row_group)?;
+        }
+        row_group.close()?;
+        start += len;
+        group += 1;
+    }
+    writer.close()?;
+    Ok(buf)
 }
 
 /// The smallest of a column's candidate layouts, on a sample of its rows.
@@ -154,12 +224,12 @@ fn measure(field: &Arc<Field>, column: &ArrayRef, kind: Option<ColumnKind>) -> R
     for encoding in candidates(kind, field.data_type()) {
         for zstd in LEVELS {
             let choice = Choice { encoding, zstd };
-            let path = ColumnPath::from(field.name().as_str());
-            let props = with_choice(base_properties()?, path, kind, choice)?.build();
-            let mut buf = Vec::new();
-            let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props))?;
-            write_paged(&mut writer, &batch)?;
-            let meta = writer.close()?;
+            let file = write_file(
+                &batch,
+                &[column_properties(field.name(), kind, choice)?],
+                file_properties()?.build(),
+            )?;
+            let meta = ParquetMetaDataReader::new().parse_and_finish(&Bytes::from(file))?;
             let bytes: u64 = meta
                 .row_groups()
                 .iter()
@@ -223,34 +293,30 @@ pub fn encode_with(
             nulls_first: true,
         });
     }
-    let mut props = base_properties()?;
-    for ((field, column), kind) in fields.iter().zip(&columns).zip(&kinds) {
-        let choice = match layout {
-            Layout::Fixed => fixed(*kind, field.data_type()),
-            Layout::Measured => measure(field, column, *kind)?,
-        };
-        props = with_choice(
-            props,
-            ColumnPath::from(field.name().as_str()),
-            *kind,
-            choice,
-        )?;
-    }
-    let props = props.set_sorting_columns(Some(sorting)).build();
+    let column_props = fields
+        .iter()
+        .zip(&columns)
+        .zip(&kinds)
+        .map(|((field, column), kind)| {
+            let choice = match layout {
+                Layout::Fixed => fixed(*kind, field.data_type()),
+                Layout::Measured => measure(field, column, *kind)?,
+            };
+            column_properties(field.name(), *kind, choice)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let file_props = file_properties()?
+        .set_sorting_columns(Some(sorting))
+        .build();
     let file_schema: SchemaRef =
         Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-    let file_batch = RecordBatch::try_new(file_schema.clone(), columns)?;
+    let file_batch = RecordBatch::try_new(file_schema, columns)?;
     // The page boundaries the index records: a column of PAGE_ROWS-row pages.
     let paged_column = kinds
         .iter()
         .position(|k| *k != Some(ColumnKind::Time))
         .unwrap_or(0);
-
-    let mut buf = Vec::with_capacity(batch.num_rows() * 4 + 1024);
-    let mut writer = ArrowWriter::try_new(&mut buf, file_schema, Some(props))?;
-    write_paged(&mut writer, &file_batch)?;
-    writer.close()?;
-    let parquet = Bytes::from(buf);
+    let parquet = Bytes::from(write_file(&file_batch, &column_props, file_props)?);
 
     let mut index = SegmentIndex::build(table.tag_names().filter_map(|name| {
         let col = batch.column_by_name(name)?.as_string_opt::<i32>()?;
@@ -291,24 +357,6 @@ pub fn encode_with(
         rows: first_row,
         row_group_rows,
     })
-}
-
-/// Writes `batch` PAGE_ROWS rows at a time. The column writers decide whether to
-/// close a page after each write, so every column but `time` (whose page size limit
-/// is one byte) gets pages of exactly PAGE_ROWS rows, however the writer chunks a
-/// large batch internally (it takes whole pages of `time`'s row count limit when a
-/// column has no nulls).
-fn write_paged<W: std::io::Write + Send>(
-    writer: &mut ArrowWriter<W>,
-    batch: &RecordBatch,
-) -> Result<()> {
-    let mut start = 0;
-    while start < batch.num_rows() {
-        let len = PAGE_ROWS.min(batch.num_rows() - start);
-        writer.write(&batch.slice(start, len))?;
-        start += len;
-    }
-    Ok(())
 }
 
 /// The float column as exact scaled decimals, with the smallest scale that

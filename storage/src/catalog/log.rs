@@ -4,7 +4,8 @@
 //!   `PutMode::Create` (the local file system, S3 and memory stores all support it;
 //!   none needs a conditional update). Of two writers putting the same number,
 //!   exactly one succeeds; the other reads what won and tries the next number.
-//! - `catalog/checkpoint/<seq>.json` — the whole [`Catalog`] as of record `seq`.
+//! - `catalog/checkpoint/<seq>.json.zst` — the whole [`Catalog`] as of record `seq`,
+//!   zstd-compressed JSON.
 //!
 //! Reading the state: the newest checkpoint, then records `seq + 1`, `seq + 2`, ...
 //! fetched one by one until one is missing. Nothing is listed but the handful of
@@ -29,6 +30,9 @@ use crate::schema::TableSchema;
 
 /// Where the whole snapshots of stores written before the log lived.
 pub const LEGACY_PREFIX: &str = "catalog";
+
+/// The zstd level of checkpoints.
+const CHECKPOINT_ZSTD_LEVEL: i32 = 3;
 
 /// The catalog's records and checkpoints in one object store.
 #[derive(Clone)]
@@ -149,14 +153,21 @@ impl CatalogLog {
         }
     }
 
-    /// Writes `catalog` as the checkpoint of its record; returns its size.
+    /// Writes `catalog` as the checkpoint of its record; returns its size as JSON
+    /// (what the records since are weighed against).
     pub async fn write_checkpoint(&self, catalog: Arc<Catalog>) -> Result<u64> {
         let seq = catalog.seq;
         // A large catalog takes a while to print: not on the async threads.
-        let json = tokio::task::spawn_blocking(move || serde_json::to_vec(catalog.as_ref()))
-            .await
-            .map_err(|e| StorageError::Internal(format!("checkpoint task failed: {e}")))?
-            .map_err(|e| StorageError::Internal(format!("catalog does not serialize: {e}")))?;
+        // Mostly tag values and segment keys: zstd takes it to a tenth or less.
+        let json = tokio::task::spawn_blocking(move || {
+            let json = serde_json::to_vec(catalog.as_ref())
+                .map_err(|e| StorageError::Internal(format!("catalog does not serialize: {e}")))?;
+            let packed = zstd::bulk::compress(&json, CHECKPOINT_ZSTD_LEVEL)?;
+            Ok::<_, StorageError>((packed, json.len() as u64))
+        })
+        .await
+        .map_err(|e| StorageError::Internal(format!("checkpoint task failed: {e}")))??;
+        let (json, weight) = json;
         let path = paths::catalog_checkpoint(seq);
         match self
             .store
@@ -164,7 +175,7 @@ impl CatalogLog {
             .await
         {
             // The same state folded twice is the same checkpoint.
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(json.len() as u64),
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(weight),
             Err(e) => Err(e.into()),
         }
     }
@@ -189,15 +200,18 @@ impl CatalogLog {
             .await?
             .bytes()
             .await?;
-        let catalog: Catalog = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageError::Corrupt(format!("catalog checkpoint {seq}: {e}")))?;
+        let corrupt = |e: &dyn std::fmt::Display| {
+            StorageError::Corrupt(format!("catalog checkpoint {seq}: {e}"))
+        };
+        let json = zstd::stream::decode_all(&bytes[..]).map_err(|e| corrupt(&e))?;
+        let catalog: Catalog = serde_json::from_slice(&json).map_err(|e| corrupt(&e))?;
         if catalog.seq != seq {
             return Err(StorageError::Corrupt(format!(
                 "catalog checkpoint {seq} holds record {}",
                 catalog.seq
             )));
         }
-        Ok((catalog, bytes.len() as u64))
+        Ok((catalog, json.len() as u64))
     }
 
     /// The newest whole snapshot of a store written before the log, as the state

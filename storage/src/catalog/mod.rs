@@ -8,7 +8,7 @@
 //! 2. `log.rs` — records are objects `catalog/log/<seq>.json`, each created
 //!    create-only, so of two processes appending the same number exactly one wins;
 //!    the other catches up and tries the next number, or stops if it was fenced.
-//!    A checkpoint (`catalog/checkpoint/<seq>.json`) holds the state as of a record;
+//!    A checkpoint (`catalog/checkpoint/<seq>.json.zst`) holds the state as of a record;
 //!    opening reads the newest checkpoint and the records after it, so a commit and
 //!    a restart cost what changed since, never the store's whole history.
 //! 3. This file — the state. It is shared copy-on-write: tables and days are
@@ -266,12 +266,20 @@ impl Catalog {
     }
 }
 
-/// A roaring bitmap stored in JSON as base64 of roaring's portable serialization.
+/// A roaring bitmap stored in JSON as a list of ids when it holds few (most tag
+/// values of a compacted day are in one or two segments), else as base64 of
+/// roaring's portable serialization. Both forms are read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Bitmap(pub RoaringBitmap);
 
+/// Bitmaps of up to this many ids are written as a list.
+const LISTED_IDS: u64 = 16;
+
 impl Serialize for Bitmap {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.0.len() <= LISTED_IDS {
+            return s.collect_seq(self.0.iter());
+        }
         let mut bytes = Vec::with_capacity(self.0.serialized_size());
         self.0
             .serialize_into(&mut bytes)
@@ -282,12 +290,59 @@ impl Serialize for Bitmap {
 
 impl<'de> Deserialize<'de> for Bitmap {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map_err(serde::de::Error::custom)?;
-        RoaringBitmap::deserialize_from(&bytes[..])
-            .map(Bitmap)
-            .map_err(serde::de::Error::custom)
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Bitmap;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of segment ids or a base64 roaring bitmap")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Bitmap, E> {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(E::custom)?;
+                RoaringBitmap::deserialize_from(&bytes[..])
+                    .map(Bitmap)
+                    .map_err(E::custom)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Bitmap, A::Error> {
+                let mut b = RoaringBitmap::new();
+                while let Some(id) = seq.next_element::<u32>()? {
+                    b.insert(id);
+                }
+                Ok(Bitmap(b))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_round_trip_in_both_forms() {
+        for ids in [
+            vec![],
+            vec![7],
+            (0..17).collect::<Vec<u32>>(),
+            (0..1000).step_by(3).collect(),
+        ] {
+            let b = Bitmap(ids.iter().copied().collect());
+            let json = serde_json::to_string(&b).unwrap();
+            assert_eq!(
+                json.starts_with('['),
+                ids.len() <= LISTED_IDS as usize,
+                "{json}"
+            );
+            let back: Bitmap = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, b);
+        }
     }
 }
