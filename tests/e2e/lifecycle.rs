@@ -90,7 +90,15 @@ fn day_counts(server: &Server) -> Vec<u64> {
 #[test]
 fn compaction_under_concurrent_writes_and_queries_matches_duckdb() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with(&dir.path().join("data"), &LIVING);
+    compaction_under_load(&dir.path().join("data"), &[], &[]);
+}
+
+/// A settled day asked about and compacted again and again while the rest is
+/// written, then every day compacted, checked against DuckDB before and after a
+/// restart. With `env`, the store is on the S3 endpoint.
+fn compaction_under_load(data: &Path, store_args: &[&str], env: &[(&str, &str)]) {
+    let flags: Vec<&str> = LIVING.iter().chain(store_args).copied().collect();
+    let server = Server::start_with_env(data, &flags, env);
     let w = Workload {
         devices: 150,
         days: 4,
@@ -155,9 +163,8 @@ fn compaction_under_concurrent_writes_and_queries_matches_duckdb() {
     let queries = queries();
     let answers = duckdb_answers(expected.values(), &queries);
     assert_answers(&server, DB, "after compaction", &queries, &answers);
-    let data = server.data_dir().to_path_buf();
     server.stop();
-    let server = Server::start_with(&data, &LIVING);
+    let server = Server::start_with_env(data, &flags, env);
     assert_answers(&server, DB, "after a restart", &queries, &answers);
     server.stop();
 }
@@ -446,14 +453,15 @@ fn the_same_on_an_s3_endpoint() {
     let s3 = S3Endpoint::start(&dir.path().join("moto.log"));
     let env = s3.env();
     let store = format!("s3://{BUCKET}/lived");
-    crash_rounds(
-        &dir.path().join("data"),
-        &["--store", store.as_str()],
+    let compacted = format!("s3://{BUCKET}/compacted");
+    compaction_under_load(
+        &dir.path().join("compacted"),
+        &["--store", compacted.as_str()],
         &env,
-        4,
     );
-    // Fencing on S3: a second data directory on the same prefix takes over.
     let args = ["--store", store.as_str()];
+    crash_rounds(&dir.path().join("data"), &args, &env, 4);
+    // Fencing on S3: a second data directory on the same prefix takes over.
     let b = Server::start_with_env(&dir.path().join("b"), &args, &env);
     let a = Server::start_with_env(&dir.path().join("c"), &args, &env);
     let (_, body, _) = batch_body(100_000);
