@@ -10,7 +10,7 @@
 //!    [`StorageError::Fenced`]; otherwise it builds the ops again on top and tries
 //!    the next number. Commits of one engine (flushes, compactions, collections)
 //!    take turns.
-//! 3. Once the records since the last checkpoint weigh half as much as it (and at
+//! 3. Once the records since the last checkpoint weigh a quarter as much as it (and at
 //!    least [`CHECKPOINT_MIN_BYTES`]), a new checkpoint folds them, so opening
 //!    reads a bounded amount whatever the store's age.
 
@@ -25,6 +25,11 @@ use crate::units::now_nanos;
 /// Records since the last checkpoint may weigh this much before a new one is due,
 /// however small the checkpoint.
 pub const CHECKPOINT_MIN_BYTES: u64 = 64 << 10;
+
+/// A checkpoint is due once the records since the last one weigh this share of
+/// it (as JSON): opening then reads at most that much besides the checkpoint, and
+/// checkpoints cost a bounded multiple of the records' own bytes.
+const CHECKPOINT_SHARE: u64 = 4;
 
 /// The log and this engine's place in it.
 pub(crate) struct Commits {
@@ -184,10 +189,24 @@ impl Engine {
         }
     }
 
+    /// Writes a checkpoint of the newest version if records came after the last
+    /// one (as a clean shutdown does, so the next start reads no records).
+    pub(crate) async fn checkpoint_now(&self) {
+        let mut since = self.inner.commits.turn.lock().await;
+        let catalog = self.catalog();
+        if since.bytes > 0 && catalog.seq > since.checkpoint.seq {
+            self.write_checkpoint(&mut since, &catalog).await;
+        }
+    }
+
     async fn maybe_checkpoint(&self, since: &mut Since, catalog: &Arc<Catalog>) {
-        if since.bytes < CHECKPOINT_MIN_BYTES.max(since.checkpoint.bytes / 2) {
+        if since.bytes < CHECKPOINT_MIN_BYTES.max(since.checkpoint.bytes / CHECKPOINT_SHARE) {
             return;
         }
+        self.write_checkpoint(since, catalog).await;
+    }
+
+    async fn write_checkpoint(&self, since: &mut Since, catalog: &Arc<Catalog>) {
         match self
             .inner
             .commits

@@ -227,11 +227,24 @@ impl Engine {
         std::fs::create_dir_all(&wal_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let node = node_id(&config.data_dir)?;
+        let started = std::time::Instant::now();
         let log = CatalogLog::new(config.store.clone());
         let loaded = log.load().await?;
+        let catalog_ms = started.elapsed().as_millis();
+        let (checkpoint, records) = (
+            loaded.checkpoint.seq,
+            loaded.catalog.seq - loaded.checkpoint.seq,
+        );
         let commits = Commits::new(log, node.clone(), loaded.checkpoint, loaded.record_bytes);
         let catalog = commits.claim(loaded.catalog).await?;
         let series = load_series(&config.store, &catalog).await?;
+        tracing::info!(
+            checkpoint,
+            records,
+            catalog_ms,
+            total_ms = started.elapsed().as_millis(),
+            "opened the catalog and the series registries"
+        );
         let wal_persisted = catalog.wal_persisted.get(&node).copied().unwrap_or(0);
         let mut state = State {
             series,
@@ -261,6 +274,13 @@ impl Engine {
                 continue;
             }
             let file = wal::replay_file(path)?;
+            if file.entries.is_empty() {
+                // Nothing in it was acknowledged (a server stopped before its first
+                // write, or only a torn record): no reason to keep it.
+                std::fs::remove_file(path)?;
+                replay.skipped += 1;
+                continue;
+            }
             replay.files += 1;
             replay.torn_bytes += file.torn_bytes;
             for entry in file.entries {
@@ -556,6 +576,10 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.stop.send_replace(true);
         let flushed = self.flush().await;
+        if flushed.is_ok() {
+            // The next start then reads one checkpoint and no records.
+            self.checkpoint_now().await;
+        }
         self.inner.wal_tx.locked().take();
         let thread = self.inner.wal_thread.locked().take();
         if let Some(t) = thread {

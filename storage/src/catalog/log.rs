@@ -31,6 +31,8 @@ use crate::schema::TableSchema;
 /// Where the whole snapshots of stores written before the log lived.
 pub const LEGACY_PREFIX: &str = "catalog";
 
+/// Records read at once when catching up.
+const READ_AHEAD: u64 = 8;
 /// The zstd level of checkpoints.
 const CHECKPOINT_ZSTD_LEVEL: i32 = 3;
 
@@ -104,11 +106,20 @@ impl CatalogLog {
     /// `state` with every record after it applied; also the records' bytes.
     pub async fn catch_up(&self, mut state: Catalog) -> Result<(Catalog, u64)> {
         let mut bytes = 0;
-        while let Some((record, size)) = self.read(state.seq + 1).await? {
-            state = state.apply(&record)?;
-            bytes += size;
+        loop {
+            // Several reads at once: on S3 each is a round trip.
+            let from = state.seq + 1;
+            let batch =
+                futures::future::try_join_all((from..from + READ_AHEAD).map(|seq| self.read(seq)))
+                    .await?;
+            for found in batch {
+                let Some((record, size)) = found else {
+                    return Ok((state, bytes));
+                };
+                state = state.applied(&record)?;
+                bytes += size;
+            }
         }
-        Ok((state, bytes))
     }
 
     /// Record `seq` and its size, or `None` if it does not exist (yet).

@@ -130,20 +130,26 @@ fn missing(what: String) -> StorageError {
 }
 
 impl Catalog {
-    /// The state after `record`, which must be the next one.
+    /// The state after `record`, which must be the next one. `self` stays as it
+    /// was (readers may hold it): the tables and days `record` touches are copied.
     pub fn apply(&self, record: &Record) -> Result<Catalog> {
+        self.clone().applied(record)
+    }
+
+    /// `record` applied to this state in place: what no one else shares is changed,
+    /// not copied (opening applies many records in a row this way).
+    pub fn applied(mut self, record: &Record) -> Result<Catalog> {
         if record.seq != self.seq + 1 {
             return Err(StorageError::Corrupt(format!(
                 "catalog record {} does not follow {}",
                 record.seq, self.seq
             )));
         }
-        let mut next = self.clone();
-        next.seq = record.seq;
+        self.seq = record.seq;
         for op in &record.ops {
-            next.apply_op(op, record.seq)?;
+            self.apply_op(op, record.seq)?;
         }
-        Ok(next)
+        Ok(self)
     }
 
     /// Whether `record` could be applied now: every segment it removes is still
