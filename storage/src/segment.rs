@@ -2,9 +2,9 @@
 //!
 //! Layout, chosen on the city workload (DESIGN.md, "Storage"): rows sorted by series
 //! then time; ZSTD; dictionary-encoded tags; `DELTA_BINARY_PACKED` timestamps in long
-//! pages; float fields stored as a standard Parquet `DECIMAL` (scaled integers, as
-//! narrow as the values allow) whenever every value round-trips exactly at some
-//! scale, else as doubles. A flush writes one fixed layout per column kind
+//! pages; float fields stored as a standard Parquet `DECIMAL(18, s)` (scaled
+//! integers) whenever every value round-trips exactly at some scale `s`, else as
+//! doubles. A flush writes one fixed layout per column kind
 //! ([`Layout::Fixed`]); compaction, which writes the segments that stay, measures
 //! each column chunk's candidate encodings and ZSTD levels and keeps the smallest
 //! ([`Layout::Measured`]). Page statistics and the page index are written, with
@@ -359,37 +359,35 @@ pub fn encode_with(
     })
 }
 
-/// The float column as exact scaled decimals, with the smallest scale that
-/// round-trips and the smallest precision that holds every value (up to 9 digits
-/// the file stores 32-bit integers).
+/// The float column as exact scaled decimals (`DECIMAL(18, scale)`), with the
+/// smallest scale that round-trips.
+///
+/// The precision is always 18, whatever the values: the segments of a table are
+/// read together as one dataset by other engines (DuckDB's `read_parquet` over a
+/// list takes the first file's types), and a narrower precision in one file than in
+/// another would not convert. Stored as 64-bit integers, which costs nothing
+/// measurable under delta and byte-stream-split encodings.
 ///
 /// The check divides exactly as the Arrow cast back to `Float64` does, so reading a
 /// decimal column as a float returns the very bits that were written.
 fn as_decimal(col: &ArrayRef) -> Option<(u8, i8, ArrayRef)> {
+    const PRECISION: u8 = 18;
     let floats = col.as_primitive_opt::<Float64Type>()?;
     'scale: for scale in 0..=MAX_SCALE {
         let p = 10f64.powi(scale);
-        let mut largest = 0f64;
         for v in floats.iter().flatten() {
             let m = (v * p).round();
             if m.abs() >= EXACT_INT || (m / p).to_bits() != v.to_bits() {
                 continue 'scale;
             }
-            largest = largest.max(m.abs());
         }
-        let digits = if largest < 1.0 {
-            1
-        } else {
-            largest.log10().floor() as u8 + 1
-        };
-        let precision = digits.max(scale as u8).clamp(1, 18);
         let ints: Decimal128Array = floats
             .iter()
             .map(|v| v.map(|v| (v * p).round() as i128))
             .collect::<Decimal128Array>()
-            .with_precision_and_scale(precision, scale as i8)
+            .with_precision_and_scale(PRECISION, scale as i8)
             .ok()?;
-        return Some((precision, scale as i8, Arc::new(ints)));
+        return Some((PRECISION, scale as i8, Arc::new(ints)));
     }
     None
 }
@@ -454,8 +452,8 @@ mod tests {
             .clone();
         assert_eq!(
             file_schema.field(2).data_type(),
-            &DataType::Decimal128(4, 1),
-            "level stored as DECIMAL, as narrow as its values"
+            &DataType::Decimal128(18, 1),
+            "level stored as DECIMAL at the smallest exact scale"
         );
         assert_eq!(
             file_schema.field(3).data_type(),

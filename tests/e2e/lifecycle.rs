@@ -82,6 +82,56 @@ fn segments_per_day(server: &Server) -> BTreeMap<(String, String), u64> {
         .collect()
 }
 
+/// DuckDB reads the table's segment files as one dataset (`read_parquet` over the
+/// list, which takes the first file's column types for all) and finds what the
+/// server finds.
+fn segments_read_as_one_dataset(server: &Server) {
+    let store = server.data_dir().join("store");
+    let files: Vec<String> = server
+        .query_json(
+            DB,
+            "SELECT path FROM system.segments WHERE table_name = 'manhole' ORDER BY path",
+        )
+        .iter()
+        .filter_map(|r| r["path"].as_str())
+        .map(|p| store.join(p).display().to_string())
+        .collect();
+    assert!(
+        files.len() > 1,
+        "several segments to read together: {files:?}"
+    );
+    let script = "import duckdb, json, sys\n\
+                  files = json.loads(sys.argv[1])\n\
+                  row = duckdb.sql(f'SELECT count(*), sum(water_level_cm)::DOUBLE, \
+                  sum(tilt_deg)::DOUBLE FROM read_parquet({files!r})').fetchall()[0]\n\
+                  print(json.dumps(list(row)))";
+    let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
+    let out = std::process::Command::new(&python)
+        .args(["-c", script, &serde_json::to_string(&files).unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("could not run DuckDB with {python:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "DuckDB could not read the segments as one dataset:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let duck: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = server.query_json(
+        DB,
+        "SELECT count(*) AS n, sum(water_level_cm) AS level, sum(tilt_deg) AS tilt FROM manhole",
+    );
+    let ours = &ours[0];
+    assert_eq!(duck[0], ours["n"], "rows: DuckDB {duck:?}, server {ours:?}");
+    assert!(
+        same_value(&duck[1], &ours["level"]),
+        "DuckDB {duck:?}, server {ours:?}"
+    );
+    assert!(
+        same_value(&duck[2], &ours["tilt"]),
+        "DuckDB {duck:?}, server {ours:?}"
+    );
+}
+
 /// Segments of each (table, day), in order.
 fn day_counts(server: &Server) -> Vec<u64> {
     segments_per_day(server).into_values().collect()
@@ -163,6 +213,9 @@ fn compaction_under_load(data: &Path, store_args: &[&str], env: &[(&str, &str)])
     let queries = queries();
     let answers = duckdb_answers(expected.values(), &queries);
     assert_answers(&server, DB, "after compaction", &queries, &answers);
+    if store_args.is_empty() {
+        segments_read_as_one_dataset(&server);
+    }
     server.stop();
     let server = Server::start_with_env(data, &flags, env);
     assert_answers(&server, DB, "after a restart", &queries, &answers);
