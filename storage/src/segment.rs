@@ -2,9 +2,9 @@
 //!
 //! Layout, chosen on the city workload (DESIGN.md, "Storage"): rows sorted by series
 //! then time; ZSTD; dictionary-encoded tags; `DELTA_BINARY_PACKED` timestamps in long
-//! pages; float fields stored as a standard Parquet `DECIMAL(18, s)` (scaled
-//! integers) whenever every value round-trips exactly at some scale `s`, else as
-//! doubles. A flush writes one fixed layout per column kind
+//! pages; float fields stored as a standard Parquet `DECIMAL(9, s)` or
+//! `DECIMAL(18, s)` (scaled integers) whenever every value round-trips exactly at
+//! some scale `s`, else as doubles. A flush writes one fixed layout per column kind
 //! ([`Layout::Fixed`]); compaction, which writes the segments that stay, measures
 //! each column chunk's candidate encodings and ZSTD levels and keeps the smallest
 //! ([`Layout::Measured`]). Page statistics and the page index are written, with
@@ -78,7 +78,7 @@ struct Choice {
 /// Rows of a column tried per candidate layout.
 const SAMPLE_ROWS: usize = 128 * 1024;
 /// ZSTD levels tried by [`Layout::Measured`].
-const LEVELS: [i32; 2] = [3, 9];
+const LEVELS: [i32; 3] = [3, 9, 19];
 
 /// The candidate encodings of a column of the file's type.
 fn candidates(kind: Option<ColumnKind>, data_type: &DataType) -> Vec<Option<Encoding>> {
@@ -87,6 +87,7 @@ fn candidates(kind: Option<ColumnKind>, data_type: &DataType) -> Vec<Option<Enco
         (Some(ColumnKind::Tag), _) => vec![None],
         (_, DataType::Decimal128(..) | DataType::Int64 | DataType::UInt64) => vec![
             Some(Encoding::DELTA_BINARY_PACKED),
+            Some(Encoding::BYTE_STREAM_SPLIT),
             None,
             Some(Encoding::PLAIN),
         ],
@@ -359,35 +360,38 @@ pub fn encode_with(
     })
 }
 
-/// The float column as exact scaled decimals (`DECIMAL(18, scale)`), with the
-/// smallest scale that round-trips.
+/// The float column as exact scaled decimals, with the smallest scale that
+/// round-trips: `DECIMAL(9, scale)` (stored as 32-bit integers) when every value
+/// has at most 9 digits, else `DECIMAL(18, scale)`.
 ///
-/// The precision is always 18, whatever the values: the segments of a table are
-/// read together as one dataset by other engines (DuckDB's `read_parquet` over a
-/// list takes the first file's types), and a narrower precision in one file than in
-/// another would not convert. Stored as 64-bit integers, which costs nothing
-/// measurable under delta and byte-stream-split encodings.
+/// The precision is one of two, not the narrowest the values allow: the segments
+/// of a table are read together as one dataset by other engines (DuckDB's
+/// `read_parquet` over a list takes the first file's column types for all), and a
+/// value converts between the two as long as it fits, which a reading of a day with
+/// 9 digits or fewer always does.
 ///
 /// The check divides exactly as the Arrow cast back to `Float64` does, so reading a
 /// decimal column as a float returns the very bits that were written.
 fn as_decimal(col: &ArrayRef) -> Option<(u8, i8, ArrayRef)> {
-    const PRECISION: u8 = 18;
     let floats = col.as_primitive_opt::<Float64Type>()?;
     'scale: for scale in 0..=MAX_SCALE {
         let p = 10f64.powi(scale);
+        let mut largest = 0f64;
         for v in floats.iter().flatten() {
             let m = (v * p).round();
             if m.abs() >= EXACT_INT || (m / p).to_bits() != v.to_bits() {
                 continue 'scale;
             }
+            largest = largest.max(m.abs());
         }
+        let precision = if largest < 1e9 { 9 } else { 18 };
         let ints: Decimal128Array = floats
             .iter()
             .map(|v| v.map(|v| (v * p).round() as i128))
             .collect::<Decimal128Array>()
-            .with_precision_and_scale(PRECISION, scale as i8)
+            .with_precision_and_scale(precision, scale as i8)
             .ok()?;
-        return Some((PRECISION, scale as i8, Arc::new(ints)));
+        return Some((precision, scale as i8, Arc::new(ints)));
     }
     None
 }
@@ -452,7 +456,7 @@ mod tests {
             .clone();
         assert_eq!(
             file_schema.field(2).data_type(),
-            &DataType::Decimal128(18, 1),
+            &DataType::Decimal128(9, 1),
             "level stored as DECIMAL at the smallest exact scale"
         );
         assert_eq!(
