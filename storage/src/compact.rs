@@ -14,7 +14,9 @@
 //!    times while its day fills up).
 //! 2. Merging: the inputs are read oldest run first, sorted by series then time,
 //!    merged as a flush merges (last write wins, field by field), and cut at series
-//!    boundaries into segments of about `target_bytes`.
+//!    boundaries into segments of about `target_bytes`. A merge of a whole day
+//!    lays its column chunks out by measurement (`segment::Layout::Measured`);
+//!    a merge of a hot day's newest runs writes the flush's fixed layout.
 //! 3. Swapping: one catalog record removes the inputs and adds the outputs. Readers
 //!    on the older version keep reading the inputs until they finish; the inputs
 //!    are then garbage (`gc.rs`).
@@ -239,6 +241,15 @@ impl Engine {
         inputs.sort_by_key(|s| (s.seq, s.id));
         let day = inputs[0].day;
         let level = inputs.iter().map(|s| s.level).max().unwrap_or(0) + 1;
+        // A whole day's merge writes what stays, laid out by measurement (which
+        // tries slow, strong compression); merging the newest runs of a day still
+        // being written is cheap, as a flush is, for it will be merged again.
+        let whole_day = tc.days.get(&day).map(|d| d.segments.len()) == Some(inputs.len());
+        let layout = if whole_day {
+            segment::Layout::Measured
+        } else {
+            segment::Layout::Fixed
+        };
         let seq = inputs.iter().map(|s| s.seq).max().unwrap_or(0);
         let bytes_in: u64 = inputs.iter().map(|s| s.size).sum();
         let rows_in: u64 = inputs.iter().map(|s| s.rows).sum();
@@ -268,8 +279,18 @@ impl Engine {
         let mut outputs = Vec::with_capacity(chunks.len());
         for rows in chunks {
             outputs.push(
-                self.write_segment(db_id, tc.id, day, rows, &schema, level)
-                    .await?,
+                self.write_segment(
+                    crate::flush::Place {
+                        db_id,
+                        table_id: tc.id,
+                        day,
+                    },
+                    rows,
+                    &schema,
+                    level,
+                    layout,
+                )
+                .await?,
             );
         }
         let stats = CompactionStats {

@@ -41,6 +41,14 @@ pub(crate) struct Written {
     pub(crate) tags: BTreeMap<String, Vec<String>>,
 }
 
+/// Where a segment goes: its database's and table's ids and its UTC day.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Place {
+    pub(crate) db_id: u32,
+    pub(crate) table_id: u32,
+    pub(crate) day: i64,
+}
+
 fn task_failed(e: tokio::task::JoinError) -> StorageError {
     StorageError::Internal(format!("a storage task failed: {e}"))
 }
@@ -133,7 +141,17 @@ impl Engine {
             };
             for (day, rows) in days {
                 let written = self
-                    .write_segment(db_id, table_id, day, rows, &schema, 0)
+                    .write_segment(
+                        Place {
+                            db_id,
+                            table_id,
+                            day,
+                        },
+                        rows,
+                        &schema,
+                        0,
+                        segment::Layout::Fixed,
+                    )
                     .await?;
                 stats.segments_written += 1;
                 stats.rows += written.meta.rows;
@@ -183,23 +201,20 @@ impl Engine {
     /// with its tag index.
     pub(crate) async fn write_segment(
         &self,
-        db_id: u32,
-        table_id: u32,
-        day: i64,
+        Place {
+            db_id,
+            table_id,
+            day,
+        }: Place,
         rows: RecordBatch,
         schema: &Arc<TableSchema>,
         level: u32,
+        layout: segment::Layout,
     ) -> Result<Written> {
         let Some((min_time, max_time)) = time_range(&rows) else {
             return Err(StorageError::Internal("a segment of no rows".into()));
         };
         let schema = schema.clone();
-        // A flush writes fast; compaction writes what stays, and measures its layout.
-        let layout = if level == 0 {
-            segment::Layout::Fixed
-        } else {
-            segment::Layout::Measured
-        };
         let encoded =
             tokio::task::spawn_blocking(move || segment::encode_with(&rows, &schema, layout))
                 .await
