@@ -418,8 +418,8 @@ struct MergeGroups {
     buffer_group: Option<usize>,
 }
 
-/// Groups segments that may hold the same (series, time): two segments of different
-/// runs of one day whose time ranges meet, and any segment meeting the buffered
+/// Groups segments that may hold the same (series, time) (`chosen` in day order):
+/// two segments of different runs of one day whose time ranges meet, and any segment meeting the buffered
 /// rows' range, end up in one group (transitively).
 fn merge_groups(chosen: &[Chosen<'_>], buffer: Option<(i64, i64)>) -> MergeGroups {
     let n = chosen.len();
@@ -441,9 +441,13 @@ fn merge_groups(chosen: &[Chosen<'_>], buffer: Option<(i64, i64)>) -> MergeGroup
     };
     for i in 0..n {
         let a = chosen[i].meta;
+        // `chosen` comes day by day: only the rest of `a`'s day can overlap it.
         for (j, other) in chosen.iter().enumerate().skip(i + 1) {
             let b = other.meta;
-            if a.day == b.day && a.run != b.run && a.overlaps(b.min_time, b.max_time) {
+            if b.day != a.day {
+                break;
+            }
+            if a.run != b.run && a.overlaps(b.min_time, b.max_time) {
                 join(&mut parent, &mut joined, i, j);
             }
         }

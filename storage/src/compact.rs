@@ -274,7 +274,7 @@ impl Engine {
             let schema = schema.clone();
             tokio::task::spawn_blocking(move || merge_files(&schema, files, rows_per_segment))
                 .await
-                .map_err(|e| StorageError::Internal(format!("compaction task failed: {e}")))??
+                .map_err(crate::flush::task_failed)??
         };
         let mut outputs = Vec::with_capacity(chunks.len());
         for rows in chunks {
@@ -358,7 +358,7 @@ impl Engine {
             let schema = tc.schema.clone();
             let bytes = tokio::task::spawn_blocking(move || registry.encode(&schema))
                 .await
-                .map_err(|e| StorageError::Internal(format!("series task failed: {e}")))??;
+                .map_err(crate::flush::task_failed)??;
             let (db_id, table_id) = (catalog.databases[db].id, tc.id);
             let (id, keys) = self
                 .put_fresh(

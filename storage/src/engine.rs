@@ -708,7 +708,7 @@ pub(crate) async fn read_registry(
         let bytes = store.get(&ObjectPath::from(key)).await?.bytes().await?;
         let part = tokio::task::spawn_blocking(move || SeriesTable::decode(&bytes))
             .await
-            .map_err(|e| StorageError::Internal(format!("series task failed: {e}")))??;
+            .map_err(crate::flush::task_failed)??;
         if registry.is_empty() {
             registry = part;
         } else {

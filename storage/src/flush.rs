@@ -49,7 +49,7 @@ pub(crate) struct Place {
     pub(crate) day: i64,
 }
 
-fn task_failed(e: tokio::task::JoinError) -> StorageError {
+pub(crate) fn task_failed(e: tokio::task::JoinError) -> StorageError {
     StorageError::Internal(format!("a storage task failed: {e}"))
 }
 

@@ -396,7 +396,7 @@ fn as_decimal(col: &ArrayRef) -> Option<(u8, i8, ArrayRef)> {
     None
 }
 
-/// Decodes a whole segment file (used when a flush merges late rows into it).
+/// Decodes a whole segment file (compaction reads its inputs this way).
 pub fn decode(parquet: Bytes) -> Result<Vec<RecordBatch>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(parquet)?
         .with_batch_size(64 * 1024)

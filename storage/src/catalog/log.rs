@@ -177,7 +177,7 @@ impl CatalogLog {
             Ok::<_, StorageError>((packed, json.len() as u64))
         })
         .await
-        .map_err(|e| StorageError::Internal(format!("checkpoint task failed: {e}")))??;
+        .map_err(crate::flush::task_failed)??;
         let (json, weight) = json;
         let path = paths::catalog_checkpoint(seq);
         match self
