@@ -21,7 +21,7 @@ flush time in the last tenth within 1.5x of the first.
 
     python3 benches/lived_bench.py [--bin PATH] [--devices N] [--days D]
         [--flush-every LINES] [--runs N] [--quick] [--markdown FILE] [--workdir DIR]
-        [--no-compact-endpoint]
+        [--no-compact-endpoint] [--server-arg=ARG ...]
 
 `--no-compact-endpoint` measures a binary without `POST /api/v1/compact` (the code
 before compaction existed) as it is. Needs Python 3.11 with `duckdb`
@@ -85,7 +85,7 @@ def post(port: int, path: str, body: bytes | None = None, timeout: float = 3600)
 
 
 def write_store(args, lp: Path, data: Path, name: str, lived: bool) -> dict:
-    extra = ["--flush-rows", "1000000000", "--flush-interval", "3600s"]
+    extra = ["--flush-rows", "1000000000", "--flush-interval", "3600s", *args.server_arg]
     if lived and not args.no_compact_endpoint:
         extra += ["--compaction-settle", args.settle]
     srv, port, _ = cb.start_citytsdb(args.bin, data, data.parent / f"{name}.log", extra)
@@ -153,32 +153,44 @@ def queries(args) -> dict:
     return {"device_day": one, "district_hour": [hourly] * (args.runs + 2)}
 
 
-def measure(args, data: Path, name: str, qs: dict) -> dict:
-    """Restart time, then the queries' times."""
-    srv, port, t_spawn = cb.start_citytsdb(args.bin, data, data.parent / f"{name}.restart.log",
-                                           ["--flush-interval", "3600s"])
-    client = cb.Client(port, keepalive=True)
-    status, body = cb.city_sql(client, "SELECT count(*) AS n FROM manhole")
-    if status != 200:
-        raise RuntimeError(f"{name}: count answered {status}: {body[:300]!r}")
-    out = {"restart_secs": time.perf_counter() - t_spawn, "rows": int(cb.city_rows(body)[0]["n"])}
+def measure(args, work: Path, qs: dict) -> tuple[dict, dict]:
+    """Each store's restart time (started alone), then the queries' times with both
+    servers up, each query run on one store then the other (who goes first
+    alternates), so a noisy neighbour on the machine weighs on both alike."""
+    servers, out = {}, {}
+    for name in ("lived", "bulk"):
+        data = work / name
+        srv, port, t_spawn = cb.start_citytsdb(args.bin, data, data.parent / f"{name}.restart.log",
+                                               ["--flush-interval", "3600s", *args.server_arg])
+        client = cb.Client(port, keepalive=True)
+        status, body = cb.city_sql(client, "SELECT count(*) AS n FROM manhole")
+        if status != 200:
+            raise RuntimeError(f"{name}: count answered {status}: {body[:300]!r}")
+        out[name] = {"restart_secs": time.perf_counter() - t_spawn, "rows": int(cb.city_rows(body)[0]["n"])}
+        servers[name] = (srv, client)
     for key, sqls in qs.items():
-        times = []
+        for name in servers:
+            out[name][key] = []
         for i, sql in enumerate(sqls):
-            t = time.perf_counter()
-            status, body = cb.city_sql(client, sql)
-            if status != 200:
-                raise RuntimeError(f"{name} {key}: {status} {body[:300]!r}")
-            if i >= 2:  # two warm-ups
-                times.append(time.perf_counter() - t)
-        times.sort()
-        out[key] = times
-        out[key + "_answer"] = body
-    status, body = cb.city_sql(client, "SELECT path FROM system.segments WHERE table_name = 'manhole'")
-    out["manhole_files"] = [str(data / "store" / r["path"]) for r in cb.city_rows(body)] if status == 200 else []
-    client.close()
-    cb.stop(srv)
-    return out
+            order = ("lived", "bulk") if i % 2 == 0 else ("bulk", "lived")
+            for name in order:
+                client = servers[name][1]
+                t = time.perf_counter()
+                status, body = cb.city_sql(client, sql)
+                if status != 200:
+                    raise RuntimeError(f"{name} {key}: {status} {body[:300]!r}")
+                if i >= 2:  # two warm-ups
+                    out[name][key].append(time.perf_counter() - t)
+                out[name][key + "_answer"] = body
+        for name in servers:
+            out[name][key].sort()
+    for name, (srv, client) in servers.items():
+        status, body = cb.city_sql(client, "SELECT path FROM system.segments WHERE table_name = 'manhole'")
+        store = work / name / "store"
+        out[name]["manhole_files"] = [str(store / r["path"]) for r in cb.city_rows(body)] if status == 200 else []
+        client.close()
+        cb.stop(srv)
+    return out["lived"], out["bulk"]
 
 
 def duck(files: list[str], qs: dict) -> dict:
@@ -254,6 +266,9 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--reuse-data", action="store_true", help="keep a generated city.lp in --workdir")
     ap.add_argument("--no-compact-endpoint", action="store_true")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="an extra `citytsdb serve` argument for both stores (repeatable), "
+                         "e.g. --server-arg=--compaction-page-rows=4096")
     args = ap.parse_args()
     if args.quick:
         args.devices, args.days, args.flush_every, args.runs = 1000, 2, 2000, 10
@@ -272,8 +287,7 @@ def main() -> int:
         log(f"{name}: {results[name]['segments']} segments, {results[name]['store_bytes']:,} bytes, "
             f"{len(results[name]['flushes'])} flushes, written in {results[name]['write_secs']:.0f} s")
     qs = queries(args)
-    ml = measure(args, work / "lived", "lived", qs)
-    mb = measure(args, work / "bulk", "bulk", qs)
+    ml, mb = measure(args, work, qs)
     if ml["rows"] != mb["rows"]:
         raise RuntimeError(f"the stores disagree: {ml['rows']} rows lived, {mb['rows']} bulk")
     for key in qs:

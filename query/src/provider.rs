@@ -24,10 +24,10 @@ use citytsdb_storage::schema::TIME_COLUMN;
 use citytsdb_storage::{ColumnKind, DbSnapshot, TableSchema};
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampNanosecondType};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema, Result};
+use datafusion::common::{Column, DFSchema, Result, ScalarValue};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, RowGroupAccess};
@@ -35,9 +35,10 @@ use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, Pa
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
-use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysicalColumn, Literal};
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
@@ -180,7 +181,12 @@ impl TableProvider for CityTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let filters: Vec<Expr> = filters.iter().map(unqualify).collect::<Result<_>>()?;
-        let bounds = KeyBounds::from_filters(&filters, &self.schema);
+        let mut bounds = KeyBounds::from_filters(&filters, &self.schema);
+        // Rows past the table's retention are not there for any reader.
+        let cutoff = self.snapshot.cutoff(&self.name);
+        if let Some(c) = cutoff {
+            bounds.min_time = bounds.min_time.max(c);
+        }
         let projection: Vec<usize> = projection
             .cloned()
             .unwrap_or_else(|| (0..self.arrow.fields().len()).collect());
@@ -257,8 +263,15 @@ impl TableProvider for CityTable {
             .collect();
         report.segments_merged = groups.merged.iter().map(|g| g.len()).sum();
 
+        // Segments that reach back past the retention cutoff hold rows no reader
+        // may see (until compaction trims them): those are filtered out by time.
+        let expired = cutoff.filter(|&c| chosen.iter().any(|x| x.meta.min_time < c));
         // With a merge, every source must carry the key columns.
         let mut read_cols = projection.clone();
+        let time_col = self.arrow.index_of(TIME_COLUMN)?;
+        if expired.is_some() && !read_cols.contains(&time_col) {
+            read_cols.push(time_col);
+        }
         if !groups.merged.is_empty() {
             for k in key_columns(&self.schema, &self.arrow).map_err(external)? {
                 if !read_cols.contains(&k) {
@@ -310,6 +323,9 @@ impl TableProvider for CityTable {
             1 => parts.remove(0),
             _ => UnionExec::try_new(parts)?,
         };
+        if let Some(c) = expired {
+            plan = since(plan, c)?;
+        }
         if read_cols != projection {
             let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = out_schema
                 .fields()
@@ -496,6 +512,25 @@ pub fn access_plan(groups: Vec<SegmentAccess>) -> ParquetAccessPlan {
 }
 
 /// Keeps the rows of `batch` (aligned to the table schema) within the key bounds.
+/// `plan`'s rows at or after `time` (nanoseconds).
+fn since(plan: Arc<dyn ExecutionPlan>, time: i64) -> Result<Arc<dyn ExecutionPlan>> {
+    let schema = plan.schema();
+    let i = schema.index_of(TIME_COLUMN)?;
+    let tz = match schema.field(i).data_type() {
+        DataType::Timestamp(_, tz) => tz.clone(),
+        _ => None,
+    };
+    let predicate = Arc::new(BinaryExpr::new(
+        Arc::new(PhysicalColumn::new(TIME_COLUMN, i)),
+        Operator::GtEq,
+        Arc::new(Literal::new(ScalarValue::TimestampNanosecond(
+            Some(time),
+            tz,
+        ))),
+    ));
+    Ok(Arc::new(FilterExec::try_new(predicate, plan)?))
+}
+
 fn filter_by_bounds(batch: &RecordBatch, bounds: &KeyBounds) -> Result<RecordBatch> {
     let n = batch.num_rows();
     let mut keep = vec![true; n];

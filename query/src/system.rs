@@ -12,8 +12,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use citytsdb_storage::units::format_duration;
 use citytsdb_storage::{ColumnKind, DbSnapshot, Engine};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, TimestampNanosecondArray,
@@ -126,6 +128,7 @@ fn tables_schema() -> SchemaRef {
         count("buffered_rows"),
         time("min_time"),
         time("max_time"),
+        utf8("retention"),
     ]))
 }
 
@@ -188,7 +191,14 @@ impl SystemSchema {
         let mut cols: (Vec<String>, Vec<u64>, Vec<String>, Vec<String>) = Default::default();
         let mut nums: [Vec<u64>; 5] = Default::default();
         let mut times: (Vec<Option<i64>>, Vec<Option<i64>>) = Default::default();
+        let mut retention: Vec<Option<String>> = Vec::new();
         for (name, schema) in &self.snapshot.schemas {
+            retention.push(
+                self.snapshot
+                    .catalog
+                    .retention(&self.snapshot.name, name)
+                    .map(|r| format_duration(Duration::from_nanos(r.max(0) as u64))),
+            );
             let catalog = self.snapshot.table_catalog(name);
             let (buffered, range) = self.snapshot.buffered(name);
             let series = match self.storage.series_rows(&self.snapshot.name, name) {
@@ -227,8 +237,13 @@ impl SystemSchema {
                 .iter()
                 .map(|s| s.max_time)
                 .chain(range.map(|r| r.1));
-            times.0.push(lo.min());
-            times.1.push(hi.max());
+            // Rows past retention are gone for readers, wherever they still lie.
+            let cut = self.snapshot.cutoff(name).unwrap_or(i64::MIN);
+            let hi = hi.max().filter(|&t| t >= cut);
+            times
+                .0
+                .push(lo.min().filter(|_| hi.is_some()).map(|t| t.max(cut)));
+            times.1.push(hi);
         }
         let [series, segments, rows, bytes, buffered] = nums;
         batch(
@@ -245,6 +260,7 @@ impl SystemSchema {
                 Arc::new(UInt64Array::from(buffered)),
                 timestamps(times.0),
                 timestamps(times.1),
+                Arc::new(StringArray::from(retention)),
             ],
         )
     }

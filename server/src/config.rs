@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// A day with no new segment for this long is compacted into one run, e.g. 1m
     #[arg(long, env = "CITYTSDB_COMPACTION_SETTLE", default_value = "60s", value_parser = duration)]
     pub compaction_settle: Duration,
+    /// Rows per data page (every column but time) in a settled day's compacted
+    /// segments: fewer make one device's read decode less, more compress better
+    #[arg(long, env = "CITYTSDB_COMPACTION_PAGE_ROWS", default_value = "1024",
+          value_parser = clap::value_parser!(u32).range(64..=131_072))]
+    pub compaction_page_rows: u32,
     /// Objects no catalog version refers to (left by an interrupted flush or
     /// compaction) are deleted once this old, e.g. 1h
     #[arg(long, env = "CITYTSDB_SWEEP_GRACE", default_value = "1h", value_parser = duration)]
@@ -172,6 +177,7 @@ impl ServeArgs {
         config.max_buffer_bytes = self.max_buffer_size;
         config.compaction.target_bytes = self.compaction_target_size as u64;
         config.compaction.settle = self.compaction_settle;
+        config.compaction.page_rows = self.compaction_page_rows as usize;
         config.sweep_grace = self.sweep_grace;
         config.local_store = crate::store::local_dir(store_url);
         config
@@ -349,6 +355,16 @@ mod tests {
         std::fs::write(&file, "flush_rows = 0\n").unwrap();
         let err = load(&["--config", config]).unwrap_err();
         assert!(err.contains("at least 1"), "{err}");
+        std::fs::write(&file, "compaction_page_rows = 8192\n").unwrap();
+        assert_eq!(
+            load(&["--config", config]).unwrap().compaction_page_rows,
+            8192
+        );
+        let err = load(&["--compaction-page-rows", "10"]).unwrap_err();
+        assert!(
+            err.contains("compaction-page-rows") && err.contains("64..=131072"),
+            "{err}"
+        );
         std::fs::write(&file, "config = \"other.toml\"\n").unwrap();
         assert!(load(&["--config", config])
             .unwrap_err()

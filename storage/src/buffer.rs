@@ -51,6 +51,25 @@ pub fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {
     Some((*values.iter().min()?, *values.iter().max()?))
 }
 
+/// The rows of `batch` at or after `time` (nanoseconds); a batch without a `time`
+/// column is kept whole.
+pub fn since(batch: &RecordBatch, time: i64) -> crate::Result<RecordBatch> {
+    let Some(times) = batch
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
+    else {
+        return Ok(batch.clone());
+    };
+    if times.values().iter().all(|&t| t >= time) {
+        return Ok(batch.clone());
+    }
+    let keep: datafusion::arrow::array::BooleanArray =
+        times.values().iter().map(|&t| Some(t >= time)).collect();
+    Ok(datafusion::arrow::compute::filter_record_batch(
+        batch, &keep,
+    )?)
+}
+
 /// Unpersisted rows of every database and table.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBuffer {

@@ -37,6 +37,7 @@ use crate::engine::{read_registry, Engine};
 use crate::error::{Result, StorageError};
 use crate::merge::{align, key_columns, sort_dedup};
 use crate::paths;
+use crate::retention;
 use crate::schema::TableSchema;
 use crate::segment;
 use crate::units::now_nanos;
@@ -62,6 +63,9 @@ pub struct CompactionConfig {
     pub duty: f64,
     /// How often the compactor looks for work besides after each flush.
     pub interval: Duration,
+    /// Rows per data page (every column but `time`) of a settled day's segments:
+    /// fewer make one device's read decode less, more compress better.
+    pub page_rows: usize,
 }
 
 impl Default for CompactionConfig {
@@ -74,6 +78,7 @@ impl Default for CompactionConfig {
             max_input_bytes: 256 << 20,
             duty: 0.5,
             interval: Duration::from_secs(10),
+            page_rows: segment::PAGE_ROWS,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct CompactionStats {
     pub bytes_out: u64,
     /// Rows written.
     pub rows: u64,
+    /// Segments dropped whole because their rows were past retention.
+    pub segments_expired: usize,
 }
 
 /// The segments of one run of a day.
@@ -177,11 +184,20 @@ fn pick<'a>(
     // The most fragmented day first: it costs queries the most.
     let mut best: Option<(usize, Pick<'a>)> = None;
     for (db, table, tc) in catalog.tables() {
+        let cut = retention::cutoff(catalog.retention(db, table), now);
         for day in tc.days.values() {
-            if day.segments.len() < 2 {
-                continue;
-            }
-            if let Some(inputs) = plan(day, now, config, force) {
+            let planned = if day.segments.len() < 2 {
+                None
+            } else {
+                plan(day, now, config, force)
+            };
+            // A day the retention cutoff cuts is rewritten whole, without what
+            // expired.
+            let planned = planned.or_else(|| {
+                cut.filter(|&c| retention::due_for_trim(day, c, force))
+                    .map(|_| day.segments.values().collect())
+            });
+            if let Some(inputs) = planned {
                 let n = day.segments.len();
                 if best.as_ref().is_none_or(|(m, _)| n > *m) {
                     best = Some((
@@ -204,8 +220,14 @@ impl Engine {
     /// Runs compactions until none is due; with `force`, every day with more than
     /// one run is merged whole, settled or not. Returns what was done.
     pub async fn compact(&self, force: bool) -> Result<CompactionStats> {
-        let mut total = CompactionStats::default();
-        while let Some(stats) = self.compact_once(force).await? {
+        let mut total = CompactionStats {
+            segments_expired: self.expire().await?,
+            ..Default::default()
+        };
+        // One `now` for the whole run: a cutoff that moved on with the clock would
+        // find a few more rows to trim after every trim.
+        let now = now_nanos();
+        while let Some(stats) = self.compact_once(force, now).await? {
             total.compactions += 1;
             total.segments_in += stats.segments_in;
             total.segments_out += stats.segments_out;
@@ -220,7 +242,11 @@ impl Engine {
     }
 
     /// One compaction, if one is due.
-    pub(crate) async fn compact_once(&self, force: bool) -> Result<Option<CompactionStats>> {
+    pub(crate) async fn compact_once(
+        &self,
+        force: bool,
+        now: i64,
+    ) -> Result<Option<CompactionStats>> {
         let _turn = self.inner.compaction_lock.lock().await;
         let _upkeep = self.inner.upkeep.read().await;
         let catalog = self.catalog();
@@ -230,7 +256,7 @@ impl Engine {
             table,
             catalog: tc,
             inputs,
-        }) = pick(&catalog, now_nanos(), config, force)
+        }) = pick(&catalog, now, config, force)
         else {
             return Ok(None);
         };
@@ -246,7 +272,9 @@ impl Engine {
         // being written is cheap, as a flush is, for it will be merged again.
         let whole_day = tc.days.get(&day).map(|d| d.segments.len()) == Some(inputs.len());
         let layout = if whole_day {
-            segment::Layout::Measured
+            segment::Layout::Measured {
+                page_rows: config.page_rows,
+            }
         } else {
             segment::Layout::Fixed
         };
@@ -270,9 +298,11 @@ impl Engine {
         } else {
             ((config.target_bytes as f64 / bytes_in as f64) * rows_in as f64).max(1.0) as usize
         };
+        // Rows past the table's retention are left out.
+        let cut = retention::cutoff(catalog.retention(&db, &table), now);
         let chunks = {
             let schema = schema.clone();
-            tokio::task::spawn_blocking(move || merge_files(&schema, files, rows_per_segment))
+            tokio::task::spawn_blocking(move || merge_files(&schema, files, rows_per_segment, cut))
                 .await
                 .map_err(crate::flush::task_failed)??
         };
@@ -300,6 +330,7 @@ impl Engine {
             bytes_in,
             bytes_out: outputs.iter().map(|o| o.meta.size).sum(),
             rows: outputs.iter().map(|o| o.meta.rows).sum(),
+            segments_expired: 0,
         };
         let committed = self
             .commit(|_, record| {
@@ -406,12 +437,15 @@ impl Engine {
                     _ = engine.inner.compaction_wanted.notified() => {}
                     _ = engine.stopped() => return,
                 }
+                if let Err(e) = engine.expire().await {
+                    tracing::warn!(error = %e, "expiring segments past retention failed");
+                }
                 loop {
                     if engine.is_stopping() {
                         return;
                     }
                     let started = Instant::now();
-                    match engine.compact_once(false).await {
+                    match engine.compact_once(false, now_nanos()).await {
                         Ok(Some(_)) => {}
                         Ok(None) => {
                             if let Err(e) = engine.fold_series(FOLD_DELTAS).await {
@@ -444,13 +478,24 @@ fn merge_files(
     schema: &TableSchema,
     files: Vec<bytes::Bytes>,
     rows_per_segment: usize,
+    cutoff: Option<i64>,
 ) -> Result<Vec<RecordBatch>> {
     let arrow = schema.arrow_schema();
     let mut parts = Vec::new();
     for f in files {
         for b in segment::decode(f)? {
-            parts.push(align(&b, &arrow)?);
+            let b = align(&b, &arrow)?;
+            let b = match cutoff {
+                Some(cut) => crate::buffer::since(&b, cut)?,
+                None => b,
+            };
+            if b.num_rows() > 0 {
+                parts.push(b);
+            }
         }
+    }
+    if parts.is_empty() {
+        return Ok(Vec::new());
     }
     let keys = key_columns(schema, &arrow)?;
     let merged = sort_dedup(&arrow, &parts, &keys)?;

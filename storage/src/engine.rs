@@ -260,6 +260,10 @@ impl Engine {
                 ),
             ..Default::default()
         };
+        for db in catalog.databases.keys() {
+            // Databases made without tables (a retention set first).
+            state.schemas.entry(db.clone()).or_default();
+        }
 
         let mut replay = ReplayStats::default();
         let files = wal::list_files(&wal_dir)?;
@@ -479,15 +483,33 @@ impl Engine {
     }
 
     /// Every series of a table with its latest row, or `None` if the table does not
-    /// exist. Built from memory: no segment is read.
+    /// exist. Built from memory: no segment is read. Series whose latest row is
+    /// past the table's retention are left out (and no first time is older than
+    /// the retention's cutoff).
     pub fn series_rows(&self, db: &str, table: &str) -> Option<Result<SeriesRows>> {
         let state = read(&self.inner.state);
         let schema = state.schemas.get(db)?.get(table)?.clone();
         let registry = state.series.get(db).and_then(|t| t.get(table));
-        Some(match registry {
+        let rows = match registry {
             Some(r) => r.rows(&schema),
             None => SeriesTable::default().rows(&schema),
+        };
+        let cut = crate::retention::cutoff(
+            state.catalog.retention(db, table),
+            crate::units::now_nanos(),
+        );
+        Some(match cut {
+            Some(cut) => rows.and_then(|r| r.since(cut)),
+            None => rows,
         })
+    }
+
+    /// Makes `db` known (as its first write would), without tables.
+    pub(crate) fn add_database(&self, db: &str) {
+        write(&self.inner.state)
+            .schemas
+            .entry(db.to_string())
+            .or_default();
     }
 
     /// Names of all databases.

@@ -15,6 +15,9 @@ pub enum StorageError {
     /// The named database does not exist.
     #[error("database not found: {0}")]
     DatabaseNotFound(String),
+    /// The named table does not exist (`db.table`).
+    #[error("table not found: {0}")]
+    TableNotFound(String),
     /// Durable data failed a check: a bad checksum, an unreadable segment or catalog.
     #[error("corrupt data: {0}")]
     Corrupt(String),

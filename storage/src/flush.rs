@@ -331,7 +331,7 @@ fn stamp(op: &Op, seq: u64) -> Op {
 }
 
 /// `CreateTable` ops for the tables of `names` that `c` lacks, with fresh ids.
-fn create_ops(c: &Catalog, names: &[(String, String)]) -> Vec<Op> {
+pub(crate) fn create_ops(c: &Catalog, names: &[(String, String)]) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut next_db = c.next_db_id;
     let mut next_table = c.next_table_id;

@@ -64,8 +64,12 @@ pub enum Layout {
     Fixed,
     /// Each column chunk tries the encodings and compression levels that suit its
     /// kind on a sample of its rows and keeps the smallest: for compaction, which
-    /// writes the segments that stay.
-    Measured,
+    /// writes the segments that stay. Columns other than `time` are cut into pages
+    /// of `page_rows` rows.
+    Measured {
+        /// Rows per data page of every column but `time`.
+        page_rows: usize,
+    },
 }
 
 /// An encoding choice for one column: `None` is dictionary encoding.
@@ -124,10 +128,11 @@ fn file_properties() -> Result<WriterPropertiesBuilder> {
 }
 
 /// The properties one column chunk is written with: `choice`, and pages of
-/// `TIME_PAGE_ROWS` rows for `time` (on a regular grid a page of time costs little
-/// more than its header, so short pages would be mostly overhead) or `PAGE_ROWS`
-/// rows for every other column (so one device's rows decode little else). Pages
-/// are cut by row count only; the size limit is far above any page's size.
+/// `TIME_PAGE_ROWS` rows (or `page_rows` if more) for `time` (on a regular grid a
+/// page of time costs little more than its header, so short pages would be mostly
+/// overhead) or `page_rows` rows for every other column (so one device's rows
+/// decode little else). Pages are cut by row count only; the size limit is far
+/// above any page's size.
 ///
 /// The properties hold for every column (a column writer is made from a file
 /// writer's properties), but only `name`'s writer is used with them, so the
@@ -137,11 +142,12 @@ fn column_properties(
     name: &str,
     kind: Option<ColumnKind>,
     choice: Choice,
+    page_rows: usize,
 ) -> Result<WriterProperties> {
     let rows = if kind == Some(ColumnKind::Time) {
-        TIME_PAGE_ROWS
+        TIME_PAGE_ROWS.max(page_rows)
     } else {
-        PAGE_ROWS
+        page_rows
     };
     let path = ColumnPath::from(name);
     let props = file_properties()?
@@ -217,7 +223,12 @@ fn write_file(
 }
 
 /// The smallest of a column's candidate layouts, on a sample of its rows.
-fn measure(field: &Arc<Field>, column: &ArrayRef, kind: Option<ColumnKind>) -> Result<Choice> {
+fn measure(
+    field: &Arc<Field>,
+    column: &ArrayRef,
+    kind: Option<ColumnKind>,
+    page_rows: usize,
+) -> Result<Choice> {
     let sample = column.slice(0, column.len().min(SAMPLE_ROWS));
     let schema = Arc::new(Schema::new(vec![field.clone()]));
     let batch = RecordBatch::try_new(schema.clone(), vec![sample])?;
@@ -227,7 +238,7 @@ fn measure(field: &Arc<Field>, column: &ArrayRef, kind: Option<ColumnKind>) -> R
             let choice = Choice { encoding, zstd };
             let file = write_file(
                 &batch,
-                &[column_properties(field.name(), kind, choice)?],
+                &[column_properties(field.name(), kind, choice, page_rows)?],
                 file_properties()?.build(),
             )?;
             let meta = ParquetMetaDataReader::new().parse_and_finish(&Bytes::from(file))?;
@@ -299,11 +310,14 @@ pub fn encode_with(
         .zip(&columns)
         .zip(&kinds)
         .map(|((field, column), kind)| {
-            let choice = match layout {
-                Layout::Fixed => fixed(*kind, field.data_type()),
-                Layout::Measured => measure(field, column, *kind)?,
+            let (choice, page_rows) = match layout {
+                Layout::Fixed => (fixed(*kind, field.data_type()), PAGE_ROWS),
+                Layout::Measured { page_rows } => {
+                    let rows = page_rows.clamp(1, ROW_GROUP_ROWS);
+                    (measure(field, column, *kind, rows)?, rows)
+                }
             };
-            column_properties(field.name(), *kind, choice)
+            column_properties(field.name(), *kind, choice, page_rows)
         })
         .collect::<Result<Vec<_>>>()?;
     let file_props = file_properties()?
@@ -420,10 +434,7 @@ mod tests {
         t
     }
 
-    #[test]
-    fn floats_round_trip_bit_for_bit_through_decimals() {
-        let t = table();
-        let n: usize = 5000;
+    fn sample(t: &TableSchema, n: usize) -> (RecordBatch, Vec<Option<f64>>, Vec<Option<f64>>) {
         let levels: Vec<Option<f64>> = (0..n)
             .map(|i| {
                 if i % 7 == 0 {
@@ -448,6 +459,46 @@ mod tests {
             ],
         )
         .unwrap();
+        (batch, levels, raw)
+    }
+
+    fn floats(seg: &EncodedSegment, t: &TableSchema, col: usize) -> Vec<Option<u64>> {
+        let back = decode(seg.parquet.clone()).unwrap();
+        let back = align(
+            &datafusion::arrow::compute::concat_batches(&back[0].schema(), &back).unwrap(),
+            &t.arrow_schema(),
+        )
+        .unwrap();
+        back.column(col)
+            .as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.map(f64::to_bits))
+            .collect()
+    }
+
+    #[test]
+    fn measured_layout_cuts_pages_as_configured_and_keeps_values() {
+        let t = table();
+        let n: usize = 20_000;
+        let (batch, levels, raw) = sample(&t, n);
+        let bits = |v: &[Option<f64>]| v.iter().map(|v| v.map(f64::to_bits)).collect::<Vec<_>>();
+        for page_rows in [512, 4096] {
+            let seg = encode_with(&batch, &t, Layout::Measured { page_rows }).unwrap();
+            assert_eq!(
+                seg.index.row_groups[0].page_starts.len(),
+                n.div_ceil(page_rows),
+                "{page_rows} rows per page"
+            );
+            assert_eq!(floats(&seg, &t, 2), bits(&levels));
+            assert_eq!(floats(&seg, &t, 3), bits(&raw));
+        }
+    }
+
+    #[test]
+    fn floats_round_trip_bit_for_bit_through_decimals() {
+        let t = table();
+        let n: usize = 5000;
+        let (batch, levels, raw) = sample(&t, n);
         let seg = encode(&batch, &t).unwrap();
         assert_eq!(seg.rows, n as u64);
         let file_schema = ParquetRecordBatchReaderBuilder::try_new(seg.parquet.clone())
@@ -470,25 +521,8 @@ mod tests {
         );
         assert_eq!(seg.index.tags["device"]["mh-00001"].len(), 1000);
 
-        let back = decode(seg.parquet).unwrap();
-        let back = align(
-            &datafusion::arrow::compute::concat_batches(&back[0].schema(), &back).unwrap(),
-            &t.arrow_schema(),
-        )
-        .unwrap();
-        let got: Vec<Option<u64>> = back
-            .column(2)
-            .as_primitive::<Float64Type>()
-            .iter()
-            .map(|v| v.map(f64::to_bits))
-            .collect();
-        let want: Vec<Option<u64>> = levels.iter().map(|v| v.map(f64::to_bits)).collect();
-        assert_eq!(got, want);
-        let got_raw: Vec<Option<f64>> = back
-            .column(3)
-            .as_primitive::<Float64Type>()
-            .iter()
-            .collect();
-        assert_eq!(got_raw, raw);
+        let want = |v: &[Option<f64>]| v.iter().map(|v| v.map(f64::to_bits)).collect::<Vec<_>>();
+        assert_eq!(floats(&seg, &t, 2), want(&levels));
+        assert_eq!(floats(&seg, &t, 3), want(&raw));
     }
 }

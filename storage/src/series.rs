@@ -75,6 +75,46 @@ pub struct SeriesRows {
     pub rows: Vec<u64>,
 }
 
+impl SeriesRows {
+    /// The series whose latest row is at or after `time`, with first times no
+    /// older than it.
+    pub fn since(self, time: i64) -> Result<SeriesRows> {
+        let Some(last) = self
+            .latest
+            .column_by_name(TIME_COLUMN)
+            .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
+        else {
+            return Ok(self);
+        };
+        let keep: Vec<bool> = last.values().iter().map(|&t| t >= time).collect();
+        if keep.iter().all(|k| *k) {
+            let first_time = self.first_time.iter().map(|&t| t.max(time)).collect();
+            return Ok(SeriesRows { first_time, ..self });
+        }
+        let mask = datafusion::arrow::array::BooleanArray::from(keep.clone());
+        let latest = datafusion::arrow::compute::filter_record_batch(&self.latest, &mask)?;
+        let first_time = self
+            .first_time
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(&t, _)| t.max(time))
+            .collect();
+        let rows = self
+            .rows
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(&n, _)| n)
+            .collect();
+        Ok(SeriesRows {
+            latest,
+            first_time,
+            rows,
+        })
+    }
+}
+
 impl SeriesTable {
     /// Series known.
     pub fn len(&self) -> usize {

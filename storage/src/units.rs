@@ -55,6 +55,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, InvalidUnit> {
         .ok_or_else(|| InvalidUnit::Duration(format!("'{s}' is too long")))
 }
 
+/// Writes a duration in the largest unit `parse_duration` reads back exactly:
+/// `30d`, `36h`, `90m`, `45s`, `500ms`.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() != 0 || d.is_zero() {
+        return format!("{}ms", d.as_millis());
+    }
+    let s = d.as_secs();
+    for (unit, secs) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s.is_multiple_of(secs) {
+            return format!("{}{unit}", s / secs);
+        }
+    }
+    format!("{s}s")
+}
+
 /// Parses a size above zero: `1048576`, `512KiB`, `64MiB`, `1GiB` (also `KB`,
 /// `MB`, `GB` as powers of 1024).
 pub fn parse_size(s: &str) -> Result<usize, InvalidUnit> {
@@ -167,6 +182,16 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("99999999999999999d").is_err());
+        for (d, text) in [
+            (Duration::from_secs(30 * 86_400), "30d"),
+            (Duration::from_secs(36 * 3600), "36h"),
+            (Duration::from_secs(90 * 60), "90m"),
+            (Duration::from_secs(45), "45s"),
+            (Duration::from_millis(1500), "1500ms"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text} reads back");
+        }
     }
 
     #[test]

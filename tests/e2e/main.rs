@@ -19,6 +19,7 @@ mod mqtt;
 mod oracle;
 mod pruning;
 mod query_api;
+mod retention;
 mod s3;
 mod slt;
 mod sql_features;

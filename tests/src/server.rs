@@ -239,6 +239,15 @@ impl Client {
         )
     }
 
+    /// `PUT path` with a raw body.
+    pub fn put(&self, path: &str, body: &[u8]) -> Result<(u16, String), ureq::Error> {
+        let request = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .content_type("application/json");
+        answer(request.send(body)?)
+    }
+
     /// `POST /api/v1/compact`.
     pub fn compact(&self) -> Result<(u16, String), ureq::Error> {
         answer(

@@ -81,7 +81,7 @@ impl From<QueryError> for ApiError {
 fn storage_status(e: &StorageError) -> StatusCode {
     match e {
         StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
-        StorageError::DatabaseNotFound(_) => StatusCode::NOT_FOUND,
+        StorageError::DatabaseNotFound(_) | StorageError::TableNotFound(_) => StatusCode::NOT_FOUND,
         StorageError::ShuttingDown | StorageError::BufferFull(_) | StorageError::Fenced(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }

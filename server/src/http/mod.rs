@@ -1,6 +1,7 @@
 //! The HTTP API of API.md: routes, shared state, and the server loop.
 
 pub mod compat;
+pub mod databases;
 pub mod error;
 pub mod query;
 pub mod rules;
@@ -76,6 +77,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/alerts", get(rules::alerts))
         .route("/api/v1/alerts/history", get(rules::history))
         .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/databases", get(databases::list))
+        .route(
+            "/api/v1/databases/{db}",
+            axum::routing::put(databases::put_database),
+        )
+        .route(
+            "/api/v1/databases/{db}/tables/{table}",
+            axum::routing::put(databases::put_table),
+        )
         .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::delete))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -187,6 +197,7 @@ async fn compact(
         "rows": compacted.rows,
         "bytes_in": compacted.bytes_in,
         "bytes_out": compacted.bytes_out,
+        "segments_expired": compacted.segments_expired,
         "series_folded": folded_tables,
         "collected": collected.collected,
         "folded": collected.folded,

@@ -288,7 +288,14 @@ impl LegacyCatalog {
                     .into_iter()
                     .map(|(t, lt)| (t, Arc::new(lt.into_table())))
                     .collect();
-                (name, Arc::new(DatabaseCatalog { id: d.id, tables }))
+                (
+                    name,
+                    Arc::new(DatabaseCatalog {
+                        id: d.id,
+                        tables,
+                        ..Default::default()
+                    }),
+                )
             })
             .collect();
         Catalog {
@@ -333,6 +340,7 @@ impl LegacyTable {
                 full: self.series,
                 deltas: Vec::new(),
             },
+            retention: None,
         }
     }
 }

@@ -80,6 +80,10 @@ pub struct Garbage {
 pub struct DatabaseCatalog {
     /// Id used in object keys.
     pub id: u32,
+    /// How long its tables' rows are kept, nanoseconds (`None`: forever), unless a
+    /// table says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<i64>,
     /// Tables by name.
     pub tables: BTreeMap<String, Arc<TableCatalog>>,
 }
@@ -91,6 +95,9 @@ pub struct TableCatalog {
     pub id: u32,
     /// The schema as of this version.
     pub schema: TableSchema,
+    /// How long its rows are kept, nanoseconds; `None`: as its database says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<i64>,
     /// Segments by UTC day.
     pub days: BTreeMap<i64, Arc<DayCatalog>>,
     /// The objects holding the series registry (`series.rs`) of the rows this
@@ -244,6 +251,16 @@ impl Catalog {
     /// The table, if it exists.
     pub fn table(&self, db: &str, table: &str) -> Option<&Arc<TableCatalog>> {
         self.databases.get(db)?.tables.get(table)
+    }
+
+    /// How long `db.table`'s rows are kept, nanoseconds: the table's setting, else
+    /// its database's; `None` keeps them forever.
+    pub fn retention(&self, db: &str, table: &str) -> Option<i64> {
+        let d = self.databases.get(db)?;
+        d.tables
+            .get(table)
+            .and_then(|t| t.retention)
+            .or(d.retention)
     }
 
     /// Every table, as (database, table name, table).

@@ -53,6 +53,24 @@ pub enum Op {
         /// The table's id.
         table_id: u32,
     },
+    /// A database is created with this id (without tables yet).
+    CreateDatabase {
+        /// Database name.
+        db: String,
+        /// Its id.
+        db_id: u32,
+    },
+    /// How long a database's or a table's rows are kept.
+    Retention {
+        /// Database.
+        db: String,
+        /// The table, or `None` for the database's own setting.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table: Option<String>,
+        /// Nanoseconds; `None` keeps rows forever (a table's `None`: as its
+        /// database says).
+        nanos: Option<i64>,
+    },
     /// A table's schema as of this record.
     Schema {
         /// Database.
@@ -189,7 +207,7 @@ impl Catalog {
                 let d = self.databases.entry(db.clone()).or_insert_with(|| {
                     Arc::new(DatabaseCatalog {
                         id: *db_id,
-                        tables: BTreeMap::new(),
+                        ..Default::default()
                     })
                 });
                 self.next_db_id = self.next_db_id.max(d.id + 1);
@@ -204,6 +222,25 @@ impl Catalog {
                     });
                 self.next_table_id = self.next_table_id.max(table_id + 1);
             }
+            Op::CreateDatabase { db, db_id } => {
+                self.databases.entry(db.clone()).or_insert_with(|| {
+                    Arc::new(DatabaseCatalog {
+                        id: *db_id,
+                        ..Default::default()
+                    })
+                });
+                self.next_db_id = self.next_db_id.max(db_id + 1);
+            }
+            Op::Retention { db, table, nanos } => match table {
+                Some(table) => self.table_mut(db, table)?.retention = *nanos,
+                None => {
+                    let d = self
+                        .databases
+                        .get_mut(db)
+                        .ok_or_else(|| missing(format!("database {db}")))?;
+                    Arc::make_mut(d).retention = *nanos;
+                }
+            },
             Op::Schema { db, table, schema } => self.table_mut(db, table)?.schema = schema.clone(),
             Op::AddSegment {
                 db,
