@@ -236,13 +236,31 @@ impl TableProvider for CityTable {
                     continue;
                 }
                 let file = PartitionedFile::new(seg.path.clone(), seg.size);
-                let file = if bounds.tags.is_empty() {
+                let deleted = seg.deleted_rows();
+                let file = if bounds.tags.is_empty() && deleted.is_none() {
                     report.rows_selected += seg.rows;
                     report.rows_decoded += seg.rows;
                     file
                 } else {
                     let index = self.indexes.get(&self.store, &seg.index_path).await?;
-                    let rows = index.matching_rows(&bounds.tags);
+                    let rows = if bounds.tags.is_empty() {
+                        None
+                    } else {
+                        index.matching_rows(&bounds.tags)
+                    };
+                    // Deleted rows are never read.
+                    let rows = match deleted {
+                        Some(d) => {
+                            let mut all = rows.unwrap_or_else(|| {
+                                let mut all = RoaringBitmap::new();
+                                all.insert_range(0..seg.rows as u32);
+                                all
+                            });
+                            all -= d;
+                            Some(all)
+                        }
+                        None => rows,
+                    };
                     if rows.as_ref().is_some_and(|r| r.is_empty()) {
                         continue;
                     }

@@ -61,7 +61,7 @@ pub struct ServeArgs {
     pub compaction_settle: Duration,
     /// Rows per data page (every column but time) in a settled day's compacted
     /// segments: fewer make one device's read decode less, more compress better
-    #[arg(long, env = "CITYTSDB_COMPACTION_PAGE_ROWS", default_value = "1024",
+    #[arg(long, env = "CITYTSDB_COMPACTION_PAGE_ROWS", default_value = "16384",
           value_parser = clap::value_parser!(u32).range(64..=131_072))]
     pub compaction_page_rows: u32,
     /// Objects no catalog version refers to (left by an interrupted flush or

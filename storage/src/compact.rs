@@ -41,6 +41,7 @@ use crate::retention;
 use crate::schema::TableSchema;
 use crate::segment;
 use crate::units::now_nanos;
+use roaring::RoaringBitmap;
 
 /// Registry deltas a table may gather before they are folded into a full one: a
 /// restart reads at most this many files per table besides the full one.
@@ -78,7 +79,7 @@ impl Default for CompactionConfig {
             max_input_bytes: 256 << 20,
             duty: 0.5,
             interval: Duration::from_secs(10),
-            page_rows: segment::PAGE_ROWS,
+            page_rows: segment::SETTLED_PAGE_ROWS,
         }
     }
 }
@@ -290,7 +291,7 @@ impl Engine {
                 .await?
                 .bytes()
                 .await?;
-            files.push(bytes);
+            files.push((bytes, s.deleted_rows().cloned()));
         }
         // About how many rows make a segment of the target size.
         let rows_per_segment = if bytes_in == 0 {
@@ -333,7 +334,17 @@ impl Engine {
             segments_expired: 0,
         };
         let committed = self
-            .commit(|_, record| {
+            .commit(|c, record| {
+                // Deletes and compaction take turns (`compaction_lock`), so the
+                // inputs are as they were read; this only makes sure of it.
+                let unchanged = inputs
+                    .iter()
+                    .all(|s| c.table(&db, &table).and_then(|t| t.segment(s.day, s.id)) == Some(s));
+                if !unchanged {
+                    return Err(StorageError::Conflict(
+                        "a segment being compacted changed meanwhile".into(),
+                    ));
+                }
                 let mut ops: Vec<Op> = inputs
                     .iter()
                     .map(|s| Op::RemoveSegment {
@@ -472,18 +483,19 @@ impl Engine {
     }
 }
 
-/// Reads segment files (oldest run first), merges their rows, and cuts them at
+/// Reads segment files (oldest run first) without their deleted rows (positions
+/// in the file) and rows older than `cutoff`, merges their rows, and cuts them at
 /// series boundaries into chunks of about `rows_per_segment` rows.
 fn merge_files(
     schema: &TableSchema,
-    files: Vec<bytes::Bytes>,
+    files: Vec<(bytes::Bytes, Option<RoaringBitmap>)>,
     rows_per_segment: usize,
     cutoff: Option<i64>,
 ) -> Result<Vec<RecordBatch>> {
     let arrow = schema.arrow_schema();
     let mut parts = Vec::new();
-    for f in files {
-        for b in segment::decode(f)? {
+    for (f, deleted) in files {
+        for b in segment::decode_kept(f, deleted.as_ref())? {
             let b = align(&b, &arrow)?;
             let b = match cutoff {
                 Some(cut) => crate::buffer::since(&b, cut)?,
@@ -556,6 +568,7 @@ mod tests {
             run,
             level: 0,
             created,
+            deleted: None,
         }
     }
 

@@ -258,6 +258,7 @@ impl Engine {
                 run: 0,
                 level,
                 created: crate::units::now_nanos(),
+                deleted: None,
             },
             tags,
         })

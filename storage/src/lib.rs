@@ -23,6 +23,7 @@ pub mod buffer;
 pub mod catalog;
 mod commit;
 pub mod compact;
+pub mod delete;
 pub mod engine;
 pub mod error;
 pub mod files;
@@ -41,6 +42,7 @@ pub mod units;
 pub mod wal;
 
 pub use compact::{CompactionConfig, CompactionStats};
+pub use delete::{DeleteStats, DeleteTurn};
 pub use engine::{DbSnapshot, Engine, EngineConfig, FlushStats};
 pub use error::{Result, StorageError};
 pub use gc::GcStats;

@@ -118,7 +118,8 @@ async fn held(engine: &Engine) -> Model {
                 .bytes()
                 .await
                 .unwrap();
-            for b in segment::decode(bytes).unwrap() {
+            // Deleted rows are not there for readers.
+            for b in segment::decode_kept(bytes, s.deleted_rows()).unwrap() {
                 parts.push(align(&b, &arrow).unwrap());
             }
         }
@@ -285,6 +286,110 @@ async fn random_lives_match_the_model() {
     for seed in [1, 7, 42, 1234, 99_991] {
         run(seed).await;
     }
+}
+
+/// Keys of `db.t` (device, time) as a batch a delete takes.
+fn keys(keys: &[(String, i64)]) -> RecordBatch {
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+        schema()
+            .arrow_schema()
+            .field_with_name("device")
+            .unwrap()
+            .clone(),
+        schema()
+            .arrow_schema()
+            .field_with_name("time")
+            .unwrap()
+            .clone(),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                keys.iter().map(|k| k.0.as_str()),
+            )),
+            Arc::new(
+                TimestampNanosecondArray::from_iter_values(keys.iter().map(|k| k.1))
+                    .with_timezone("UTC"),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn deletes_mask_every_copy_survive_restarts_and_compaction_drops_them() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = open(dir.path(), &store).await;
+    engine.update_schemas("db", |s| s.insert("t".into(), schema()));
+    let mut rng = Rng(5);
+    let mut model = Model::new();
+    // Three flushes over the same days: most keys have copies in several segments.
+    for _ in 0..3 {
+        let rows = rows(&mut rng, 400);
+        apply(&mut model, &rows);
+        engine
+            .write("db", vec![("t".into(), batch(&rows))], true)
+            .await
+            .unwrap();
+        engine.flush().await.unwrap();
+    }
+    // A later write waits in the buffer: the delete flushes it first.
+    let late = rows(&mut rng, 50);
+    apply(&mut model, &late);
+    engine
+        .write("db", vec![("t".into(), batch(&late))], true)
+        .await
+        .unwrap();
+    assert_eq!(held(&engine).await, model);
+
+    // Every row of d1, and the d2 rows of the second day.
+    let doomed: Vec<(String, i64)> = model
+        .keys()
+        .filter(|(d, t)| d == "d1" || (d == "d2" && *t / DAY_NANOS == 1))
+        .cloned()
+        .collect();
+    assert!(doomed.len() > 50, "{}", doomed.len());
+    let turn = engine.begin_delete().await.unwrap();
+    let stats = turn.delete_keys("db", "t", &[keys(&doomed)]).await.unwrap();
+    assert_eq!(stats.keys, doomed.len());
+    assert!(stats.rows_masked >= doomed.len() as u64, "{stats:?}");
+    for k in &doomed {
+        model.remove(k);
+    }
+    assert_eq!(held(&engine).await, model, "masked at once");
+    // Deleting them again masks nothing more.
+    let again = engine
+        .begin_delete()
+        .await
+        .unwrap()
+        .delete_keys("db", "t", &[keys(&doomed)])
+        .await
+        .unwrap();
+    assert_eq!(again.rows_masked, 0);
+
+    // The masks are in the catalog: a crash keeps them.
+    engine.halt().await;
+    engine = open(dir.path(), &store).await;
+    assert_eq!(held(&engine).await, model, "after a restart");
+    let masked: u64 = engine
+        .catalog()
+        .table("db", "t")
+        .unwrap()
+        .segments()
+        .filter_map(|s| s.deleted_rows().map(|d| d.len()))
+        .sum();
+    assert_eq!(masked, stats.rows_masked);
+
+    // Compaction leaves the deleted rows out, and the masks go with the inputs.
+    engine.compact(true).await.unwrap();
+    let tc = engine.catalog().table("db", "t").unwrap().clone();
+    assert!(tc.segments().all(|s| s.deleted.is_none()));
+    let stored: u64 = tc.segments().map(|s| s.rows).sum();
+    assert_eq!(stored, model.len() as u64, "one row per key, none deleted");
+    assert_eq!(held(&engine).await, model, "after compaction");
+    engine.halt().await;
 }
 
 #[tokio::test]

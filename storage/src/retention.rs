@@ -234,6 +234,7 @@ mod tests {
                     seq: 1,
                     run: 1,
                     created: 0,
+                    deleted: None,
                 },
                 &BTreeMap::new(),
             );

@@ -170,6 +170,10 @@ pub struct SegmentMeta {
     /// When it was written, Unix nanoseconds: how long its day has been quiet.
     #[serde(default)]
     pub created: i64,
+    /// Its rows that were deleted (positions in the file, from 0): readers skip
+    /// them, compaction leaves them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<Bitmap>,
 }
 
 impl SegmentMeta {
@@ -181,6 +185,14 @@ impl SegmentMeta {
     /// The objects it consists of.
     pub fn files(&self) -> [&str; 2] {
         [self.path.as_str(), self.index_path.as_str()]
+    }
+
+    /// Positions of its rows that were deleted, if any were.
+    pub fn deleted_rows(&self) -> Option<&RoaringBitmap> {
+        self.deleted
+            .as_ref()
+            .map(|b| &b.0)
+            .filter(|b| !b.is_empty())
     }
 }
 
@@ -286,7 +298,7 @@ impl Catalog {
 /// A roaring bitmap stored in JSON as a list of ids when it holds few (most tag
 /// values of a compacted day are in one or two segments), else as base64 of
 /// roaring's portable serialization. Both forms are read.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bitmap(pub RoaringBitmap);
 
 /// Bitmaps of up to this many ids are written as a list.

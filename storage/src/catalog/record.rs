@@ -102,6 +102,19 @@ pub enum Op {
         /// Its id.
         id: u32,
     },
+    /// Rows of a segment are deleted (added to its deleted rows).
+    DeleteRows {
+        /// Database.
+        db: String,
+        /// Table.
+        table: String,
+        /// The segment's day.
+        day: i64,
+        /// Its id.
+        id: u32,
+        /// Positions of the rows in its file.
+        rows: super::Bitmap,
+    },
     /// A registry of the series a flush touched, to apply after the table's others.
     SeriesDelta {
         /// Database.
@@ -175,7 +188,10 @@ impl Catalog {
     /// one; this is the check that the later one still fits.
     pub fn admits(&self, ops: &[Op]) -> bool {
         ops.iter().all(|op| match op {
-            Op::RemoveSegment { db, table, day, id } => self
+            Op::RemoveSegment { db, table, day, id }
+            | Op::DeleteRows {
+                db, table, day, id, ..
+            } => self
                 .table(db, table)
                 .and_then(|t| t.segment(*day, *id))
                 .is_some(),
@@ -273,6 +289,25 @@ impl Catalog {
                     });
                 }
             }
+            Op::DeleteRows {
+                db,
+                table,
+                day,
+                id,
+                rows,
+            } => {
+                let t = self.table_mut(db, table)?;
+                let d = t
+                    .days
+                    .get_mut(day)
+                    .ok_or_else(|| missing(format!("segment {id} of day {day}")))?;
+                let meta = Arc::make_mut(d)
+                    .segments
+                    .get_mut(id)
+                    .ok_or_else(|| missing(format!("segment {id} of day {day}")))?;
+                let deleted = meta.deleted.get_or_insert_with(Default::default);
+                deleted.0 |= &rows.0;
+            }
             Op::SeriesDelta { db, table, id, key } => {
                 self.next_segment_id = self.next_segment_id.max(id + 1);
                 self.table_mut(db, table)?.series.deltas.push(key.clone());
@@ -340,6 +375,7 @@ mod tests {
             run: 1,
             level: 0,
             created: 0,
+            deleted: None,
         }
     }
 

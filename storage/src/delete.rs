@@ -1,0 +1,297 @@
+//! Deletes: rows named by their keys (series and time) are masked in the segments
+//! that hold them, without touching a Parquet file.
+//!
+//! A delete runs in a [`DeleteTurn`]: every buffered row is flushed first (so every
+//! row acknowledged before the delete is in a segment), and compaction waits until
+//! the turn ends (so the segments the masks name stay as they were read). The
+//! caller finds the keys to delete in the turn's snapshot (the merged rows, as a
+//! query sees them; rows written after the turn began are not in it and stay), and
+//! [`DeleteTurn::delete_keys`] masks every stored copy of those keys: for each
+//! segment the catalog's day, time and tag bitmaps leave, the segment's own tag
+//! index picks the rows of the named series, only those rows' key columns are
+//! read, and the positions that match join the segment's deleted rows
+//! (`SegmentMeta::deleted`), all in one catalog record. Readers skip masked rows;
+//! compaction leaves them out of what it writes.
+
+use std::collections::{BTreeSet, HashSet};
+
+use bytes::Bytes;
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Schema, SchemaRef, TimestampNanosecondType};
+use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::parquet::arrow::arrow_reader::{
+    ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+};
+use datafusion::parquet::arrow::ProjectionMask;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStoreExt;
+use roaring::RoaringBitmap;
+use std::sync::Arc;
+
+use crate::catalog::{Bitmap, Op, SegmentMeta};
+use crate::engine::{DbSnapshot, Engine};
+use crate::error::{Result, StorageError};
+use crate::index::{SegmentIndex, TagConstraint};
+use crate::merge::align;
+use crate::schema::TIME_COLUMN;
+
+/// What a delete did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteStats {
+    /// Distinct (series, time) keys asked to delete.
+    pub keys: usize,
+    /// Segments whose masks grew.
+    pub segments: usize,
+    /// Stored rows newly masked (a key may have copies in several segments).
+    pub rows_masked: u64,
+}
+
+/// A delete in progress: buffered rows flushed, compaction held off.
+pub struct DeleteTurn<'a> {
+    engine: &'a Engine,
+    _compaction: tokio::sync::MutexGuard<'a, ()>,
+    _upkeep: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl Engine {
+    /// Begins a delete: flushes every buffered row, then holds compaction off until
+    /// the turn is dropped.
+    pub async fn begin_delete(&self) -> Result<DeleteTurn<'_>> {
+        self.flush().await?;
+        let compaction = self.inner.compaction_lock.lock().await;
+        let upkeep = self.inner.upkeep.read().await;
+        Ok(DeleteTurn {
+            engine: self,
+            _compaction: compaction,
+            _upkeep: upkeep,
+        })
+    }
+}
+
+impl DeleteTurn<'_> {
+    /// The persisted rows of `db` as of now (without the write buffer: rows written
+    /// since the turn began are not the delete's to remove).
+    pub fn snapshot(&self, db: &str) -> Option<DbSnapshot> {
+        let mut snapshot = self.engine.snapshot(db)?;
+        snapshot.buffers.clear();
+        Some(snapshot)
+    }
+
+    /// Masks every stored copy of the rows `keys` names: batches holding the
+    /// table's tag columns (a missing one is null) and `time`. Durable when it
+    /// returns.
+    pub async fn delete_keys(
+        self,
+        db: &str,
+        table: &str,
+        keys: &[RecordBatch],
+    ) -> Result<DeleteStats> {
+        let engine = self.engine;
+        let catalog = engine.catalog();
+        let Some(tc) = catalog.table(db, table) else {
+            return Ok(DeleteStats::default());
+        };
+        let tags: Vec<String> = tc.schema.tag_names().map(str::to_string).collect();
+        let arrow = tc.schema.arrow_schema();
+        let key_schema: SchemaRef = Arc::new(Schema::new(
+            tags.iter()
+                .map(String::as_str)
+                .chain([TIME_COLUMN])
+                .map(|c| arrow.field_with_name(c).cloned())
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        ));
+        let converter = key_converter(&key_schema)?;
+        let mut wanted: HashSet<OwnedRow> = HashSet::new();
+        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        let mut values: Vec<BTreeSet<String>> = vec![BTreeSet::new(); tags.len()];
+        let mut null_tag = vec![false; tags.len()];
+        for batch in keys {
+            let batch = align(batch, &key_schema)?;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let times = batch
+                .column(tags.len())
+                .as_primitive::<TimestampNanosecondType>();
+            for t in times.values().iter() {
+                lo = lo.min(*t);
+                hi = hi.max(*t);
+            }
+            for (i, col) in batch.columns()[..tags.len()].iter().enumerate() {
+                for v in col.as_string::<i32>().iter() {
+                    match v {
+                        Some(v) => {
+                            values[i].insert(v.to_string());
+                        }
+                        None => null_tag[i] = true,
+                    }
+                }
+            }
+            let rows = converter.convert_columns(batch.columns())?;
+            wanted.extend(rows.iter().map(|r| r.owned()));
+        }
+        let mut stats = DeleteStats {
+            keys: wanted.len(),
+            ..Default::default()
+        };
+        if wanted.is_empty() {
+            return Ok(stats);
+        }
+        // Only series with a value for every tag can be found by the tag bitmaps.
+        let constraints: Vec<TagConstraint> = tags
+            .iter()
+            .zip(values)
+            .zip(&null_tag)
+            .filter(|(_, null)| !**null)
+            .map(|((column, values), _)| TagConstraint {
+                column: column.clone(),
+                values: values.into_iter().collect(),
+            })
+            .collect();
+
+        let mut ops = Vec::new();
+        for (day, d) in tc.days_between(lo, hi) {
+            let mut holding: Option<RoaringBitmap> = None;
+            for c in &constraints {
+                let ids = d.holding(&c.column, &c.values);
+                holding = Some(match holding {
+                    Some(h) => h & ids,
+                    None => ids,
+                });
+            }
+            for seg in d.segments.values() {
+                if !seg.overlaps(lo, hi) || holding.as_ref().is_some_and(|h| !h.contains(seg.id)) {
+                    continue;
+                }
+                let found =
+                    matching_positions(engine, seg, &key_schema, &wanted, &constraints).await?;
+                let new = match seg.deleted_rows() {
+                    Some(old) => found - old,
+                    None => found,
+                };
+                if new.is_empty() {
+                    continue;
+                }
+                stats.segments += 1;
+                stats.rows_masked += new.len();
+                ops.push(Op::DeleteRows {
+                    db: db.to_string(),
+                    table: table.to_string(),
+                    day: *day,
+                    id: seg.id,
+                    rows: Bitmap(new),
+                });
+            }
+        }
+        if !ops.is_empty() {
+            engine.commit(|_, _| Ok(ops.clone())).await?;
+        }
+        Ok(stats)
+    }
+}
+
+/// Positions of `seg`'s rows whose key is in `wanted`; only the rows of the
+/// series `constraints` allow are read, and of them only the key columns.
+async fn matching_positions(
+    engine: &Engine,
+    seg: &SegmentMeta,
+    key_schema: &SchemaRef,
+    wanted: &HashSet<OwnedRow>,
+    constraints: &[TagConstraint],
+) -> Result<RoaringBitmap> {
+    let store = engine.store();
+    let index = store
+        .get(&ObjectPath::from(seg.index_path.as_str()))
+        .await?
+        .bytes()
+        .await?;
+    let index = SegmentIndex::decode(&index)?;
+    let candidates = match index.matching_rows(constraints) {
+        Some(rows) => rows,
+        None => {
+            let mut all = RoaringBitmap::new();
+            all.insert_range(0..seg.rows as u32);
+            all
+        }
+    };
+    if candidates.is_empty() {
+        return Ok(RoaringBitmap::new());
+    }
+    let parquet: Bytes = store
+        .get(&ObjectPath::from(seg.path.as_str()))
+        .await?
+        .bytes()
+        .await?;
+    let key_schema = key_schema.clone();
+    let total = seg.rows;
+    let wanted = wanted.clone();
+    tokio::task::spawn_blocking(move || {
+        let converter = key_converter(&key_schema)?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(parquet)?;
+        let file_schema = builder.schema().clone();
+        let leaves: Vec<usize> = key_schema
+            .fields()
+            .iter()
+            .filter_map(|f| file_schema.index_of(f.name()).ok())
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), leaves);
+        let reader = builder
+            .with_projection(mask)
+            .with_row_selection(selection(&candidates, total))
+            .with_batch_size(64 * 1024)
+            .build()?;
+        let mut positions = candidates.iter();
+        let mut found = RoaringBitmap::new();
+        for batch in reader {
+            let batch = align(&batch?, &key_schema)?;
+            let rows = converter.convert_columns(batch.columns())?;
+            for row in rows.iter() {
+                let Some(pos) = positions.next() else {
+                    return Err(StorageError::Corrupt(
+                        "a segment returned more rows than were selected".into(),
+                    ));
+                };
+                if wanted.contains(&row.owned()) {
+                    found.insert(pos);
+                }
+            }
+        }
+        Ok(found)
+    })
+    .await
+    .map_err(crate::flush::task_failed)?
+}
+
+/// Rows of the key columns, comparable as bytes.
+fn key_converter(key_schema: &SchemaRef) -> Result<RowConverter> {
+    Ok(RowConverter::new(
+        key_schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )?)
+}
+
+/// A selection of exactly `rows` among a file's `total` rows.
+fn selection(rows: &RoaringBitmap, total: u64) -> RowSelection {
+    let mut selectors = Vec::new();
+    let mut pos = 0u32;
+    let mut iter = rows.iter().peekable();
+    while let Some(start) = iter.next() {
+        let mut stop = start + 1;
+        while iter.peek() == Some(&stop) {
+            iter.next();
+            stop += 1;
+        }
+        if start > pos {
+            selectors.push(RowSelector::skip((start - pos) as usize));
+        }
+        selectors.push(RowSelector::select((stop - start) as usize));
+        pos = stop;
+    }
+    if u64::from(pos) < total {
+        selectors.push(RowSelector::skip((total - u64::from(pos)) as usize));
+    }
+    RowSelection::from(selectors)
+}
