@@ -28,6 +28,7 @@ use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use futures::StreamExt;
 
+use crate::delete::{Delete, DeleteError};
 use crate::error::{Position, QueryError};
 use crate::first_last::FirstLastByTime;
 use crate::gapfill::{CityQueryPlanner, GapFillRule};
@@ -164,6 +165,11 @@ impl Drop for Executor {
 }
 
 impl QueryEngine {
+    /// The storage engine it reads.
+    pub fn storage(&self) -> &Engine {
+        &self.storage
+    }
+
     /// A query engine over `storage`, reading segments from its object store.
     pub fn new(storage: Engine, limits: QueryLimits) -> Result<Self, QueryError> {
         let runtime = RuntimeEnvBuilder::new()
@@ -346,6 +352,15 @@ impl QueryEngine {
             .storage
             .snapshot(db)
             .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;
+        self.context_of(db, snapshot)
+    }
+
+    /// A session over `snapshot`, a view of `db`.
+    fn context_of(
+        &self,
+        db: &str,
+        snapshot: citytsdb_storage::DbSnapshot,
+    ) -> Result<SessionContext, QueryError> {
         let ctx = self.session();
         let catalog = MemoryCatalogProvider::new();
         let snapshot = Arc::new(snapshot);
@@ -374,6 +389,50 @@ impl QueryEngine {
             CATALOG,
         )));
         Ok(ctx)
+    }
+
+    /// Runs `DELETE FROM table WHERE predicate` (checked by
+    /// [`crate::delete::parse_delete`]) against `db`: every row `SELECT ... FROM table
+    /// WHERE predicate` answers over the rows written before the call is deleted,
+    /// durably, before it returns. Returns how many rows (distinct series and times).
+    pub async fn delete(&self, db: &str, delete: &Delete) -> Result<u64, DeleteError> {
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        let turn = self.storage.begin_delete().await?;
+        let snapshot = turn
+            .snapshot(db)
+            .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;
+        let Some(schema) = snapshot.schemas.get(&delete.table).cloned() else {
+            return Err(QueryError::invalid(format!(
+                "table '{}' not found in database '{db}'",
+                delete.table
+            ))
+            .into());
+        };
+        let select = delete.select_keys(schema.tag_names());
+        let ctx = self.context_of(db, snapshot)?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let find = async {
+            // Positions would point into the SELECT, not the statement sent.
+            let unplaced = |e| match QueryError::from_datafusion(e, &select) {
+                QueryError::Invalid { message, .. } => QueryError::invalid(message),
+                other => other,
+            };
+            let df = ctx
+                .sql_with_options(&select, options)
+                .await
+                .map_err(unplaced)?;
+            df.collect().await.map_err(unplaced)
+        };
+        let keys = match tokio::time::timeout_at(deadline, find).await {
+            Ok(keys) => keys.map_err(|e| self.explain_limit(e))?,
+            Err(_) => return Err(self.timeout_error().into()),
+        };
+        let stats = turn.delete_keys(db, &delete.table, &keys).await?;
+        crate::delete::correct_latest(self, db, &delete.table, &schema, &keys).await?;
+        Ok(stats.keys as u64)
     }
 
     /// Plans `sql` against `db` without running it: its answer's columns, and

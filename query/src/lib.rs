@@ -20,6 +20,7 @@
 //! 6. `error.rs` — failures classified as the user's (with a position) or ours.
 
 pub mod collect;
+pub mod delete;
 pub mod engine;
 pub mod error;
 pub mod exec;

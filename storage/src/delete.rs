@@ -295,3 +295,80 @@ fn selection(rows: &RoaringBitmap, total: u64) -> RowSelection {
     }
     RowSelection::from(selectors)
 }
+
+impl Engine {
+    /// Corrects `db.table`'s series registry after a delete took series' newest
+    /// rows: `latest` holds the newest remaining row of each such series (any of
+    /// the table's columns; tags and `time` at least), `gone` the tags of series
+    /// with no row left. Persisted as a registry delta that replaces those series'
+    /// entries (first times and counts stay as they were), so the latest-per-device
+    /// path and `system.devices` answer from the rows that remain.
+    pub async fn correct_series(
+        &self,
+        db: &str,
+        table: &str,
+        latest: &[RecordBatch],
+        gone: &[RecordBatch],
+    ) -> Result<()> {
+        if latest.iter().chain(gone).all(|b| b.num_rows() == 0) {
+            return Ok(());
+        }
+        let current = {
+            let state = crate::engine::read(&self.inner.state);
+            state
+                .series
+                .get(db)
+                .and_then(|t| t.get(table))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let Some(schema) = self
+            .snapshot(db)
+            .and_then(|s| s.schemas.get(table).cloned())
+        else {
+            return Err(StorageError::TableNotFound(format!("{db}.{table}")));
+        };
+        let mut part = crate::series::SeriesTable::default();
+        for b in latest {
+            part.apply(b)?;
+        }
+        let kept = part.len();
+        for b in gone {
+            part.apply(b)?;
+        }
+        part.take_counts(&current, kept);
+        part.replaces = true;
+        let bytes = {
+            let (part, schema) = (part.clone(), schema.clone());
+            tokio::task::spawn_blocking(move || part.encode(&schema))
+                .await
+                .map_err(crate::flush::task_failed)??
+        };
+        let catalog = self.catalog();
+        let (Some(d), Some(tc)) = (catalog.databases.get(db), catalog.table(db, table)) else {
+            return Err(StorageError::TableNotFound(format!("{db}.{table}")));
+        };
+        let (db_id, table_id) = (d.id, tc.id);
+        let (id, keys) = self
+            .put_fresh(
+                |id| vec![crate::paths::series_file(db_id, table_id, id, false)],
+                vec![bytes.into()],
+            )
+            .await?;
+        let key = keys.into_iter().next().unwrap_or_default().to_string();
+        self.commit(|_, _| {
+            Ok(vec![Op::SeriesDelta {
+                db: db.to_string(),
+                table: table.to_string(),
+                id,
+                key: key.clone(),
+            }])
+        })
+        .await?;
+        let mut state = crate::engine::write(&self.inner.state);
+        if let Some(r) = state.series.get_mut(db).and_then(|t| t.get_mut(table)) {
+            r.replace_from(&part);
+        }
+        Ok(())
+    }
+}

@@ -103,7 +103,7 @@ pub(crate) struct State {
     pub(crate) active: WriteBuffer,
     pub(crate) persisting: Vec<Arc<Persisting>>,
     /// Every acknowledged row's series, buffered or persisted.
-    series: SeriesMap,
+    pub(crate) series: SeriesMap,
 }
 
 impl State {
@@ -189,7 +189,7 @@ pub(crate) struct Inner {
     _lock: std::fs::File,
 }
 
-fn read(state: &RwLock<State>) -> RwLockReadGuard<'_, State> {
+pub(crate) fn read(state: &RwLock<State>) -> RwLockReadGuard<'_, State> {
     state.read().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -731,7 +731,9 @@ pub(crate) async fn read_registry(
         let part = tokio::task::spawn_blocking(move || SeriesTable::decode(&bytes))
             .await
             .map_err(crate::flush::task_failed)??;
-        if registry.is_empty() {
+        if part.replaces {
+            registry.replace_from(&part);
+        } else if registry.is_empty() {
             registry = part;
         } else {
             registry.absorb(&part);

@@ -35,6 +35,8 @@ use crate::schema::{ColumnKind, TableSchema, TIME_COLUMN};
 const FIRST_TIME: &str = "__first_time";
 /// Name of the persisted column holding each series' reading count.
 const ROWS: &str = "__rows";
+/// File metadata key marking a correction (see [`SeriesTable::replaces`]).
+const REPLACES: &str = "citytsdb.series.replaces";
 
 fn internal(e: datafusion::error::DataFusionError) -> StorageError {
     StorageError::Internal(e.to_string())
@@ -62,6 +64,10 @@ pub struct SeriesTable {
     /// Series key (see [`SeriesTable::key`]) -> index in `series`.
     index: HashMap<Box<str>, usize>,
     series: Vec<Series>,
+    /// Whether this registry, applied to an older one, replaces its series'
+    /// entries (a correction after a delete) rather than adding to them; an entry of
+    /// no rows removes the series.
+    pub replaces: bool,
 }
 
 /// A table's series as Arrow arrays, one row per series.
@@ -237,39 +243,57 @@ impl SeriesTable {
         Ok(())
     }
 
-    /// Folds in the registry of later writes (as a flush's delta holds them): for
-    /// each of `newer`'s series, counts add up, the first time is the earlier one,
-    /// and the latest row follows the write rule, `newer` being the later write.
-    pub fn absorb(&mut self, newer: &SeriesTable) {
-        let tag_map: Vec<usize> = newer
+    /// Where `newer`'s tag and field slots are in this registry (added if new).
+    fn slot_maps(&mut self, newer: &SeriesTable) -> (Vec<usize>, Vec<usize>) {
+        let tags = newer
             .tag_slots
             .iter()
             .map(|name| Self::slot(&mut self.tag_slots, name))
             .collect();
-        let field_map: Vec<usize> = newer
+        let fields = newer
             .field_slots
             .iter()
             .map(|name| Self::slot(&mut self.field_slots, name))
             .collect();
+        (tags, fields)
+    }
+
+    /// Another registry's series in this one's slots (see `slot_maps`): its tags,
+    /// with its key in `key`, and its latest values.
+    fn remapped(
+        &self,
+        n: &Series,
+        (tag_map, field_map): &(Vec<usize>, Vec<usize>),
+        key: &mut String,
+    ) -> (Vec<Option<Arc<str>>>, Vec<Option<ScalarValue>>) {
+        let mut tags: Vec<Option<Arc<str>>> = vec![None; self.tag_slots.len()];
+        for (from, v) in n.tags.iter().enumerate() {
+            if let (Some(v), Some(&to)) = (v, tag_map.get(from)) {
+                tags[to] = Some(v.clone());
+            }
+        }
+        let values: Vec<Option<&str>> = tags.iter().map(|t| t.as_deref()).collect();
+        Self::key(key, &values);
+        let mut last: Vec<Option<ScalarValue>> = Vec::new();
+        for (from, v) in n.last.iter().enumerate() {
+            if let (Some(v), Some(&to)) = (v, field_map.get(from)) {
+                if last.len() <= to {
+                    last.resize(to + 1, None);
+                }
+                last[to] = Some(v.clone());
+            }
+        }
+        (tags, last)
+    }
+
+    /// Folds in the registry of later writes (as a flush's delta holds them): for
+    /// each of `newer`'s series, counts add up, the first time is the earlier one,
+    /// and the latest row follows the write rule, `newer` being the later write.
+    pub fn absorb(&mut self, newer: &SeriesTable) {
+        let maps = self.slot_maps(newer);
         let mut key = String::new();
         for n in &newer.series {
-            let mut tags: Vec<Option<Arc<str>>> = vec![None; self.tag_slots.len()];
-            for (from, v) in n.tags.iter().enumerate() {
-                if let (Some(v), Some(&to)) = (v, tag_map.get(from)) {
-                    tags[to] = Some(v.clone());
-                }
-            }
-            let values: Vec<Option<&str>> = tags.iter().map(|t| t.as_deref()).collect();
-            Self::key(&mut key, &values);
-            let mut last: Vec<Option<ScalarValue>> = Vec::new();
-            for (from, v) in n.last.iter().enumerate() {
-                if let (Some(v), Some(&to)) = (v, field_map.get(from)) {
-                    if last.len() <= to {
-                        last.resize(to + 1, None);
-                    }
-                    last[to] = Some(v.clone());
-                }
-            }
+            let (tags, last) = self.remapped(n, &maps, &mut key);
             let Some(&i) = self.index.get(key.as_str()) else {
                 self.series.push(Series {
                     tags,
@@ -300,6 +324,91 @@ impl SeriesTable {
                 if v.is_some() {
                     s.last[slot] = v;
                 }
+            }
+        }
+    }
+
+    /// Applies a correction (`newer.replaces`): each of `newer`'s series takes its
+    /// entry whole, and a series whose entry has no rows is removed.
+    pub fn replace_from(&mut self, newer: &SeriesTable) {
+        let maps = self.slot_maps(newer);
+        let mut key = String::new();
+        for n in &newer.series {
+            let (tags, last) = self.remapped(n, &maps, &mut key);
+            let found = self.index.get(key.as_str()).copied();
+            if n.rows == 0 {
+                if let Some(i) = found {
+                    self.index.remove(key.as_str());
+                    self.series.swap_remove(i);
+                    if i < self.series.len() {
+                        // The last series moved into the hole.
+                        let moved: Vec<Option<&str>> =
+                            self.series[i].tags.iter().map(|t| t.as_deref()).collect();
+                        let mut moved_key = String::new();
+                        Self::key(&mut moved_key, &moved);
+                        self.index.insert(moved_key.into(), i);
+                    }
+                }
+                continue;
+            }
+            let entry = Series {
+                tags,
+                first_time: n.first_time,
+                last_time: n.last_time,
+                rows: n.rows,
+                last,
+            };
+            match found {
+                Some(i) => self.series[i] = entry,
+                None => {
+                    self.series.push(entry);
+                    self.index
+                        .insert(key.as_str().into(), self.series.len() - 1);
+                }
+            }
+        }
+    }
+
+    /// The first time and row count of the series `tags` names (tag name, value).
+    fn counts(&self, tags: &[(&str, Option<&str>)]) -> Option<(i64, u64)> {
+        let mut values: Vec<Option<&str>> = vec![None; self.tag_slots.len()];
+        for (name, v) in tags {
+            match self.tag_slots.iter().position(|s| s == name) {
+                Some(i) => values[i] = *v,
+                None if v.is_some() => return None,
+                None => {}
+            }
+        }
+        let mut key = String::new();
+        Self::key(&mut key, &values);
+        let s = &self.series[*self.index.get(key.as_str())?];
+        Some((s.first_time, s.rows))
+    }
+
+    /// Takes each series' first time and row count from `from` (where it has the
+    /// series), and marks the series from position `gone` on as having no rows.
+    pub fn take_counts(&mut self, from: &SeriesTable, gone: usize) {
+        for i in 0..self.series.len() {
+            if i >= gone {
+                self.series[i].rows = 0;
+                continue;
+            }
+            let tags: Vec<(&str, Option<&str>)> = self
+                .tag_slots
+                .iter()
+                .zip(
+                    self.series[i]
+                        .tags
+                        .iter()
+                        .map(|t| t.as_deref())
+                        .chain(std::iter::repeat(None)),
+                )
+                .map(|(name, v)| (name.as_str(), v))
+                .collect();
+            if let Some((first, rows)) = from.counts(&tags) {
+                let s = &mut self.series[i];
+                s.first_time = first.min(s.first_time);
+                s.rows = rows;
             }
         }
     }
@@ -418,7 +527,11 @@ impl SeriesTable {
             rows.first_time,
         )));
         columns.push(Arc::new(UInt64Array::from(rows.rows)));
-        let schema: SchemaRef = Arc::new(Schema::new(fields));
+        let mut metadata = HashMap::new();
+        if self.replaces {
+            metadata.insert(REPLACES.to_string(), "true".to_string());
+        }
+        let schema: SchemaRef = Arc::new(Schema::new_with_metadata(fields, metadata));
         let batch = RecordBatch::try_new(schema.clone(), columns)?;
         let mut out = Vec::new();
         let mut writer = FileWriter::try_new(&mut out, &schema)?;
@@ -431,7 +544,10 @@ impl SeriesTable {
     /// Reads a table's series back from [`SeriesTable::encode`]'s output.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let reader = FileReader::try_new(Cursor::new(bytes), None)?;
-        let mut out = Self::default();
+        let mut out = Self {
+            replaces: reader.schema().metadata().get(REPLACES).map(String::as_str) == Some("true"),
+            ..Self::default()
+        };
         for batch in reader {
             let batch = batch?;
             let first = batch
@@ -507,6 +623,49 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    /// (device, last time, rows) of every series, by device.
+    fn summary(t: &SeriesTable) -> Vec<(String, i64, u64)> {
+        let r = t.rows(&schema()).unwrap();
+        let devices = r.latest.column(1).as_string::<i32>();
+        let times = r.latest.column(0).as_primitive::<TimestampNanosecondType>();
+        let mut out: Vec<_> = (0..r.latest.num_rows())
+            .map(|i| (devices.value(i).to_string(), times.value(i), r.rows[i]))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_correction_replaces_entries_and_removes_emptied_series() {
+        let mut t = SeriesTable::default();
+        t.apply(&batch(&[
+            ("a", 20, Some(1.0), None),
+            ("b", 30, Some(2.0), None),
+            ("c", 40, Some(3.0), None),
+            ("a", 10, Some(1.5), None),
+        ]))
+        .unwrap();
+        // a's newest row went (its newest left is at 10); b went altogether.
+        let mut fix = SeriesTable::default();
+        fix.apply(&batch(&[("a", 10, Some(1.5), None)])).unwrap();
+        fix.apply(&batch(&[("b", 0, None, None)])).unwrap();
+        fix.take_counts(&t, 1);
+        fix.replaces = true;
+        let stored = SeriesTable::decode(&fix.encode(&schema()).unwrap()).unwrap();
+        assert!(stored.replaces);
+        for fix in [fix, stored] {
+            let mut after = t.clone();
+            after.replace_from(&fix);
+            assert_eq!(
+                summary(&after),
+                vec![("a".into(), 10, 2), ("c".into(), 40, 1)]
+            );
+            // The moved series is still found by its key.
+            after.apply(&batch(&[("c", 50, None, None)])).unwrap();
+            assert_eq!(summary(&after)[1], ("c".into(), 50, 2));
+        }
     }
 
     #[test]

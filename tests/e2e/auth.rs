@@ -316,3 +316,72 @@ fn departments_own_their_rules() {
     );
     server.stop();
 }
+
+#[test]
+fn deletes_need_write_and_retention_needs_admin() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(&tmp.path().join("data"), &["--admin-token", ADMIN]);
+    let (_, reader) = token(&server, &[&format!("read:{DB}")]);
+    let (_, writer) = token(&server, &[&format!("write:{DB}")]);
+    let (status, body) = call(
+        &server,
+        "POST",
+        &format!("/api/v1/write?db={DB}&precision=s"),
+        Some(&writer),
+        Some(
+            "manhole,device=a tilt_deg=1 1764547200\nmanhole,device=b tilt_deg=2 1764547200\n"
+                .into(),
+        ),
+    );
+    assert_eq!(status, 204, "{body}");
+    let delete = |token: &str, device: &str| {
+        call(
+            &server,
+            "POST",
+            "/api/v1/query",
+            Some(token),
+            Some(
+                json!({"db": DB, "sql": format!("DELETE FROM manhole WHERE device = '{device}'")})
+                    .to_string(),
+            ),
+        )
+    };
+    let (status, body) = delete(&reader, "a");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains(&format!("write:{DB}")), "{body}");
+    let (status, body) = delete(&writer, "a");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 1);
+    let (status, body) = call(
+        &server,
+        "POST",
+        &format!("/api/v2/delete?bucket={DB}"),
+        Some(&reader),
+        Some(r#"{"start": "2025-01-01T00:00:00Z", "stop": "2027-01-01T00:00:00Z"}"#.into()),
+    );
+    assert_eq!(status, 403, "{body}");
+    for token in [&reader, &writer] {
+        let (status, body) = call(
+            &server,
+            "PUT",
+            &format!("/api/v1/databases/{DB}"),
+            Some(token),
+            Some(r#"{"retention": "30d"}"#.into()),
+        );
+        assert_eq!(status, 403, "{body}");
+    }
+    let (status, body) = call(
+        &server,
+        "PUT",
+        &format!("/api/v1/databases/{DB}"),
+        Some(ADMIN),
+        Some(r#"{"retention": "30d"}"#.into()),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The database list shows only what the caller may read.
+    let (status, body) = call(&server, "GET", "/api/v1/databases", Some(&reader), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["databases"][0]["name"], DB, "{body}");
+    assert_eq!(body["databases"][0]["retention"], "30d", "{body}");
+    server.stop();
+}

@@ -7,6 +7,7 @@
 mod alerts;
 mod auth;
 mod compat_writes;
+mod deletes;
 mod differential;
 mod durability;
 mod flush;

@@ -239,6 +239,15 @@ impl Client {
         )
     }
 
+    /// `POST path` with a raw body.
+    pub fn post(&self, path: &str, body: &[u8]) -> Result<(u16, String), ureq::Error> {
+        let request = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .content_type("application/json");
+        answer(request.send(body)?)
+    }
+
     /// `PUT path` with a raw body.
     pub fn put(&self, path: &str, body: &[u8]) -> Result<(u16, String), ureq::Error> {
         let request = self

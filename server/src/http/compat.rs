@@ -151,18 +151,97 @@ pub async fn write_v2(
                 ),
             ),
         },
-        Err(e) => {
-            let code = match e.status {
-                StatusCode::BAD_REQUEST => "invalid",
-                StatusCode::UNAUTHORIZED => "unauthorized",
-                StatusCode::FORBIDDEN => "forbidden",
-                StatusCode::NOT_FOUND => "not found",
-                StatusCode::PAYLOAD_TOO_LARGE => "request too large",
-                StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-                _ => "internal error",
-            };
-            v2_error(e.status, code, e.message)
+        Err(e) => v2_failure(e),
+    }
+}
+
+/// An error in InfluxDB 2's shape.
+fn v2_failure(e: ApiError) -> Response {
+    let code = match e.status {
+        StatusCode::BAD_REQUEST => "invalid",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not found",
+        StatusCode::PAYLOAD_TOO_LARGE => "request too large",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "internal error",
+    };
+    v2_error(e.status, code, e.message)
+}
+
+/// Largest `/api/v2/delete` body.
+const MAX_DELETE_BODY: usize = 64 << 10;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteV2 {
+    start: String,
+    stop: String,
+    #[serde(default)]
+    predicate: String,
+}
+
+/// `POST /api/v2/delete?bucket=&org=` (InfluxDB 2.x) with `{"start", "stop",
+/// "predicate"}`: deletes the rows with `start <= time <= stop` whose tags match
+/// the predicate, of the measurement `_measurement` names (of every table without
+/// one); 204. A predicate on a tag a table lacks matches none of its rows.
+pub async fn delete_v2(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(p): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let db = writable_db(&p, "bucket", "bucket is required", &caller)?;
+        let body = read_body(&headers, body, MAX_DELETE_BODY).await?;
+        let req: DeleteV2 = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body is not {{\"start\", \"stop\", \"predicate\"}}: {e} (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let time = |name: &str, v: &str| {
+            citytsdb_storage::units::parse_rfc3339(v)
+                .map_err(|e| ApiError::bad_request(format!("field '{name}': {e}")))
+        };
+        let (start, stop) = (time("start", &req.start)?, time("stop", &req.stop)?);
+        let terms = citytsdb_query::delete::parse_influx_predicate(&req.predicate)?;
+        let mut measurement = None;
+        for t in terms.iter().filter(|t| t.key == "_measurement") {
+            if !t.equal || measurement.replace(t.value.clone()).is_some() {
+                return Err(ApiError::bad_request(
+                    "predicate: name one _measurement with = (or none for every one)",
+                ));
+            }
         }
+        let Some(snapshot) = app.storage.snapshot(&db) else {
+            return Err(citytsdb_storage::StorageError::DatabaseNotFound(db).into());
+        };
+        let tables: Vec<String> = snapshot
+            .schemas
+            .iter()
+            .filter(|(name, _)| measurement.as_ref().is_none_or(|m| m == *name))
+            .filter(|(_, schema)| {
+                terms
+                    .iter()
+                    .filter(|t| t.key != "_measurement")
+                    .all(|t| schema.kind(&t.key).is_some())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        drop(snapshot);
+        for table in tables {
+            let delete = citytsdb_query::delete::Delete::influx(&table, start, stop, &terms);
+            app.query.delete(&db, &delete).await?;
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => v2_failure(e),
     }
 }
 

@@ -96,6 +96,15 @@ impl From<StorageError> for ApiError {
     }
 }
 
+impl From<citytsdb_query::delete::DeleteError> for ApiError {
+    fn from(e: citytsdb_query::delete::DeleteError) -> Self {
+        match e {
+            citytsdb_query::delete::DeleteError::Query(q) => q.into(),
+            citytsdb_query::delete::DeleteError::Storage(s) => s.into(),
+        }
+    }
+}
+
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         let status = match (&e, e.fault()) {

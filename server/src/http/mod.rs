@@ -58,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/write", post(write::write_v1))
         .route("/write", post(compat::write_v1x))
         .route("/api/v2/write", post(compat::write_v2))
+        .route("/api/v2/delete", post(compat::delete_v2))
         .route("/api/v3/write_lp", post(compat::write_v3))
         .route(
             "/api/v1/query",

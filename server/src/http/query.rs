@@ -18,7 +18,8 @@ use super::error::ApiError;
 use super::AppState;
 use crate::auth::Caller;
 use crate::format::{Encoder, Format};
-use axum::Extension;
+use axum::{Extension, Json};
+use serde_json::json;
 
 /// The parameters of a query, from the URL or a JSON body.
 #[derive(Debug, Default, Deserialize)]
@@ -39,7 +40,7 @@ pub async fn query_get(
     Extension(caller): Extension<Caller>,
     Query(p): Query<QueryParams>,
 ) -> Result<Response, ApiError> {
-    run(&app, &caller, p).await
+    run(&app, &caller, p, false).await
 }
 
 /// `POST /api/v1/query` with `{"db", "sql", "format"}`.
@@ -55,19 +56,34 @@ pub async fn query_post(
             e.column()
         ))
     })?;
-    run(&app, &caller, p).await
+    run(&app, &caller, p, true).await
 }
 
-async fn run(app: &AppState, caller: &Caller, p: QueryParams) -> Result<Response, ApiError> {
+async fn run(
+    app: &AppState,
+    caller: &Caller,
+    p: QueryParams,
+    post: bool,
+) -> Result<Response, ApiError> {
     let db =
         p.db.filter(|d| !d.is_empty())
             .ok_or_else(|| ApiError::bad_request("missing parameter db"))?;
-    super::require(caller, caller.can_read(&db), &format!("read:{db}"))?;
     let sql = p
         .sql
         .or(p.q)
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("missing parameter sql"))?;
+    if let Some(delete) = citytsdb_query::delete::parse_delete(&sql)? {
+        super::require(caller, caller.can_write(&db), &format!("write:{db}"))?;
+        if !post {
+            return Err(ApiError::bad_request(
+                "DELETE changes data: send it with POST /api/v1/query",
+            ));
+        }
+        let deleted = app.query.delete(&db, &delete).await?;
+        return Ok(Json(json!({ "deleted": deleted })).into_response());
+    }
+    super::require(caller, caller.can_read(&db), &format!("read:{db}"))?;
     let format = match p.format.as_deref() {
         None | Some("") => Format::Json,
         Some(f) => Format::parse(f).ok_or_else(|| {
