@@ -193,10 +193,11 @@ fn pick<'a>(
                 plan(day, now, config, force)
             };
             // A day the retention cutoff cuts is rewritten whole, without what
-            // expired.
+            // expired; a day with deleted rows, without them.
             let planned = planned.or_else(|| {
-                cut.filter(|&c| retention::due_for_trim(day, c, force))
-                    .map(|_| day.segments.values().collect())
+                let trim = cut.is_some_and(|c| retention::due_for_trim(day, c, force));
+                let masked = day.segments.values().any(|s| s.deleted_rows().is_some());
+                (trim || masked).then(|| day.segments.values().collect())
             });
             if let Some(inputs) = planned {
                 let n = day.segments.len();
