@@ -232,10 +232,18 @@ pub async fn delete_v2(
             .map(|(name, _)| name.clone())
             .collect();
         drop(snapshot);
-        for table in tables {
-            let delete = citytsdb_query::delete::Delete::influx(&table, start, stop, &terms);
-            app.query.delete(&db, &delete).await?;
-        }
+        // Its own task, as SQL deletes run: a client that goes away does not cut it
+        // short.
+        let query = app.query.clone();
+        tokio::spawn(async move {
+            for table in tables {
+                let delete = citytsdb_query::delete::Delete::influx(&table, start, stop, &terms);
+                query.delete(&db, &delete).await?;
+            }
+            Ok::<(), citytsdb_query::delete::DeleteError>(())
+        })
+        .await
+        .map_err(ApiError::task)??;
         Ok(())
     }
     .await;

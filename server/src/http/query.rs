@@ -80,7 +80,12 @@ async fn run(
                 "DELETE changes data: send it with POST /api/v1/query",
             ));
         }
-        let deleted = app.query.delete(&db, &delete).await?;
+        // Its own task: a client that goes away does not cut a delete short between
+        // its commit and the registry correction that follows it.
+        let query = app.query.clone();
+        let deleted = tokio::spawn(async move { query.delete(&db, &delete).await })
+            .await
+            .map_err(ApiError::task)??;
         return Ok(Json(json!({ "deleted": deleted })).into_response());
     }
     super::require(caller, caller.can_read(&db), &format!("read:{db}"))?;
