@@ -397,7 +397,7 @@ impl QueryEngine {
     /// durably, before it returns. Returns how many rows (distinct series and times).
     pub async fn delete(&self, db: &str, delete: &Delete) -> Result<u64, DeleteError> {
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
-        let turn = self.storage.begin_delete().await?;
+        let mut turn = self.storage.begin_delete().await?;
         let snapshot = turn
             .snapshot(db)
             .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;

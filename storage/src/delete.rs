@@ -49,6 +49,9 @@ pub struct DeleteStats {
 /// A delete in progress: buffered rows flushed, compaction held off.
 pub struct DeleteTurn<'a> {
     engine: &'a Engine,
+    /// The catalog version the keys were found in: only its segments are masked
+    /// (a flush during the delete adds rows written after it began, which stay).
+    catalog: Option<Arc<crate::catalog::Catalog>>,
     _compaction: tokio::sync::MutexGuard<'a, ()>,
     _upkeep: tokio::sync::RwLockReadGuard<'a, ()>,
 }
@@ -62,6 +65,7 @@ impl Engine {
         let upkeep = self.inner.upkeep.read().await;
         Ok(DeleteTurn {
             engine: self,
+            catalog: None,
             _compaction: compaction,
             _upkeep: upkeep,
         })
@@ -71,9 +75,10 @@ impl Engine {
 impl DeleteTurn<'_> {
     /// The persisted rows of `db` as of now (without the write buffer: rows written
     /// since the turn began are not the delete's to remove).
-    pub fn snapshot(&self, db: &str) -> Option<DbSnapshot> {
+    pub fn snapshot(&mut self, db: &str) -> Option<DbSnapshot> {
         let mut snapshot = self.engine.snapshot(db)?;
         snapshot.buffers.clear();
+        self.catalog = Some(snapshot.catalog.clone());
         Some(snapshot)
     }
 
@@ -87,7 +92,7 @@ impl DeleteTurn<'_> {
         keys: &[RecordBatch],
     ) -> Result<DeleteStats> {
         let engine = self.engine;
-        let catalog = engine.catalog();
+        let catalog = self.catalog.clone().unwrap_or_else(|| engine.catalog());
         let Some(tc) = catalog.table(db, table) else {
             return Ok(DeleteStats::default());
         };
