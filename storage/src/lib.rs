@@ -10,11 +10,17 @@
 //!    time) written twice is merged (last write wins, field by field).
 //! 5. `segment.rs` + `index.rs` — one Parquet segment per table and UTC day, with
 //!    its tag -> row bitmaps and page boundaries beside it.
-//! 6. `catalog.rs` — a new immutable catalog version lists the segments and the
-//!    tag -> segment bitmaps; then the WAL files it covers are deleted.
+//! 6. `catalog/` + `commit.rs` — one create-only catalog record adds the segments
+//!    and their tag -> segment bitmaps; then the WAL files it covers are deleted.
+//!
+//! After that, in the background: `compact.rs` merges a day's segments, `gc.rs`
+//! deletes what no version refers to, `retention.rs` drops rows past a table's
+//! retention, and `delete.rs` masks deleted rows in their segments until compaction
+//! leaves them out.
 //!
 //! `series.rs` keeps every series' latest row and time span in memory, updated
-//! with the buffer and persisted with each catalog version.
+//! with the buffer and persisted with each flush (a delta per flush, folded now
+//! and then; a delete's correction replaces entries).
 //!
 //! Every object key is built in `paths.rs`. Readers take an [`engine::DbSnapshot`]:
 //! a catalog version plus the buffered rows not yet in it.
