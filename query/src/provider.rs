@@ -249,18 +249,7 @@ impl TableProvider for CityTable {
                         index.matching_rows(&bounds.tags)
                     };
                     // Deleted rows are never read.
-                    let rows = match deleted {
-                        Some(d) => {
-                            let mut all = rows.unwrap_or_else(|| {
-                                let mut all = RoaringBitmap::new();
-                                all.insert_range(0..seg.rows as u32);
-                                all
-                            });
-                            all -= d;
-                            Some(all)
-                        }
-                        None => rows,
-                    };
+                    let rows = seg.kept(rows);
                     if rows.as_ref().is_some_and(|r| r.is_empty()) {
                         continue;
                     }
@@ -286,9 +275,11 @@ impl TableProvider for CityTable {
         let expired = cutoff.filter(|&c| chosen.iter().any(|x| x.meta.min_time < c));
         // With a merge, every source must carry the key columns.
         let mut read_cols = projection.clone();
-        let time_col = self.arrow.index_of(TIME_COLUMN)?;
-        if expired.is_some() && !read_cols.contains(&time_col) {
-            read_cols.push(time_col);
+        if expired.is_some() {
+            let time_col = self.arrow.index_of(TIME_COLUMN)?;
+            if !read_cols.contains(&time_col) {
+                read_cols.push(time_col);
+            }
         }
         if !groups.merged.is_empty() {
             for k in key_columns(&self.schema, &self.arrow).map_err(external)? {

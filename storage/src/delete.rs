@@ -15,15 +15,21 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use bytes::Bytes;
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
-use datafusion::parquet::arrow::arrow_reader::{
-    ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
-};
+use datafusion::parquet::arrow::arrow_reader::{ArrowReaderOptions, RowSelection, RowSelector};
+use datafusion::parquet::arrow::async_reader::AsyncFileReader;
+use datafusion::parquet::arrow::ParquetRecordBatchStreamBuilder;
 use datafusion::parquet::arrow::ProjectionMask;
+use datafusion::parquet::errors::ParquetError;
+use datafusion::parquet::file::metadata::{
+    PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader,
+};
+use futures::future::BoxFuture;
+use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
 use object_store::ObjectStoreExt;
 use roaring::RoaringBitmap;
 use std::sync::Arc;
@@ -169,7 +175,8 @@ impl DeleteTurn<'_> {
                     continue;
                 }
                 let found =
-                    matching_positions(engine, seg, &key_schema, &wanted, &constraints).await?;
+                    matching_positions(engine, seg, &key_schema, &converter, &wanted, &constraints)
+                        .await?;
                 let new = match seg.deleted_rows() {
                     Some(old) => found - old,
                     None => found,
@@ -196,11 +203,13 @@ impl DeleteTurn<'_> {
 }
 
 /// Positions of `seg`'s rows whose key is in `wanted`; only the rows of the
-/// series `constraints` allow are read, and of them only the key columns.
+/// series `constraints` allow are read, and of them only the key columns: the page
+/// index tells which pages hold them, and only those are fetched.
 async fn matching_positions(
     engine: &Engine,
     seg: &SegmentMeta,
     key_schema: &SchemaRef,
+    converter: &RowConverter,
     wanted: &HashSet<OwnedRow>,
     constraints: &[TagConstraint],
 ) -> Result<RoaringBitmap> {
@@ -211,60 +220,85 @@ async fn matching_positions(
         .bytes()
         .await?;
     let index = SegmentIndex::decode(&index)?;
-    let candidates = match index.matching_rows(constraints) {
-        Some(rows) => rows,
-        None => {
-            let mut all = RoaringBitmap::new();
-            all.insert_range(0..seg.rows as u32);
-            all
-        }
-    };
+    let candidates = index
+        .matching_rows(constraints)
+        .unwrap_or_else(|| seg.all_rows());
     if candidates.is_empty() {
         return Ok(RoaringBitmap::new());
     }
-    let parquet: Bytes = store
-        .get(&ObjectPath::from(seg.path.as_str()))
-        .await?
-        .bytes()
-        .await?;
-    let key_schema = key_schema.clone();
-    let total = seg.rows;
-    let wanted = wanted.clone();
-    tokio::task::spawn_blocking(move || {
-        let converter = key_converter(&key_schema)?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(parquet)?;
-        let file_schema = builder.schema().clone();
-        let leaves: Vec<usize> = key_schema
-            .fields()
-            .iter()
-            .filter_map(|f| file_schema.index_of(f.name()).ok())
-            .collect();
-        let mask = ProjectionMask::roots(builder.parquet_schema(), leaves);
-        let reader = builder
-            .with_projection(mask)
-            .with_row_selection(selection(&candidates, total))
-            .with_batch_size(64 * 1024)
-            .build()?;
-        let mut positions = candidates.iter();
-        let mut found = RoaringBitmap::new();
-        for batch in reader {
-            let batch = align(&batch?, &key_schema)?;
-            let rows = converter.convert_columns(batch.columns())?;
-            for row in rows.iter() {
-                let Some(pos) = positions.next() else {
-                    return Err(StorageError::Corrupt(
-                        "a segment returned more rows than were selected".into(),
-                    ));
-                };
-                if wanted.contains(&row.owned()) {
-                    found.insert(pos);
-                }
+    let reader = RangeReader {
+        store: store.clone(),
+        path: ObjectPath::from(seg.path.as_str()),
+        size: seg.size,
+    };
+    let builder =
+        ParquetRecordBatchStreamBuilder::new_with_options(reader, ArrowReaderOptions::new())
+            .await?;
+    let file_schema = builder.schema().clone();
+    let leaves: Vec<usize> = key_schema
+        .fields()
+        .iter()
+        .filter_map(|f| file_schema.index_of(f.name()).ok())
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), leaves);
+    let mut batches = builder
+        .with_projection(mask)
+        .with_row_selection(selection(&candidates, seg.rows))
+        .with_batch_size(64 * 1024)
+        .build()?;
+    let mut positions = candidates.iter();
+    let mut found = RoaringBitmap::new();
+    while let Some(batch) = batches.next().await {
+        let batch = align(&batch?, key_schema)?;
+        let rows = converter.convert_columns(batch.columns())?;
+        for row in rows.iter() {
+            let Some(pos) = positions.next() else {
+                return Err(StorageError::Corrupt(
+                    "a segment returned more rows than were selected".into(),
+                ));
+            };
+            if wanted.contains(&row.owned()) {
+                found.insert(pos);
             }
         }
-        Ok(found)
-    })
-    .await
-    .map_err(crate::flush::task_failed)?
+    }
+    Ok(found)
+}
+
+/// A segment read by byte ranges from the store, its metadata with the page index
+/// (so a row selection fetches only the pages it needs).
+struct RangeReader {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    size: u64,
+}
+
+impl AsyncFileReader for RangeReader {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'_, datafusion::parquet::errors::Result<bytes::Bytes>> {
+        Box::pin(async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, datafusion::parquet::errors::Result<Arc<ParquetMetaData>>> {
+        Box::pin(async move {
+            let size = self.size;
+            let metadata = ParquetMetaDataReader::new()
+                .with_page_index_policy(PageIndexPolicy::Optional)
+                .load_and_finish(self, size)
+                .await?;
+            Ok(Arc::new(metadata))
+        })
+    }
 }
 
 /// Rows of the key columns, comparable as bytes.
@@ -281,22 +315,17 @@ fn key_converter(key_schema: &SchemaRef) -> Result<RowConverter> {
 /// A selection of exactly `rows` among a file's `total` rows.
 fn selection(rows: &RoaringBitmap, total: u64) -> RowSelection {
     let mut selectors = Vec::new();
-    let mut pos = 0u32;
-    let mut iter = rows.iter().peekable();
-    while let Some(start) = iter.next() {
-        let mut stop = start + 1;
-        while iter.peek() == Some(&stop) {
-            iter.next();
-            stop += 1;
-        }
+    let mut pos = 0u64;
+    for (start, stop) in crate::index::runs(rows, 0, u32::MAX) {
+        let (start, stop) = (u64::from(start), u64::from(stop));
         if start > pos {
             selectors.push(RowSelector::skip((start - pos) as usize));
         }
         selectors.push(RowSelector::select((stop - start) as usize));
         pos = stop;
     }
-    if u64::from(pos) < total {
-        selectors.push(RowSelector::skip((total - u64::from(pos)) as usize));
+    if pos < total {
+        selectors.push(RowSelector::skip((total - pos) as usize));
     }
     RowSelection::from(selectors)
 }
@@ -318,21 +347,6 @@ impl Engine {
         if latest.iter().chain(gone).all(|b| b.num_rows() == 0) {
             return Ok(());
         }
-        let current = {
-            let state = crate::engine::read(&self.inner.state);
-            state
-                .series
-                .get(db)
-                .and_then(|t| t.get(table))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let Some(schema) = self
-            .snapshot(db)
-            .and_then(|s| s.schemas.get(table).cloned())
-        else {
-            return Err(StorageError::TableNotFound(format!("{db}.{table}")));
-        };
         let mut part = crate::series::SeriesTable::default();
         for b in latest {
             part.apply(b)?;
@@ -341,7 +355,16 @@ impl Engine {
         for b in gone {
             part.apply(b)?;
         }
-        part.take_counts(&current, kept);
+        let schema = {
+            let state = crate::engine::read(&self.inner.state);
+            let Some(schema) = state.schemas.get(db).and_then(|t| t.get(table)).cloned() else {
+                return Err(StorageError::TableNotFound(format!("{db}.{table}")));
+            };
+            let none = crate::series::SeriesTable::default();
+            let current = state.series.get(db).and_then(|t| t.get(table));
+            part.take_counts(current.unwrap_or(&none), kept);
+            schema
+        };
         part.replaces = true;
         let bytes = {
             let (part, schema) = (part.clone(), schema.clone());

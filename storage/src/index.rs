@@ -256,7 +256,7 @@ fn pages_rows(g: &RowGroupPages, rows: &RoaringBitmap) -> u64 {
 }
 
 /// Maximal runs of consecutive rows of `rows` within `[lo, hi)`, as `[start, stop)`.
-fn runs(rows: &RoaringBitmap, lo: u32, hi: u32) -> Vec<(u32, u32)> {
+pub(crate) fn runs(rows: &RoaringBitmap, lo: u32, hi: u32) -> Vec<(u32, u32)> {
     let mut out: Vec<(u32, u32)> = Vec::new();
     for r in rows.range(lo..hi) {
         match out.last_mut() {

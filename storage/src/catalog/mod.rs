@@ -194,6 +194,21 @@ impl SegmentMeta {
             .map(|b| &b.0)
             .filter(|b| !b.is_empty())
     }
+
+    /// Every row position of the segment.
+    pub fn all_rows(&self) -> RoaringBitmap {
+        let mut all = RoaringBitmap::new();
+        all.insert_range(0..self.rows as u32);
+        all
+    }
+
+    /// Of `rows` (`None`: all of them), those not deleted; `None` still means all.
+    pub fn kept(&self, rows: Option<RoaringBitmap>) -> Option<RoaringBitmap> {
+        match self.deleted_rows() {
+            Some(d) => Some(rows.unwrap_or_else(|| self.all_rows()) - d),
+            None => rows,
+        }
+    }
 }
 
 impl DayCatalog {
