@@ -222,8 +222,26 @@ impl Ingestor {
         now_ns: i64,
     ) -> Result<Prepared, IngestError> {
         check_db_name(db)?;
-        let parsed = parse_body(body);
+        let mut parsed = parse_body(body);
         let mut rejected = parsed.rejected;
+        // A rollup's rows are computed by the store, never written.
+        if let Some(rollups) = self.storage.catalog().rollups(db).filter(|r| !r.is_empty()) {
+            parsed.lines.retain(|(raw, line)| {
+                let Some(r) = rollups.get(line.measurement.as_ref()) else {
+                    return true;
+                };
+                rejected.push(crate::write::at(
+                    raw,
+                    line,
+                    1,
+                    format!(
+                        "table {} is a rollup of {}: its rows are computed, write to {} instead",
+                        r.def.name, r.def.source, r.def.source
+                    ),
+                ));
+                false
+            });
+        }
         let validated = self
             .storage
             .update_schemas(db, |schemas| validate(parsed.lines, precision, schemas));

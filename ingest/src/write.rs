@@ -286,7 +286,7 @@ fn column_of(raw: &[u8], name: &str) -> usize {
     text[..byte].chars().count() + 1
 }
 
-fn at(raw: &[u8], line: &ParsedLine<'_>, column: usize, message: String) -> LineError {
+pub(crate) fn at(raw: &[u8], line: &ParsedLine<'_>, column: usize, message: String) -> LineError {
     let mut text: String = String::from_utf8_lossy(raw).chars().take(200).collect();
     if raw.len() > text.len() {
         text.push_str("...");

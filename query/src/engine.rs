@@ -122,6 +122,8 @@ pub struct QueryEngine {
     limits: QueryLimits,
     executor: Arc<Executor>,
     alerts: Option<Arc<dyn AlertSource>>,
+    /// Held by a rollup refresh and a rollup's removal: one at a time.
+    pub(crate) rollup_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The threads queries run on, apart from the ones serving requests: a query that
@@ -184,6 +186,7 @@ impl QueryEngine {
             limits,
             executor: Arc::new(Executor::new()?),
             alerts: None,
+            rollup_lock: Arc::default(),
         })
     }
 
@@ -192,6 +195,11 @@ impl QueryEngine {
     pub fn with_alerts(mut self, alerts: Arc<dyn AlertSource>) -> Self {
         self.alerts = Some(alerts);
         self
+    }
+
+    /// The runtime queries run on.
+    pub(crate) fn executor_handle(&self) -> &tokio::runtime::Handle {
+        self.executor.handle()
     }
 
     /// The limits every query runs under.
@@ -352,14 +360,26 @@ impl QueryEngine {
             .storage
             .snapshot(db)
             .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;
-        self.context_of(db, snapshot)
+        self.context_of(db, snapshot, true)
     }
 
-    /// A session over `snapshot`, a view of `db`.
+    /// A session over `snapshot` in which a rollup's table holds only its
+    /// materialised rows (for the refresher).
+    pub(crate) fn raw_context(
+        &self,
+        db: &str,
+        snapshot: citytsdb_storage::DbSnapshot,
+    ) -> Result<SessionContext, QueryError> {
+        self.context_of(db, snapshot, false)
+    }
+
+    /// A session over `snapshot`, a view of `db`; with `views`, a rollup answers
+    /// with its dirty buckets computed from the raw rows.
     fn context_of(
         &self,
         db: &str,
         snapshot: citytsdb_storage::DbSnapshot,
+        views: bool,
     ) -> Result<SessionContext, QueryError> {
         let ctx = self.session();
         let catalog = MemoryCatalogProvider::new();
@@ -368,7 +388,8 @@ impl QueryEngine {
             snapshot.clone(),
             self.storage.store().clone(),
             self.indexes.clone(),
-        );
+        )
+        .with_rollup_views(views);
         catalog
             .register_schema("public", Arc::new(schema))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -377,9 +398,11 @@ impl QueryEngine {
             .register_schema(SYSTEM_SCHEMA, Arc::new(system))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         ctx.register_catalog(CATALOG, Arc::new(catalog));
+        // A rollup's latest rows are not what the series registry holds.
         let tables = snapshot
             .schemas
             .iter()
+            .filter(|(t, _)| snapshot.rollup(t).is_none())
             .map(|(t, s)| (t.clone(), s.clone()))
             .collect();
         ctx.add_analyzer_rule(Arc::new(LatestFromCache::new(
@@ -396,6 +419,14 @@ impl QueryEngine {
     /// WHERE predicate` answers over the rows written before the call is deleted,
     /// durably, before it returns. Returns how many rows (distinct series and times).
     pub async fn delete(&self, db: &str, delete: &Delete) -> Result<u64, DeleteError> {
+        if let Some(snapshot) = self.storage.snapshot(db) {
+            crate::rollup::refuse_rollup(&snapshot, &delete.table, "delete from")?;
+        }
+        self.delete_rows(db, delete).await
+    }
+
+    /// [`QueryEngine::delete`], also of a rollup's materialised rows.
+    pub(crate) async fn delete_rows(&self, db: &str, delete: &Delete) -> Result<u64, DeleteError> {
         let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let mut turn = self.storage.begin_delete().await?;
         let snapshot = turn
@@ -409,7 +440,7 @@ impl QueryEngine {
             .into());
         };
         let select = delete.select_keys(schema.tag_names());
-        let ctx = self.context_of(db, snapshot)?;
+        let ctx = self.context_of(db, snapshot, false)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -451,7 +482,8 @@ impl QueryEngine {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(err)?;
-        let filter_table = plain_filter_table(&plan);
+        // A rollup is not written to: its rules are evaluated on their schedule.
+        let filter_table = plain_filter_table(&plan).filter(|t| !self.storage.is_rollup(db, t));
         let physical = state.create_physical_plan(&plan).await.map_err(err)?;
         Ok(Described {
             schema: physical.schema(),

@@ -29,6 +29,7 @@ pub mod gapfill;
 pub mod latest;
 pub mod provider;
 pub mod pruning;
+pub mod rollup;
 pub mod system;
 
 pub use engine::{Described, QueryEngine, QueryLimits, QueryOutput, QueryStream};

@@ -87,6 +87,7 @@ pub struct DatabaseSchema {
     snapshot: Arc<DbSnapshot>,
     store: Arc<dyn ObjectStore>,
     indexes: Arc<IndexCache>,
+    rollup_views: bool,
 }
 
 impl fmt::Debug for DatabaseSchema {
@@ -108,7 +109,58 @@ impl DatabaseSchema {
             snapshot,
             store,
             indexes,
+            rollup_views: false,
         }
+    }
+
+    /// With `views`, a rollup's table answers as its view (materialised rows
+    /// outside the dirty ranges, the rest computed from the raw rows); without,
+    /// with its materialised rows alone.
+    pub fn with_rollup_views(mut self, views: bool) -> Self {
+        self.rollup_views = views;
+        self
+    }
+
+    fn city_table(&self, name: &str) -> Option<CityTable> {
+        let schema = self.snapshot.schemas.get(name)?;
+        Some(CityTable {
+            snapshot: self.snapshot.clone(),
+            name: name.to_string(),
+            arrow: schema.arrow_schema(),
+            schema: schema.clone(),
+            store: self.store.clone(),
+            indexes: self.indexes.clone(),
+        })
+    }
+
+    fn rollup_view(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        let Some(rollup) = self.snapshot.rollup(name) else {
+            return Ok(None);
+        };
+        let def = &rollup.def;
+        let (Some(table), Some(source)) = (self.city_table(name), self.city_table(&def.source))
+        else {
+            return Ok(None);
+        };
+        let mut dirty = self.snapshot.rollup_dirty(name, true);
+        // Buckets past the rollup's own retention are gone however they were made.
+        if let Some(floor) = self
+            .snapshot
+            .cutoff(name)
+            .map(|c| def.bucket_at_or_after(c))
+        {
+            dirty.retain(|d| d.hi > floor);
+            for d in &mut dirty {
+                d.lo = d.lo.max(floor);
+            }
+        }
+        if dirty.is_empty() {
+            return Ok(Some(Arc::new(table)));
+        }
+        let plan = crate::rollup::view_plan(def, Arc::new(table), Arc::new(source), &dirty)?;
+        Ok(Some(Arc::new(datafusion::catalog::view::ViewTable::new(
+            plan, None,
+        ))))
     }
 }
 
@@ -119,17 +171,12 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        let Some(schema) = self.snapshot.schemas.get(name) else {
-            return Ok(None);
-        };
-        Ok(Some(Arc::new(CityTable {
-            snapshot: self.snapshot.clone(),
-            name: name.to_string(),
-            arrow: schema.arrow_schema(),
-            schema: schema.clone(),
-            store: self.store.clone(),
-            indexes: self.indexes.clone(),
-        })))
+        if self.rollup_views && self.snapshot.rollup(name).is_some() {
+            return self.rollup_view(name);
+        }
+        Ok(self
+            .city_table(name)
+            .map(|t| Arc::new(t) as Arc<dyn TableProvider>))
     }
 
     fn table_exist(&self, name: &str) -> bool {

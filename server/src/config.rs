@@ -64,6 +64,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CITYTSDB_COMPACTION_PAGE_ROWS", default_value = "16384",
           value_parser = clap::value_parser!(u32).range(64..=131_072))]
     pub compaction_page_rows: u32,
+    /// How often rollups are brought up to date (queries of a rollup are exact
+    /// meanwhile: what is not materialised yet is computed from the raw rows), e.g. 5s
+    #[arg(long, env = "CITYTSDB_ROLLUP_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub rollup_interval: Duration,
     /// Objects no catalog version refers to (left by an interrupted flush or
     /// compaction) are deleted once this old, e.g. 1h
     #[arg(long, env = "CITYTSDB_SWEEP_GRACE", default_value = "1h", value_parser = duration)]

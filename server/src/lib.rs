@@ -66,6 +66,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
         &alert_tables,
     )
     .await?;
+    let refresher = query.spawn_rollup_refresher(config.rollup_interval);
     let ingestor = Ingestor::new(storage.clone()).with_listener(Arc::new(FastPath(alerts.clone())));
     let auth = match &config.admin_token {
         Some(t) => Some(Arc::new(auth::Auth::open(&config.data_dir, t)?)),
@@ -110,6 +111,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
         subscriber.stop();
     }
     alerts.shutdown().await;
+    refresher.abort();
     tracing::info!("shutting down: flushing buffered rows");
     storage
         .shutdown()

@@ -163,7 +163,7 @@ pub struct Engine {
 pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
     pub(crate) state: Arc<RwLock<State>>,
-    schema_lock: Mutex<()>,
+    pub(crate) schema_lock: Mutex<()>,
     wal_tx: Mutex<Option<mpsc::Sender<WalCommand>>>,
     wal_thread: Mutex<Option<JoinHandle<()>>>,
     pub(crate) flush_lock: tokio::sync::Mutex<()>,

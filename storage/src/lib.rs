@@ -16,7 +16,8 @@
 //! After that, in the background: `compact.rs` merges a day's segments, `gc.rs`
 //! deletes what no version refers to, `retention.rs` drops rows past a table's
 //! retention, and `delete.rs` masks deleted rows in their segments until compaction
-//! leaves them out.
+//! leaves them out; `rollup.rs` keeps what a rollup's materialised rows lag
+//! behind.
 //!
 //! `series.rs` keeps every series' latest row and time span in memory, updated
 //! with the buffer and persisted with each flush (a delta per flush, folded now
@@ -41,6 +42,7 @@ mod lifecycle_tests;
 pub mod merge;
 pub mod paths;
 pub mod retention;
+pub mod rollup;
 pub mod schema;
 pub mod segment;
 pub mod series;

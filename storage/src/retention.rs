@@ -56,7 +56,7 @@ pub struct DatabaseSettings {
     pub tables: Vec<(String, Duration)>,
 }
 
-fn nanos(retention: Option<Duration>) -> Result<Option<i64>> {
+pub(crate) fn nanos(retention: Option<Duration>) -> Result<Option<i64>> {
     match retention {
         None => Ok(None),
         Some(d) if d.is_zero() => Err(StorageError::InvalidInput(

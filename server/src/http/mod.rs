@@ -4,6 +4,7 @@ pub mod compat;
 pub mod databases;
 pub mod error;
 pub mod query;
+pub mod rollups;
 pub mod rules;
 pub mod tokens;
 pub mod write;
@@ -86,6 +87,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/v1/databases/{db}/tables/{table}",
             axum::routing::put(databases::put_table),
+        )
+        .route(
+            "/api/v1/databases/{db}/rollups",
+            get(rollups::list).post(rollups::create),
+        )
+        .route(
+            "/api/v1/databases/{db}/rollups/{name}",
+            get(rollups::get).delete(rollups::delete),
         )
         .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::delete))
         .fallback(not_found)

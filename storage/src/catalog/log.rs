@@ -341,6 +341,7 @@ impl LegacyTable {
                 deltas: Vec::new(),
             },
             retention: None,
+            deletes: Vec::new(),
         }
     }
 }

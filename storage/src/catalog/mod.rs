@@ -86,6 +86,9 @@ pub struct DatabaseCatalog {
     pub retention: Option<i64>,
     /// Tables by name.
     pub tables: BTreeMap<String, Arc<TableCatalog>>,
+    /// Rollups by name (each also a table of `tables`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollups: BTreeMap<String, crate::rollup::RollupCatalog>,
 }
 
 /// A table in the catalog.
@@ -104,6 +107,9 @@ pub struct TableCatalog {
     /// version holds: a full registry and the changes since, in order.
     #[serde(default)]
     pub series: SeriesFiles,
+    /// Deletes its rollups have not caught up with (kept only while it has any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deletes: Vec<crate::rollup::Changed>,
 }
 
 /// The series registry of a table, as stored.

@@ -147,6 +147,31 @@ pub enum Op {
         /// The newest such WAL file.
         upto: u64,
     },
+    /// A rollup is made (its table by `CreateTable` before it).
+    CreateRollup {
+        /// Database.
+        db: String,
+        /// What it computes.
+        rollup: crate::rollup::RollupDef,
+    },
+    /// A rollup's materialised rows are those of record `as_of`, but for `pending`.
+    RollupRefreshed {
+        /// Database.
+        db: String,
+        /// The rollup.
+        name: String,
+        /// The record they were computed from.
+        as_of: u64,
+        /// Ranges still stale as of it.
+        pending: Vec<crate::rollup::Dirty>,
+    },
+    /// A rollup and its table are removed; its files become garbage.
+    DropRollup {
+        /// Database.
+        db: String,
+        /// The rollup.
+        name: String,
+    },
     /// Garbage that was deleted.
     Collected {
         /// Its keys.
@@ -209,6 +234,18 @@ impl Catalog {
             .get_mut(table)
             .ok_or_else(|| missing(format!("table {db}.{table}")))?;
         Ok(Arc::make_mut(t))
+    }
+
+    /// Drops the deletes of `table` every rollup of it has caught up with.
+    fn forget_deletes(&mut self, db: &str, table: &str) -> Result<()> {
+        let oldest = self.databases.get(db).and_then(|d| d.oldest_as_of(table));
+        if let Some(t) = self.table(db, table) {
+            let stale = |c: &crate::rollup::Changed| oldest.is_none_or(|o| c.seq <= o);
+            if t.deletes.iter().any(stale) {
+                self.table_mut(db, table)?.deletes.retain(|c| !stale(c));
+            }
+        }
+        Ok(())
     }
 
     fn apply_op(&mut self, op: &Op, seq: u64) -> Result<()> {
@@ -307,6 +344,78 @@ impl Catalog {
                     .ok_or_else(|| missing(format!("segment {id} of day {day}")))?;
                 let deleted = meta.deleted.get_or_insert_with(Default::default);
                 deleted.0 |= &rows.0;
+                let (min_time, max_time) = (meta.min_time, meta.max_time);
+                if self
+                    .databases
+                    .get(db)
+                    .is_some_and(|d| d.is_rollup_source(table))
+                {
+                    self.table_mut(db, table)?
+                        .deletes
+                        .push(crate::rollup::Changed {
+                            seq,
+                            min_time,
+                            max_time,
+                        });
+                }
+            }
+            Op::CreateRollup { db, rollup } => {
+                self.table_mut(db, &rollup.name)?;
+                let d = self
+                    .databases
+                    .get_mut(db)
+                    .ok_or_else(|| missing(format!("database {db}")))?;
+                Arc::make_mut(d).rollups.insert(
+                    rollup.name.clone(),
+                    crate::rollup::RollupCatalog {
+                        def: rollup.clone(),
+                        as_of: 0,
+                        pending: Vec::new(),
+                    },
+                );
+            }
+            Op::RollupRefreshed {
+                db,
+                name,
+                as_of,
+                pending,
+            } => {
+                let d = self
+                    .databases
+                    .get_mut(db)
+                    .ok_or_else(|| missing(format!("database {db}")))?;
+                let d = Arc::make_mut(d);
+                let r = d
+                    .rollups
+                    .get_mut(name)
+                    .ok_or_else(|| missing(format!("rollup {db}.{name}")))?;
+                r.as_of = *as_of;
+                r.pending = pending.clone();
+                let source = r.def.source.clone();
+                self.forget_deletes(db, &source)?;
+            }
+            Op::DropRollup { db, name } => {
+                let d = self
+                    .databases
+                    .get_mut(db)
+                    .ok_or_else(|| missing(format!("database {db}")))?;
+                let d = Arc::make_mut(d);
+                let r = d
+                    .rollups
+                    .remove(name)
+                    .ok_or_else(|| missing(format!("rollup {db}.{name}")))?;
+                if let Some(t) = d.tables.remove(name) {
+                    let files = t
+                        .segments()
+                        .flat_map(|s| s.files())
+                        .chain(t.series.keys())
+                        .map(|path| Garbage {
+                            since: seq,
+                            path: path.to_string(),
+                        });
+                    self.garbage.extend(files);
+                }
+                self.forget_deletes(db, &r.def.source)?;
             }
             Op::SeriesDelta { db, table, id, key } => {
                 self.next_segment_id = self.next_segment_id.max(id + 1);
