@@ -21,6 +21,7 @@ mod oracle;
 mod pruning;
 mod query_api;
 mod retention;
+mod rollups;
 mod s3;
 mod slt;
 mod sql_features;

@@ -257,6 +257,11 @@ impl Client {
         answer(request.send(body)?)
     }
 
+    /// `DELETE path`.
+    pub fn delete(&self, path: &str) -> Result<(u16, String), ureq::Error> {
+        answer(self.agent.delete(format!("{}{path}", self.base)).call()?)
+    }
+
     /// `POST /api/v1/compact`.
     pub fn compact(&self) -> Result<(u16, String), ureq::Error> {
         answer(
