@@ -27,6 +27,7 @@ pub fn city_days(devices: u32, interval: i64, days: u32) -> Vec<u8> {
         start: START,
         interval,
         seed: 42,
+        only: None,
     };
     let mut out = Vec::new();
     // Writing to a Vec cannot fail.

@@ -284,7 +284,11 @@ impl QueryEngine {
         }
         let batches = self.aggregate_chunk(db, snapshot, &def, chunk).await?;
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-        for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+        if rows > 0 {
+            // One WAL record (and one fsync) per step.
+            let schema = batches[0].schema();
+            let batch = datafusion::arrow::compute::concat_batches(&schema, &batches)
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
             self.storage()
                 .write(db, vec![(def.name.clone(), batch)], true)
                 .await?;

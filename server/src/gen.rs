@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use citytsdb_storage::units::{parse_duration, parse_rfc3339};
-use citytsdb_workload::city::{generate as write_city, City};
+use citytsdb_workload::city::{generate as write_city, City, Table};
 use clap::Args;
 
 use crate::error::{Error, Result};
@@ -27,6 +27,10 @@ pub struct GenArgs {
     /// Seed of every random choice
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Only this table's devices (manhole, parking, traffic or sewage): --devices
+    /// still counts all four, so 25000 devices give 10000 covers
+    #[arg(long)]
+    pub table: Option<String>,
 }
 
 /// Writes the workload the flags describe to `out`; returns the lines written.
@@ -36,12 +40,21 @@ pub fn generate(args: &GenArgs, out: &mut impl Write) -> Result<u64> {
     if args.devices == 0 || args.days == 0 {
         return Err(Error::Invalid("devices and days must be at least 1".into()));
     }
+    let only = match &args.table {
+        None => None,
+        Some(t) => Some(Table::parse(t).ok_or_else(|| {
+            Error::Invalid(format!(
+                "table: '{t}' is not one of manhole, parking, traffic, sewage"
+            ))
+        })?),
+    };
     let city = City {
         devices: args.devices,
         days: args.days,
         start: start.div_euclid(1_000_000_000),
         interval: interval.as_secs().max(1) as i64,
         seed: args.seed,
+        only,
     };
     write_city(&city, out).map_err(|e| Error::io("writing the workload", e))
 }

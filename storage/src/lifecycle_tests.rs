@@ -448,3 +448,140 @@ async fn a_second_writer_fences_the_first() {
     first.halt().await;
     second.halt().await;
 }
+
+#[tokio::test]
+async fn rollups_know_what_is_stale_through_writes_deletes_compaction_restarts_and_drops() {
+    use crate::rollup::{Dirty, RollupDef};
+    const HOUR: i64 = 3_600_000_000_000;
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = open(dir.path(), &store).await;
+    engine.update_schemas("db", |s| s.insert("t".into(), schema()));
+    let row = |device: &str, time: i64, a: f64| (device.to_string(), time, Some(a), None);
+    // Two days of rows, hourly at half past.
+    let first: Vec<_> = (0..48)
+        .map(|h| row("d0", h * HOUR + HOUR / 2, h as f64))
+        .collect();
+    engine
+        .write("db", vec![("t".into(), batch(&first))], true)
+        .await
+        .unwrap();
+    engine.flush().await.unwrap();
+    let aggs = vec![("a".to_string(), vec!["max".to_string()])];
+    let def = RollupDef::new("r", "t", &schema(), Duration::from_secs(3600), &aggs).unwrap();
+    engine.create_rollup("db", def.clone(), None).await.unwrap();
+    let dirty = |engine: &Engine, buffered: bool| {
+        engine.snapshot("db").unwrap().rollup_dirty("r", buffered)
+    };
+    let whole = |lo, hi| Dirty {
+        lo,
+        hi,
+        clear: false,
+    };
+    // Nothing materialised: everything is stale, in whole buckets.
+    assert_eq!(dirty(&engine, false), vec![whole(0, 48 * HOUR)]);
+    let created = engine.create_rollup("db", def.clone(), None).await;
+    assert!(
+        matches!(created, Err(crate::StorageError::Conflict(_))),
+        "{created:?}"
+    );
+
+    let done = |engine: Engine| async move {
+        let seq = engine.catalog().seq;
+        engine
+            .rollup_progress("db", "r", seq, Vec::new())
+            .await
+            .unwrap();
+        engine
+    };
+    engine = done(engine).await;
+    assert_eq!(dirty(&engine, true), vec![]);
+
+    // A late row: stale while buffered (for readers), and once flushed.
+    let late = vec![row("d1", 30 * HOUR + 5, 99.0)];
+    engine
+        .write("db", vec![("t".into(), batch(&late))], true)
+        .await
+        .unwrap();
+    assert_eq!(dirty(&engine, true), vec![whole(30 * HOUR, 31 * HOUR)]);
+    assert_eq!(dirty(&engine, false), vec![]);
+    engine.flush().await.unwrap();
+    assert_eq!(dirty(&engine, false), vec![whole(30 * HOUR, 31 * HOUR)]);
+    // Progress with ranges still pending keeps them, across a crash.
+    let seq = engine.catalog().seq;
+    let pending = vec![whole(30 * HOUR, 31 * HOUR)];
+    engine
+        .rollup_progress("db", "r", seq, pending.clone())
+        .await
+        .unwrap();
+    let stale = engine.rollup_progress("db", "r", seq - 1, Vec::new()).await;
+    assert!(
+        matches!(stale, Err(crate::StorageError::Conflict(_))),
+        "{stale:?}"
+    );
+    engine.halt().await;
+    engine = open(dir.path(), &store).await;
+    assert_eq!(dirty(&engine, false), pending);
+    engine = done(engine).await;
+
+    // A delete: stale over the segment's range, to be cleared before rewriting.
+    let turn = engine.begin_delete().await.unwrap();
+    turn.delete_keys(
+        "db",
+        "t",
+        &[keys(&[("d0".to_string(), 40 * HOUR + HOUR / 2)])],
+    )
+    .await
+    .unwrap();
+    let got = dirty(&engine, false);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].clear && got[0].lo <= 40 * HOUR && got[0].hi >= 41 * HOUR,
+        "{got:?}"
+    );
+    assert_eq!(engine.catalog().table("db", "t").unwrap().deletes.len(), 1);
+    engine = done(engine).await;
+    assert!(
+        engine
+            .catalog()
+            .table("db", "t")
+            .unwrap()
+            .deletes
+            .is_empty(),
+        "deletes every rollup caught up with are forgotten"
+    );
+    // Compaction rewrites rows without changing them: nothing is stale.
+    engine.compact(true).await.unwrap();
+    assert_eq!(dirty(&engine, false), vec![]);
+
+    // The rollup's own rows, then a drop: its table and files go, for good.
+    let schema = def.schema();
+    engine.update_schemas("db", |_| ());
+    let rollup_rows = RecordBatch::try_new(
+        schema.arrow_schema(),
+        vec![
+            Arc::new(TimestampNanosecondArray::from_iter_values([0]).with_timezone("UTC")),
+            Arc::new(StringArray::from_iter_values(["d0"])),
+            Arc::new(Float64Array::from_iter_values([1.0])),
+        ],
+    )
+    .unwrap();
+    engine
+        .write("db", vec![("r".into(), rollup_rows)], true)
+        .await
+        .unwrap();
+    engine.drop_rollup("db", "r").await.unwrap();
+    let c = engine.catalog();
+    assert!(c.table("db", "r").is_none());
+    assert!(c.rollups("db").unwrap().is_empty());
+    assert!(c.garbage.iter().any(|g| g.path.contains(".parquet")));
+    assert!(!engine.snapshot("db").unwrap().schemas.contains_key("r"));
+    engine.halt().await;
+    engine = open(dir.path(), &store).await;
+    assert!(
+        !engine.snapshot("db").unwrap().schemas.contains_key("r"),
+        "no WAL replay brings it back"
+    );
+    assert!(engine.catalog().table("db", "r").is_none());
+    engine.halt().await;
+}

@@ -33,6 +33,55 @@ pub struct City {
     pub interval: i64,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Only this table's devices (`None`: all four).
+    pub only: Option<Table>,
+}
+
+/// The city's four tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Manhole covers: 40% of the devices.
+    Manhole,
+    /// Parking cameras.
+    Parking,
+    /// Junction counters.
+    Traffic,
+    /// Sewage outlets.
+    Sewage,
+}
+
+impl Table {
+    /// The table of device `device`.
+    pub fn of(device: u32) -> Table {
+        match device % 5 {
+            0 | 1 => Table::Manhole,
+            2 => Table::Parking,
+            3 => Table::Traffic,
+            _ => Table::Sewage,
+        }
+    }
+
+    /// The table named `name`, if it is one of the four.
+    pub fn parse(name: &str) -> Option<Table> {
+        [
+            Table::Manhole,
+            Table::Parking,
+            Table::Traffic,
+            Table::Sewage,
+        ]
+        .into_iter()
+        .find(|t| t.name() == name)
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Manhole => "manhole",
+            Table::Parking => "parking",
+            Table::Traffic => "traffic",
+            Table::Sewage => "sewage",
+        }
+    }
 }
 
 const DISTRICTS: [&str; 6] = [
@@ -213,6 +262,9 @@ pub fn generate(args: &City, out: &mut impl Write) -> io::Result<u64> {
     for step in 0..steps as u64 {
         let t = start + step as i64 * interval;
         for device in 1..=args.devices {
+            if args.only.is_some_and(|t| t != Table::of(device)) {
+                continue;
+            }
             index += 1;
             while late.front().is_some_and(|(due, _)| *due <= index) {
                 let (_, line) = late.pop_front().expect("checked");
@@ -253,6 +305,7 @@ mod tests {
             start: 1_764_547_200,
             interval: 900,
             seed,
+            only: None,
         };
         let mut out = Vec::new();
         generate(&args, &mut out).unwrap();
