@@ -357,12 +357,22 @@ fn rewrite(node: LogicalPlan, config: &ConfigOptions) -> Result<Transformed<Logi
             "date_bin_gapfill() needs a time range to fill: add WHERE {t} >= <start> AND {t} < <end>"
         );
     };
-    let bin = |t: i64| -> i64 { origin + (t - origin).div_euclid(stride) * stride };
-    let (first_bucket, last_bucket) = (bin(lo), bin(hi));
+    // In i128: bounds near the ends of the timestamp range must not overflow.
+    let bin = |t: i64| -> i128 {
+        let (o, s) = (i128::from(origin), i128::from(stride));
+        o + (i128::from(t) - o).div_euclid(s) * s
+    };
+    let Ok(first_bucket) = i64::try_from(bin(lo)) else {
+        return plan_err!(
+            "date_bin_gapfill(): the bucket of the range's start would begin before the earliest timestamp (1677-09-21); start the range later or move the origin"
+        );
+    };
+    let last_bucket = i64::try_from(bin(hi)).unwrap_or(i64::MAX);
     let buckets = if first_bucket > last_bucket {
         0
     } else {
-        ((last_bucket - first_bucket) / stride) as u64 + 1
+        let n = (i128::from(last_bucket) - i128::from(first_bucket)) / i128::from(stride) + 1;
+        u64::try_from(n).unwrap_or(u64::MAX)
     };
     if buckets > MAX_ROWS {
         return plan_err!(
@@ -685,7 +695,9 @@ impl Transform for Spec {
     }
 
     fn describe(&self, _input: &SchemaRef, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let buckets = (self.last_bucket - self.first_bucket).div_euclid(self.stride) + 1;
+        let buckets = (i128::from(self.last_bucket) - i128::from(self.first_bucket))
+            .div_euclid(i128::from(self.stride))
+            + 1;
         write!(
             f,
             "stride={}ns buckets={} fills={:?}",
@@ -744,24 +756,25 @@ fn fill(input: &RecordBatch, spec: &Spec) -> Result<RecordBatch> {
         group_starts.push(rows.len());
         let present = &order[i..j];
         let mut p = 0;
-        let mut b = spec.first_bucket;
+        // `None` once the next bucket would start past the last timestamp.
+        let mut b = Some(spec.first_bucket);
         loop {
             let next_present = present
                 .get(p)
                 .map(|&r| (buckets.is_valid(r), buckets.value(r), r));
-            let gen = (b <= spec.last_bucket).then_some(b);
+            let gen = b.filter(|b| *b <= spec.last_bucket);
             match (next_present, gen) {
                 (None, None) => break,
                 (Some((valid, t, r)), g) if !valid || g.is_none_or(|g| t <= g) => {
                     rows.push((present[0], Some(r), t));
                     p += 1;
                     if g == Some(t) {
-                        b += spec.stride;
+                        b = b.and_then(|b| b.checked_add(spec.stride));
                     }
                 }
                 (_, Some(g)) => {
                     rows.push((present[0], None, g));
-                    b += spec.stride;
+                    b = b.and_then(|b| b.checked_add(spec.stride));
                 }
                 (Some(_), None) => unreachable!("covered by the guard above"),
             }
@@ -829,9 +842,10 @@ fn fill(input: &RecordBatch, spec: &Spec) -> Result<RecordBatch> {
                                 k += 1;
                             }
                             out.push(match (k.checked_sub(1).map(|p| known[p]), known.get(k)) {
-                                (Some((t0, v0)), Some(&(t1, v1))) if t1 > t0 => {
-                                    Some(v0 + (v1 - v0) * ((r.2 - t0) as f64 / (t1 - t0) as f64))
-                                }
+                                (Some((t0, v0)), Some(&(t1, v1))) if t1 > t0 => Some(
+                                    v0 + (v1 - v0)
+                                        * ((r.2 as f64 - t0 as f64) / (t1 as f64 - t0 as f64)),
+                                ),
                                 _ => None,
                             });
                         }

@@ -449,3 +449,77 @@ fn hostile_inputs_never_get_a_5xx() {
     assert_still_serving(&server);
     server.stop();
 }
+
+/// Gap filling with bounds and rows at the very ends of the timestamp range
+/// (1677-09-21 and 2262-04-11): every bucket is made, or the query is refused with
+/// a 400 saying why; no arithmetic overflows.
+#[test]
+fn gap_filling_at_the_ends_of_the_timestamp_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = seeded_server(&dir.path().join("data"));
+    let (min, max) = (i64::MIN + 1, i64::MAX - 1);
+    server.write_ok(
+        DB,
+        "ns",
+        format!(
+            "edge,device=a v=1 {min}\nedge,device=a v=2 {}\nedge,device=a v=3 {max}\n",
+            max - 86_400_000_000_000 * 3
+        ),
+    );
+    let (first, last) = (
+        "1677-09-21T00:12:43.145224193Z",
+        "2262-04-11T23:47:16.854775806Z",
+    );
+    let gapfill = |stride: &str, origin: &str, lo: &str, op: &str, hi: &str| {
+        format!(
+            "SELECT date_bin_gapfill(INTERVAL '{stride}', time{origin}) AS t, device, locf(max(v)) AS v, \
+             interpolate(min(v)) AS i FROM edge WHERE time >= '{lo}' AND time {op} '{hi}' GROUP BY 1, 2 ORDER BY 1"
+        )
+    };
+    // The last days: every day to the end, none past it.
+    let sql = gapfill("1 day", "", "2262-04-01T00:00:00Z", "<=", last);
+    let (status, body) = no_5xx(&server, &sql, server.query_raw(DB, &sql, "json"));
+    assert_eq!(status, 200, "{sql}: {body}");
+    let rows: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows.len(), 11, "{body}");
+    assert_eq!(rows.last().unwrap()["t"], "2262-04-11T00:00:00Z", "{body}");
+    assert_eq!(rows.last().unwrap()["v"], 3.0, "{body}");
+    // The first days, with `<` the range's exclusive end.
+    let sql = gapfill(
+        "1 day",
+        ", '1677-09-22T00:00:00Z'",
+        first,
+        "<",
+        "1677-09-25T00:00:00Z",
+    );
+    let (status, body) = no_5xx(&server, &sql, server.query_raw(DB, &sql, "json"));
+    assert!(status == 200 || status == 400, "{sql}: {status} {body}");
+    // The whole range in strides too wide or an origin far away: answered or refused.
+    for (stride, origin, lo, op, hi) in [
+        ("100000 days", "", first, "<=", last),
+        (
+            "1 day",
+            ", '2262-04-11T00:00:00Z'",
+            first,
+            "<",
+            "1677-09-25T00:00:00Z",
+        ),
+        (
+            "1 day",
+            ", '1677-09-21T00:12:43.145224193Z'",
+            "2262-04-01T00:00:00Z",
+            "<=",
+            last,
+        ),
+        ("1 day", "", first, "<", first),
+        ("106751 days", "", first, "<=", last),
+    ] {
+        let sql = gapfill(stride, origin, lo, op, hi);
+        let (status, body) = no_5xx(&server, &sql, server.query_raw(DB, &sql, "json"));
+        assert!(status == 200 || status == 400, "{sql}: {status} {body}");
+        if status == 400 {
+            error_of(&server, &sql, &body);
+        }
+    }
+    assert_still_serving(&server);
+}
