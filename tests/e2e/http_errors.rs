@@ -523,3 +523,122 @@ fn gap_filling_at_the_ends_of_the_timestamp_range() {
     }
     assert_still_serving(&server);
 }
+
+/// Sends `method path` announcing a `len`-byte body (and, with `chunked`, sends a
+/// chunked body of `len` bytes instead); the answer's status code.
+fn oversized(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: &str,
+    len: usize,
+    chunked: bool,
+) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let addr = server.url().trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let length = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {len}")
+    };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\n{length}\r\n\r\n"
+    )
+    .unwrap();
+    if chunked {
+        // Sent until the server answers and stops reading; a refused write is fine.
+        let chunk = vec![b' '; 64 << 10];
+        let mut sent = 0;
+        while sent < len {
+            let head = format!("{:x}\r\n", chunk.len());
+            if stream.write_all(head.as_bytes()).is_err()
+                || stream.write_all(&chunk).is_err()
+                || stream.write_all(b"\r\n").is_err()
+            {
+                break;
+            }
+            sent += chunk.len();
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{method} {path}: no answer to an oversized body ({e})"));
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {line:?}"))
+}
+
+/// Every route that reads a body has a limit: a body announced or streamed past it
+/// gets a 413 without the server waiting for (or keeping) the rest.
+#[test]
+fn every_body_has_a_limit() {
+    const ADMIN: &str = "admin-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--admin-token", ADMIN]);
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build(),
+    );
+    let post = |path: &str, body: String| {
+        let mut r = agent
+            .post(format!("{}{path}", server.url()))
+            .header("Authorization", &format!("Bearer {ADMIN}"))
+            .send(body)
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    let (status, body) = post("/api/v1/write?db=city&precision=s", SEED_ROWS.to_string());
+    assert_eq!(status, 204, "{body}");
+    let rule = serde_json::json!({"name": "tilted", "department": "covers", "db": DB,
+        "sql": "SELECT device FROM manhole WHERE tilt_deg > 15", "every": "1m",
+        "webhook": "http://127.0.0.1:9/hook"});
+    let (status, body) = post("/api/v1/rules", rule.to_string());
+    assert_eq!(status, 201, "{body}");
+    let id: Value = serde_json::from_str(&body).unwrap();
+    let replace = format!("/api/v1/rules/{}", id["id"].as_str().unwrap());
+    let routes = [
+        ("POST", "/api/v1/query"),
+        ("POST", "/api/v3/query_sql"),
+        ("POST", "/api/v1/rules"),
+        ("PUT", replace.as_str()),
+        ("POST", "/api/v1/tokens"),
+        ("POST", "/api/v1/databases/city/rollups"),
+        ("PUT", "/api/v1/databases/city"),
+        ("POST", "/api/v2/delete?bucket=city"),
+        ("POST", "/api/v1/write?db=city"),
+    ];
+    for (method, path) in routes {
+        assert_eq!(
+            oversized(&server, method, path, ADMIN, 1 << 30, false),
+            413,
+            "{method} {path} with 1 GiB announced"
+        );
+    }
+    for (method, path) in [
+        ("POST", "/api/v1/query"),
+        ("POST", "/api/v1/rules"),
+        ("POST", "/api/v1/tokens"),
+    ] {
+        assert_eq!(
+            oversized(&server, method, path, ADMIN, 64 << 20, true),
+            413,
+            "{method} {path} with 64 MiB streamed"
+        );
+    }
+    let (status, _) = server.get("/health");
+    assert_eq!(status, 200);
+    server.stop();
+}

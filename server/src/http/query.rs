@@ -16,6 +16,9 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
+
+/// Largest `POST /api/v1/query` body (a statement and its parameters).
+const MAX_QUERY_BODY: usize = 4 << 20;
 use crate::auth::Caller;
 use crate::format::{Encoder, Format};
 use axum::{Extension, Json};
@@ -47,8 +50,10 @@ pub async fn query_get(
 pub async fn query_post(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-    body: axum::body::Bytes,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = super::write::read_body(&headers, body, MAX_QUERY_BODY).await?;
     let p: QueryParams = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "body is not a JSON object with db, sql and format: {e} (line {}, column {})",

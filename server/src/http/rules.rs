@@ -4,15 +4,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::write::read_body;
 use super::{require, AppState};
+
+/// Largest rule definition.
+const MAX_RULE_BODY: usize = 256 << 10;
 use crate::auth::Caller;
 use axum::Extension;
 use citytsdb_alerts::rule::RuleSpec;
@@ -33,8 +37,10 @@ fn spec(body: &[u8]) -> Result<RuleSpec, ApiError> {
 pub async fn create(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(&headers, body, MAX_RULE_BODY).await?;
     let spec = spec(&body)?;
     may_manage(&caller, &spec.department)?;
     let rule = app.alerts.create(spec).await?;
@@ -91,9 +97,11 @@ pub async fn replace(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     may_manage_rule(&app, &caller, &id)?;
+    let body = read_body(&headers, body, MAX_RULE_BODY).await?;
     let spec = spec(&body)?;
     may_manage(&caller, &spec.department)?;
     Ok(Json(app.alerts.replace(&id, spec).await?))

@@ -3,16 +3,20 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::write::read_body;
 use super::{require, AppState};
+
+/// Largest token request.
+const MAX_TOKEN_BODY: usize = 64 << 10;
 use crate::auth::{Auth, Caller};
 use citytsdb_storage::units::{now_nanos, rfc3339};
 
@@ -44,9 +48,11 @@ async fn blocking<T: Send + 'static>(
 pub async fn create(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let auth = auth(&app, &caller)?;
+    let body = read_body(&headers, body, MAX_TOKEN_BODY).await?;
     let req: NewToken = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not {{\"name\": ..., \"scopes\": [...]}}: {e} (line {}, column {})",
