@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use citytsdb_query::{Described, QueryEngine, QueryError};
+use citytsdb_query::{BatchQuery, Described, QueryEngine, QueryError};
 use citytsdb_storage::Engine;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -34,17 +34,40 @@ pub trait RuleQueries: Send + Sync {
     ) -> Result<Vec<RecordBatch>, QueryError>;
 }
 
+/// Most (table, SQL) pairs whose plans over a written batch are kept.
+const MAX_BATCH_PLANS: usize = 1024;
+
+/// Fast-path plans by (table, SQL).
+type BatchPlans = HashMap<(String, String), Arc<BatchQuery>>;
+
 /// Rule SQL on the server's engines.
 #[derive(Clone)]
 pub struct EngineQueries {
     query: QueryEngine,
     storage: Engine,
+    /// The fast path's queries, planned once per (table, SQL) and columns.
+    planned: Arc<Mutex<BatchPlans>>,
+    plans: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl EngineQueries {
     /// Rules read through `query`; written batches take `storage`'s table schemas.
     pub fn new(query: QueryEngine, storage: Engine) -> Self {
-        Self { query, storage }
+        Self {
+            query,
+            storage,
+            planned: Arc::default(),
+            plans: Arc::default(),
+        }
+    }
+
+    /// How many times a query over written batches was planned.
+    pub fn batch_plans(&self) -> usize {
+        self.plans.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn planned(&self) -> MutexGuard<'_, BatchPlans> {
+        self.planned.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -59,8 +82,7 @@ impl RuleQueries for EngineQueries {
     }
 
     fn table_schema(&self, db: &str, table: &str) -> Option<SchemaRef> {
-        let snapshot = self.storage.snapshot(db)?;
-        Some(snapshot.schemas.get(table)?.arrow_schema())
+        Some(self.storage.table_schema(db, table)?.arrow_schema())
     }
 
     async fn query_batch(
@@ -69,7 +91,31 @@ impl RuleQueries for EngineQueries {
         batch: RecordBatch,
         sql: &str,
     ) -> Result<Vec<RecordBatch>, QueryError> {
-        self.query.query_batch(table, batch, sql).await
+        let key = (table.to_string(), sql.to_string());
+        let cached = self
+            .planned()
+            .get(&key)
+            .filter(|q| *q.input() == batch.schema())
+            .cloned();
+        let planned = match cached {
+            Some(q) => q,
+            None => {
+                let q = Arc::new(
+                    self.query
+                        .plan_batch_query(table, batch.schema(), sql)
+                        .await?,
+                );
+                self.plans
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut planned = self.planned();
+                if planned.len() >= MAX_BATCH_PLANS {
+                    planned.clear();
+                }
+                planned.insert(key, q.clone());
+                q
+            }
+        };
+        planned.run(batch).await
     }
 }
 
@@ -184,5 +230,72 @@ impl RuleQueries for MemoryQueries {
                 "no batch filter was set for {sql}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Float64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fast_path_query_is_planned_once_per_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::memory::InMemory::new());
+        let storage = Engine::open(citytsdb_storage::EngineConfig::new(
+            dir.path().to_path_buf(),
+            store,
+        ))
+        .await
+        .unwrap();
+        let query = QueryEngine::new(storage.clone(), Default::default()).unwrap();
+        let queries = EngineQueries::new(query, storage.clone());
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new("tilt_deg", DataType::Float64, true),
+        ]));
+        let batch = |tilt: f64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from_iter_values(["a"])),
+                    Arc::new(Float64Array::from_iter_values([tilt])),
+                ],
+            )
+            .unwrap()
+        };
+        let sql = "SELECT device FROM manhole WHERE tilt_deg > 15";
+        let mut matched = 0;
+        for tilt in [20.0, 1.0, 30.0] {
+            let out = queries
+                .query_batch("manhole", batch(tilt), sql)
+                .await
+                .unwrap();
+            matched += out.iter().map(|b| b.num_rows()).sum::<usize>();
+        }
+        assert_eq!(matched, 2);
+        assert_eq!(queries.batch_plans(), 1, "planned once for three batches");
+        // New columns: planned again.
+        let wider: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new("tilt_deg", DataType::Float64, true),
+            Field::new("water_level_cm", DataType::Float64, true),
+        ]));
+        let b = RecordBatch::try_new(
+            wider,
+            vec![
+                Arc::new(StringArray::from_iter_values(["a"])),
+                Arc::new(Float64Array::from_iter_values([16.0])),
+                Arc::new(Float64Array::from_iter_values([1.0])),
+            ],
+        )
+        .unwrap();
+        let out = queries.query_batch("manhole", b, sql).await.unwrap();
+        assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        assert_eq!(queries.batch_plans(), 2);
+        storage.shutdown().await.unwrap();
     }
 }

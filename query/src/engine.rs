@@ -13,7 +13,7 @@ use std::time::Duration;
 use citytsdb_storage::Engine;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider};
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
 use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
@@ -37,7 +37,7 @@ use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
 use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
 
 /// The catalog name DataFusion sees; the database's tables are in its `public` schema.
-const CATALOG: &str = "citytsdb";
+pub(crate) const CATALOG: &str = "citytsdb";
 /// Nesting depth at which the parser refuses SQL, well before any stack is at risk.
 const RECURSION_LIMIT: usize = 64;
 /// Most operators one statement may hold. A flat chain (`a + a + ...`, `x = 1 OR
@@ -312,7 +312,7 @@ impl QueryEngine {
     }
 
     /// A session with our configuration, functions and rules, and no tables yet.
-    fn session(&self) -> SessionContext {
+    pub(crate) fn session(&self) -> SessionContext {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_create_default_catalog_and_schema(false)
@@ -489,36 +489,6 @@ impl QueryEngine {
             schema: physical.schema(),
             filter_table,
         })
-    }
-
-    /// Runs `sql` over `batch` alone, as the contents of table `table` (for the
-    /// checks of rules on every written batch). The batch must have the table's
-    /// whole schema.
-    pub async fn query_batch(
-        &self,
-        table: &str,
-        batch: RecordBatch,
-        sql: &str,
-    ) -> Result<Vec<RecordBatch>, QueryError> {
-        let ctx = self.session();
-        let catalog = MemoryCatalogProvider::new();
-        let schema = datafusion::catalog::MemorySchemaProvider::new();
-        let provider = datafusion::catalog::MemTable::try_new(batch.schema(), vec![vec![batch]])
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        schema
-            .register_table(table.to_string(), Arc::new(provider))
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        catalog
-            .register_schema("public", Arc::new(schema))
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        ctx.register_catalog(CATALOG, Arc::new(catalog));
-        let df = ctx
-            .sql(sql)
-            .await
-            .map_err(|e| QueryError::from_datafusion(e, sql))?;
-        df.collect()
-            .await
-            .map_err(|e| QueryError::from_datafusion(e, sql))
     }
 }
 

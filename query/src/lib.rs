@@ -19,6 +19,7 @@
 //! 5. `system.rs` — the `system` schema: tables, segments, devices, alert state.
 //! 6. `error.rs` — failures classified as the user's (with a position) or ours.
 
+pub mod batch;
 pub mod collect;
 pub mod delete;
 pub mod engine;
@@ -32,5 +33,6 @@ pub mod pruning;
 pub mod rollup;
 pub mod system;
 
+pub use batch::BatchQuery;
 pub use engine::{Described, QueryEngine, QueryLimits, QueryOutput, QueryStream};
 pub use error::{Position, QueryError};

@@ -482,6 +482,12 @@ impl Engine {
         })
     }
 
+    /// The schema `db.table` has now (written but unpersisted columns included),
+    /// without taking a whole snapshot.
+    pub fn table_schema(&self, db: &str, table: &str) -> Option<Arc<TableSchema>> {
+        read(&self.inner.state).schemas.get(db)?.get(table).cloned()
+    }
+
     /// Every series of a table with its latest row, or `None` if the table does not
     /// exist. Built from memory: no segment is read. Series whose latest row is
     /// past the table's retention are left out (and no first time is older than
