@@ -45,6 +45,7 @@ need_deb() {
 }
 
 need_deb prometheus-alertmanager prometheus-alertmanager
+need_deb prometheus prometheus
 need_deb mosquitto /usr/sbin/mosquitto
 need_deb mosquitto-clients mosquitto_pub
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt

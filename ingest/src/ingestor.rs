@@ -13,6 +13,7 @@
 //! Its [`IngestError`] says whose fault a failure is: the client's (do not send
 //! it again), a busy store's (send it again later), or ours (permanent).
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use citytsdb_storage::units::now_nanos;
@@ -126,11 +127,27 @@ pub struct Prepared {
     pub data_lines: usize,
 }
 
+/// Counts of the writes an ingestor took since it was made (monotonic).
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    /// Write requests (bodies) taken, whatever came of them.
+    pub writes: AtomicU64,
+    /// Bodies' bytes (after decompression).
+    pub bytes: AtomicU64,
+    /// Rows written.
+    pub rows: AtomicU64,
+    /// Lines rejected.
+    pub rejected_lines: AtomicU64,
+    /// Writes that failed (not rejected lines: the store refused or failed).
+    pub failures: AtomicU64,
+}
+
 /// Writes line protocol into a storage engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Ingestor {
     storage: Engine,
     listeners: Vec<Arc<dyn WriteListener>>,
+    metrics: Arc<IngestMetrics>,
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -147,7 +164,13 @@ impl Ingestor {
         Self {
             storage,
             listeners: Vec::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// What it has written since it was made.
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.metrics
     }
 
     /// Adds a listener told of every write.
@@ -165,6 +188,28 @@ impl Ingestor {
     /// `accept_partial`, nothing if a line is bad. When this returns `Ok` with
     /// `written`, the rows are visible and (with `sync`) durable.
     pub async fn write(
+        &self,
+        db: &str,
+        body: bytes::Bytes,
+        options: WriteOptions,
+    ) -> Result<Outcome, IngestError> {
+        let m = self.metrics.clone();
+        m.writes.fetch_add(1, Relaxed);
+        m.bytes.fetch_add(body.len() as u64, Relaxed);
+        let result = self.write_body(db, body, options).await;
+        match &result {
+            Ok(o) => {
+                m.rows.fetch_add(o.rows_written() as u64, Relaxed);
+                m.rejected_lines.fetch_add(o.rejected.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                m.failures.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn write_body(
         &self,
         db: &str,
         body: bytes::Bytes,

@@ -27,7 +27,8 @@ pub mod mqtt;
 pub mod write;
 
 pub use ingestor::{
-    check_db_name, Fault, IngestError, Ingestor, Outcome, Prepared, WriteListener, WriteOptions,
+    check_db_name, Fault, IngestError, IngestMetrics, Ingestor, Outcome, Prepared, WriteListener,
+    WriteOptions,
 };
 pub use line_protocol::{FieldValue, LineError, ParsedLine};
 pub use write::{build_batches, parse_body, validate, ParsedBody, Precision, ValidatedWrite};

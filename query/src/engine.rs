@@ -7,6 +7,7 @@
 //!    buffered rows, and DataFusion plans, optimizes and executes the statement.
 //! 3. Errors are classified (`error.rs`): the user's fault with a position, or ours.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +104,53 @@ impl QueryStream {
     }
 }
 
+/// Upper bounds (seconds) of the query latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+/// Counts of the queries run since the engine was made (monotonic).
+#[derive(Debug, Default)]
+pub struct QueryMetrics {
+    /// Queries run to their end, failed or cancelled.
+    pub queries: AtomicU64,
+    /// Queries that failed (errors, time and memory limits) or were cancelled.
+    pub failures: AtomicU64,
+    /// Queries whose time was at most each [`LATENCY_BUCKETS`] bound (cumulative).
+    pub buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    /// Their total time, nanoseconds.
+    pub nanos: AtomicU64,
+}
+
+impl QueryMetrics {
+    fn observe(&self, elapsed: Duration, failed: bool) {
+        self.queries.fetch_add(1, Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Relaxed);
+        }
+        self.nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
+        let secs = elapsed.as_secs_f64();
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                count.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Records a query's time when its task ends, however it ends.
+struct Timed {
+    metrics: Arc<QueryMetrics>,
+    started: std::time::Instant,
+    failed: bool,
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.metrics.observe(self.started.elapsed(), self.failed);
+    }
+}
+
 /// Cancels a query's task when its stream is dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -122,6 +170,7 @@ pub struct QueryEngine {
     limits: QueryLimits,
     executor: Arc<Executor>,
     alerts: Option<Arc<dyn AlertSource>>,
+    metrics: Arc<QueryMetrics>,
     /// Held by a rollup refresh and a rollup's removal: one at a time.
     pub(crate) rollup_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -186,6 +235,7 @@ impl QueryEngine {
             limits,
             executor: Arc::new(Executor::new()?),
             alerts: None,
+            metrics: Arc::default(),
             rollup_lock: Arc::default(),
         })
     }
@@ -200,6 +250,11 @@ impl QueryEngine {
     /// The runtime queries run on.
     pub(crate) fn executor_handle(&self) -> &tokio::runtime::Handle {
         self.executor.handle()
+    }
+
+    /// What queries it has run.
+    pub fn metrics(&self) -> &QueryMetrics {
+        &self.metrics
     }
 
     /// The limits every query runs under.
@@ -232,7 +287,14 @@ impl QueryEngine {
         let this = self.clone();
         let (db, sql) = (db.to_string(), sql.to_string());
         let timeout = self.timeout_error();
+        let timed = Timed {
+            metrics: self.metrics.clone(),
+            started: std::time::Instant::now(),
+            failed: true,
+        };
         let task = self.executor.handle().spawn(async move {
+            // The whole guard moves in: it records when the task ends or is aborted.
+            let mut timed = timed;
             let work = async {
                 let mut stream = this.query_stream(&db, &sql).await?;
                 let _ = schema_tx.send(stream.schema());
@@ -245,7 +307,10 @@ impl QueryEngine {
                 Ok(())
             };
             let failure = match tokio::time::timeout_at(deadline, work).await {
-                Ok(Ok(())) => return,
+                Ok(Ok(())) => {
+                    timed.failed = false;
+                    return;
+                }
                 Ok(Err(e)) => this.explain_limit(e),
                 Err(_) => timeout,
             };

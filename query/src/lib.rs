@@ -34,5 +34,7 @@ pub mod rollup;
 pub mod system;
 
 pub use batch::BatchQuery;
-pub use engine::{Described, QueryEngine, QueryLimits, QueryOutput, QueryStream};
+pub use engine::{
+    Described, QueryEngine, QueryLimits, QueryMetrics, QueryOutput, QueryStream, LATENCY_BUCKETS,
+};
 pub use error::{Position, QueryError};

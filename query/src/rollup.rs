@@ -43,6 +43,9 @@ use crate::error::QueryError;
 /// at least, so a backfill commits its progress as it goes).
 pub const CHUNK_BUCKETS: i64 = 24;
 
+/// Most steps one call of [`QueryEngine::refresh_rollups`] takes per rollup.
+const MAX_STEPS_PER_CALL: usize = 4096;
+
 /// At least this much source time per refresh step.
 const CHUNK_MIN_NANOS: i64 = 86_400_000_000_000;
 
@@ -210,22 +213,45 @@ fn first_chunk(def: &RollupDef, dirty: &[Dirty]) -> (Dirty, Vec<Dirty>) {
 impl QueryEngine {
     /// Brings every rollup of every database up to date, a bounded step at a time;
     /// returns what it did. Runs one refresh at a time.
+    ///
+    /// A rollup whose refresh fails is left for the next call (the first such
+    /// error is returned after the others were refreshed); the lock that keeps a
+    /// removal out is taken per step, so a removal waits for one step at most.
     pub async fn refresh_rollups(&self) -> Result<RefreshStats, RollupError> {
-        let _one = self.rollup_lock.lock().await;
         let mut stats = RefreshStats::default();
+        let mut failure = None;
         for db in self.storage().databases() {
             let names: Vec<String> = match self.storage().snapshot(&db) {
                 Some(s) => s.rollups().map(|r| r.def.name.clone()).collect(),
                 None => continue,
             };
             for name in names {
-                while let Some(rows) = self.refresh_step(&db, &name).await? {
-                    stats.steps += 1;
-                    stats.rows += rows;
+                // Bounded, so a source flushed faster than it is refreshed cannot
+                // hold one call forever.
+                for _ in 0..MAX_STEPS_PER_CALL {
+                    let step = {
+                        let _one = self.rollup_lock.lock().await;
+                        self.refresh_step(&db, &name).await
+                    };
+                    match step {
+                        Ok(Some(rows)) => {
+                            stats.steps += 1;
+                            stats.rows += rows;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(db = %db, rollup = %name, error = %e, "refreshing a rollup failed");
+                            failure.get_or_insert(e);
+                            break;
+                        }
+                    }
                 }
             }
         }
-        Ok(stats)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
     }
 
     /// Refreshes every rollup every `every`, on the query threads, until the

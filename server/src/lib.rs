@@ -23,6 +23,7 @@ pub mod format;
 pub mod gen;
 pub mod http;
 pub mod import;
+pub mod metrics;
 pub mod store;
 
 use std::sync::Arc;
@@ -40,7 +41,11 @@ use crate::http::AppState;
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn serve(config: ServeArgs) -> Result<()> {
     let store_url = config.store_url();
-    let store = store::open(&store_url)?;
+    let store_metrics = Arc::new(metrics::StoreMetrics::default());
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(metrics::MeteredStore::new(
+        store::open(&store_url)?,
+        store_metrics.clone(),
+    ));
     if store_url.starts_with("memory:") {
         tracing::warn!("the memory:// store keeps segments in this process only: rows flushed to it are gone after a restart");
     }
@@ -81,6 +86,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
         sweep_grace: config.sweep_grace,
         alerts: alerts.clone(),
         mqtt: mqtt.as_ref().map(|_| Arc::default()),
+        store_metrics: Some(store_metrics),
     });
     let subscriber = match (mqtt, &state.mqtt) {
         (Some(m), Some(stats)) => Some(citytsdb_ingest::mqtt::spawn(

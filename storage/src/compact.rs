@@ -249,6 +249,26 @@ impl Engine {
         force: bool,
         now: i64,
     ) -> Result<Option<CompactionStats>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = Instant::now();
+        let result = self.compact_one(force, now).await;
+        let m = &self.inner.metrics;
+        match &result {
+            Ok(Some(s)) => {
+                m.compactions.fetch_add(1, Relaxed);
+                m.compacted_bytes.fetch_add(s.bytes_in, Relaxed);
+                m.compaction_nanos
+                    .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                m.compaction_failures.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn compact_one(&self, force: bool, now: i64) -> Result<Option<CompactionStats>> {
         let _turn = self.inner.compaction_lock.lock().await;
         let _upkeep = self.inner.upkeep.read().await;
         let catalog = self.catalog();

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -154,6 +155,27 @@ struct ReplayStats {
     torn_bytes: u64,
 }
 
+/// Counts of the engine's work since it opened (monotonic).
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    /// Flushes that wrote segments.
+    pub flushes: AtomicU64,
+    /// Flushes that failed.
+    pub flush_failures: AtomicU64,
+    /// Rows the flushes wrote.
+    pub flushed_rows: AtomicU64,
+    /// Time spent flushing, nanoseconds.
+    pub flush_nanos: AtomicU64,
+    /// Compactions done.
+    pub compactions: AtomicU64,
+    /// Compactions that failed.
+    pub compaction_failures: AtomicU64,
+    /// Bytes of segments compactions read.
+    pub compacted_bytes: AtomicU64,
+    /// Time spent compacting, nanoseconds.
+    pub compaction_nanos: AtomicU64,
+}
+
 /// The storage engine. Cheap to clone; all clones share one engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -184,6 +206,8 @@ pub(crate) struct Inner {
     /// Object ids (segments, series files) handed out by this process never repeat,
     /// even across failed flushes whose records may or may not have landed.
     next_object_id: std::sync::atomic::AtomicU32,
+    /// Counts of the work done, for `/metrics`.
+    pub(crate) metrics: EngineMetrics,
     /// The data directory's `LOCK` file, locked while the engine lives (the OS
     /// releases it when the process ends, however it ends).
     _lock: std::fs::File,
@@ -338,6 +362,7 @@ impl Engine {
                 commits,
                 readers: Arc::new(Mutex::new(BTreeMap::new())),
                 next_object_id: std::sync::atomic::AtomicU32::new(next_object_id),
+                metrics: EngineMetrics::default(),
                 _lock: lock,
             }),
         };
@@ -480,6 +505,25 @@ impl Engine {
             schemas,
             buffers,
         })
+    }
+
+    /// What the engine has done since it opened.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.inner.metrics
+    }
+
+    /// Bytes in the WAL directory now (files not yet persisted to segments).
+    pub fn wal_bytes(&self) -> u64 {
+        let dir = crate::paths::wal_dir(&self.inner.config.data_dir);
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// The schema `db.table` has now (written but unpersisted columns included),

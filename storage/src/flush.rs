@@ -14,6 +14,7 @@
 //! is its rows', however old the store.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{AsArray, BooleanArray};
@@ -59,6 +60,25 @@ impl Engine {
     /// When this returns `Ok`, every write acknowledged before the call is in a
     /// segment listed by a committed catalog record.
     pub async fn flush(&self) -> Result<FlushStats> {
+        let started = std::time::Instant::now();
+        let result = self.flush_buffered().await;
+        let m = &self.inner.metrics;
+        match &result {
+            Ok(s) if s.segments_written > 0 => {
+                m.flushes.fetch_add(1, Relaxed);
+                m.flushed_rows.fetch_add(s.rows, Relaxed);
+                m.flush_nanos
+                    .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                m.flush_failures.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn flush_buffered(&self) -> Result<FlushStats> {
         let _guard = self.inner.flush_lock.lock().await;
         if self.buffered_rows() == 0 {
             return Ok(FlushStats::default());

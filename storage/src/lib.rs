@@ -51,7 +51,7 @@ pub mod wal;
 
 pub use compact::{CompactionConfig, CompactionStats};
 pub use delete::{DeleteStats, DeleteTurn};
-pub use engine::{DbSnapshot, Engine, EngineConfig, FlushStats};
+pub use engine::{DbSnapshot, Engine, EngineConfig, EngineMetrics, FlushStats};
 pub use error::{Result, StorageError};
 pub use gc::GcStats;
 pub use retention::DatabaseSettings;

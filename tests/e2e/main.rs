@@ -16,6 +16,7 @@ mod gen;
 mod http_errors;
 mod import;
 mod lifecycle;
+mod metrics;
 mod mqtt;
 mod oracle;
 mod pruning;

@@ -31,6 +31,7 @@ pub mod alertmanager;
 pub mod mosquitto;
 pub mod oracle;
 pub mod plan;
+pub mod prometheus;
 pub mod receiver;
 pub mod s3;
 pub mod server;

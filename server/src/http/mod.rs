@@ -16,7 +16,7 @@ use axum::extract::Request;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
@@ -49,6 +49,8 @@ pub struct AppState {
     pub alerts: AlertEngine,
     /// The MQTT subscriber's counters, when it runs.
     pub mqtt: Option<Arc<MqttStats>>,
+    /// Object-store calls, when the store is counted.
+    pub store_metrics: Option<Arc<crate::metrics::StoreMetrics>>,
 }
 
 /// All routes.
@@ -56,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Bodies are limited by the handlers, which answer with a JSON 413.
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/v1/write", post(write::write_v1))
         .route("/write", post(compat::write_v1x))
         .route("/api/v2/write", post(compat::write_v2))
@@ -104,6 +107,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus' text format.
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let text = crate::metrics::render(&app);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// Finds the request's caller: everyone is admin while auth is off; with auth on,

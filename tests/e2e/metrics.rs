@@ -1,0 +1,119 @@
+//! `GET /metrics`: Prometheus' text format, checked line by line and scraped by a
+//! real Prometheus (Debian's package, on loopback) whose query API then returns the
+//! server's counters.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use citytsdb_tests::prometheus::Prometheus;
+use citytsdb_tests::Server;
+
+const DB: &str = "city";
+
+/// `name{labels}` -> value of every sample; fails on a line that is not one.
+fn samples(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        assert!(key.starts_with("citytsdb_"), "{line:?}");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line:?}"));
+        assert!(value.is_finite() && value >= 0.0, "{line:?}");
+        out.insert(key.to_string(), value);
+    }
+    out
+}
+
+#[test]
+fn metrics_are_served_and_scraped_by_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (status, body) = server.write(
+        DB,
+        "s",
+        "manhole,device=a tilt_deg=1 1764547200\nmanhole,device=b tilt_deg=2 1764547200\n\
+         manhole,device=c tilt_deg=\"x\" 1764547200\nmanhole,device=d tilt_deg=3 1764547260",
+    );
+    assert_eq!(status, 400, "{body}");
+    server.write_ok(DB, "s", "manhole,device=e tilt_deg=4 1764547200");
+    server.flush(DB);
+    for _ in 0..3 {
+        server.query_json(DB, "SELECT count(*) AS n FROM manhole");
+    }
+    let (status, _) = server.query_raw(DB, "SELECT nope FROM manhole", "json");
+    assert_eq!(status, 400);
+
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    let m = samples(&text);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
+    assert_eq!(get("citytsdb_writes_total"), 2.0);
+    assert_eq!(
+        get("citytsdb_rows_written_total"),
+        4.0,
+        "the partial write's 3 rows and 1"
+    );
+    assert_eq!(get("citytsdb_rejected_lines_total"), 1.0);
+    assert!(get("citytsdb_write_bytes_total") > 100.0);
+    assert!(get("citytsdb_queries_total") >= 3.0);
+    assert_eq!(
+        get("citytsdb_query_duration_seconds_count"),
+        get("citytsdb_queries_total")
+    );
+    assert_eq!(
+        get("citytsdb_query_duration_seconds_bucket{le=\"+Inf\"}"),
+        get("citytsdb_queries_total")
+    );
+    let mut buckets: Vec<(f64, f64)> = m
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix("citytsdb_query_duration_seconds_bucket{le=\"")?;
+            Some((
+                le.trim_end_matches("\"}").parse().unwrap_or(f64::INFINITY),
+                *v,
+            ))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
+    assert_eq!(get("citytsdb_flushes_total"), 1.0);
+    assert_eq!(get("citytsdb_flushed_rows_total"), 4.0);
+    assert_eq!(get("citytsdb_buffer_rows"), 0.0);
+    assert!(get("citytsdb_segments{db=\"city\",table=\"manhole\"}") >= 1.0);
+    assert!(get("citytsdb_segment_bytes{db=\"city\",table=\"manhole\"}") > 0.0);
+    assert!(get("citytsdb_object_store_operations_total{operation=\"put\"}") >= 2.0);
+    assert!(m.contains_key("citytsdb_wal_bytes"));
+    assert!(m.contains_key("citytsdb_rule_evaluations_total"));
+    assert!(m.contains_key("citytsdb_notifications_failed_total"));
+    assert!(m.contains_key("citytsdb_compactions_total"));
+
+    // A real Prometheus scrapes it, and its query API returns the counters.
+    let target = server.url().trim_start_matches("http://").to_string();
+    let prometheus = Prometheus::start(&target);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = prometheus.query("citytsdb_rows_written_total");
+        let up = prometheus.query("up{job=\"citytsdb\"}");
+        if rows.len() == 1 && rows[0].1 == 4.0 && up.first().map(|u| u.1) == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the counters within 30 s: {rows:?} {up:?}\n{}",
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let segments = prometheus.query("citytsdb_segments");
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    assert_eq!(segments[0].0["table"], "manhole");
+    let latency = prometheus.query("citytsdb_query_duration_seconds_count");
+    assert!(latency.first().is_some_and(|l| l.1 >= 3.0), "{latency:?}");
+    server.stop();
+}
