@@ -28,6 +28,7 @@ use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use futures::StreamExt;
+use tracing::Instrument;
 
 use crate::delete::{Delete, DeleteError};
 use crate::error::{Position, QueryError};
@@ -54,6 +55,8 @@ pub struct QueryLimits {
     pub timeout: Duration,
     /// Memory its operators may reserve (sorts and aggregates spill to disk first).
     pub memory_bytes: usize,
+    /// A query taking at least this long is logged with its SQL.
+    pub slow: Duration,
 }
 
 impl Default for QueryLimits {
@@ -61,6 +64,7 @@ impl Default for QueryLimits {
         Self {
             timeout: Duration::from_secs(60),
             memory_bytes: 1 << 30,
+            slow: Duration::from_secs(1),
         }
     }
 }
@@ -138,16 +142,30 @@ impl QueryMetrics {
     }
 }
 
-/// Records a query's time when its task ends, however it ends.
+/// Records a query's time when its task ends, however it ends, and logs it
+/// with its SQL if it was slow.
 struct Timed {
     metrics: Arc<QueryMetrics>,
     started: std::time::Instant,
     failed: bool,
+    slow: Duration,
+    db: String,
+    sql: String,
 }
 
 impl Drop for Timed {
     fn drop(&mut self) {
-        self.metrics.observe(self.started.elapsed(), self.failed);
+        let elapsed = self.started.elapsed();
+        self.metrics.observe(elapsed, self.failed);
+        if elapsed >= self.slow {
+            tracing::warn!(
+                db = %self.db,
+                sql = %self.sql,
+                ms = elapsed.as_millis() as u64,
+                failed = self.failed,
+                "slow query"
+            );
+        }
     }
 }
 
@@ -291,31 +309,37 @@ impl QueryEngine {
             metrics: self.metrics.clone(),
             started: std::time::Instant::now(),
             failed: true,
+            slow: self.limits.slow,
+            db: db.to_string(),
+            sql: sql.to_string(),
         };
-        let task = self.executor.handle().spawn(async move {
-            // The whole guard moves in: it records when the task ends or is aborted.
-            let mut timed = timed;
-            let work = async {
-                let mut stream = this.query_stream(&db, &sql).await?;
-                let _ = schema_tx.send(stream.schema());
-                while let Some(batch) = stream.next().await {
-                    let batch = batch.map_err(|e| QueryError::from_datafusion(e, &sql))?;
-                    if tx.send(Ok(batch)).await.is_err() {
-                        break; // The reader went away.
+        let task = self.executor.handle().spawn(
+            async move {
+                // The whole guard moves in: it records when the task ends or is aborted.
+                let mut timed = timed;
+                let work = async {
+                    let mut stream = this.query_stream(&db, &sql).await?;
+                    let _ = schema_tx.send(stream.schema());
+                    while let Some(batch) = stream.next().await {
+                        let batch = batch.map_err(|e| QueryError::from_datafusion(e, &sql))?;
+                        if tx.send(Ok(batch)).await.is_err() {
+                            break; // The reader went away.
+                        }
                     }
-                }
-                Ok(())
-            };
-            let failure = match tokio::time::timeout_at(deadline, work).await {
-                Ok(Ok(())) => {
-                    timed.failed = false;
-                    return;
-                }
-                Ok(Err(e)) => this.explain_limit(e),
-                Err(_) => timeout,
-            };
-            let _ = tx.send(Err(failure)).await;
-        });
+                    Ok(())
+                };
+                let failure = match tokio::time::timeout_at(deadline, work).await {
+                    Ok(Ok(())) => {
+                        timed.failed = false;
+                        return;
+                    }
+                    Ok(Err(e)) => this.explain_limit(e),
+                    Err(_) => timeout,
+                };
+                let _ = tx.send(Err(failure)).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
         let guard = AbortOnDrop(task.abort_handle());
         // Planning, within the time limit even if the planner never yields.
         match tokio::time::timeout_at(deadline, schema_rx).await {

@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Memory one query may hold, e.g. 512MiB; past it a 413
     #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT", default_value = "1GiB", value_parser = size)]
     pub query_memory_limit: usize,
+    /// A query taking at least this long is logged (a warning with its SQL, time
+    /// and request id), e.g. 1s
+    #[arg(long, env = "CITYTSDB_SLOW_QUERY_TIME", default_value = "1s", value_parser = duration)]
+    pub slow_query_time: Duration,
     /// Compaction cuts merged segments at about this size, e.g. 128MiB
     #[arg(long, env = "CITYTSDB_COMPACTION_TARGET_SIZE", default_value = "128MiB", value_parser = size)]
     pub compaction_target_size: usize,
@@ -192,6 +196,7 @@ impl ServeArgs {
         citytsdb_query::QueryLimits {
             timeout: self.query_timeout,
             memory_bytes: self.query_memory_limit,
+            slow: self.slow_query_time,
         }
     }
 

@@ -30,6 +30,24 @@ fn samples(text: &str) -> HashMap<String, f64> {
     out
 }
 
+/// `text` without terminal colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[test]
 fn metrics_are_served_and_scraped_by_prometheus() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,5 +133,78 @@ fn metrics_are_served_and_scraped_by_prometheus() {
     assert_eq!(segments[0].0["table"], "manhole");
     let latency = prometheus.query("citytsdb_query_duration_seconds_count");
     assert!(latency.first().is_some_and(|l| l.1 >= 3.0), "{latency:?}");
+    server.stop();
+}
+
+/// Every answer carries a request id (the client's, or a new one); a query past
+/// `--slow-query-time` is logged with its SQL, its time and that id.
+#[test]
+fn requests_have_ids_and_slow_queries_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("data"), &["--slow-query-time", "0s"]);
+    server.write_ok(DB, "s", "manhole,device=a tilt_deg=1 1764547200");
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build(),
+    );
+    let sql = "SELECT device, tilt_deg FROM manhole WHERE tilt_deg > 0.5";
+    let url = format!(
+        "{}/api/v1/query?db={DB}&sql={}",
+        server.url(),
+        sql.replace(' ', "%20").replace('>', "%3E")
+    );
+    let r = agent
+        .get(&url)
+        .header("X-Request-Id", "dashboard-42")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("dashboard-42")
+    );
+    let r = agent
+        .get(format!("{}/health", server.url()))
+        .call()
+        .unwrap();
+    let made = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(!made.is_empty() && made != "dashboard-42", "{made:?}");
+    // An id that is not a short token is replaced.
+    let r = agent
+        .get(format!("{}/health", server.url()))
+        .header("X-Request-Id", "has spaces and {braces}")
+        .call()
+        .unwrap();
+    let replaced = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    assert!(replaced.is_some_and(|v| !v.contains(' ')), "{replaced:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = strip_ansi(&server.log());
+        let slow = log
+            .lines()
+            .find(|l| l.contains("slow query") && l.contains("dashboard-42"));
+        if let Some(line) = slow {
+            assert!(line.contains(sql), "{line}");
+            assert!(line.contains("ms="), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no slow-query line with the request id:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     server.stop();
 }

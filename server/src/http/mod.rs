@@ -105,6 +105,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             authenticate,
         ))
+        .layer(axum::middleware::from_fn(request_id))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -120,6 +121,43 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The header carrying a request's id, taken from the client or made here.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Gives every request an id (the client's `X-Request-Id` if it is a short
+/// printable token, else a new one), logs what happens while it is served inside a
+/// `request` span with that id, method and path, and answers with the id.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let given = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| {
+        format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    });
+    let span =
+        tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        req.headers_mut().insert(REQUEST_ID, v.clone());
+        let mut response = tracing::Instrument::instrument(next.run(req), span).await;
+        response.headers_mut().insert(REQUEST_ID, v);
+        return response;
+    }
+    tracing::Instrument::instrument(next.run(req), span).await
 }
 
 /// Finds the request's caller: everyone is admin while auth is off; with auth on,
