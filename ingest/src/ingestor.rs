@@ -22,7 +22,7 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::line_protocol::LineError;
-use crate::write::{build_batches, parse_body, validate, Precision};
+use crate::write::{build_batches, parse_body, validate_with, Limits, Precision};
 
 /// Told of every write once it is durable, with its batches (one per table, as
 /// written). Must not block: it runs on the writer's task.
@@ -148,6 +148,7 @@ pub struct Ingestor {
     storage: Engine,
     listeners: Vec<Arc<dyn WriteListener>>,
     metrics: Arc<IngestMetrics>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -165,7 +166,14 @@ impl Ingestor {
             storage,
             listeners: Vec::new(),
             metrics: Arc::default(),
+            limits: Limits::default(),
         }
+    }
+
+    /// The same ingestor, checking writes against `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// What it has written since it was made.
@@ -287,9 +295,9 @@ impl Ingestor {
                 false
             });
         }
-        let validated = self
-            .storage
-            .update_schemas(db, |schemas| validate(parsed.lines, precision, schemas));
+        let validated = self.storage.update_schemas(db, |schemas| {
+            validate_with(parsed.lines, precision, schemas, &self.limits)
+        });
         rejected.extend(validated.rejected.iter().cloned());
         rejected.sort_by_key(|e| e.line);
         let tables = build_batches(&validated, now_ns).map_err(IngestError::Batches)?;

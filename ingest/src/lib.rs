@@ -31,4 +31,7 @@ pub use ingestor::{
     WriteOptions,
 };
 pub use line_protocol::{FieldValue, LineError, ParsedLine};
-pub use write::{build_batches, parse_body, validate, ParsedBody, Precision, ValidatedWrite};
+pub use write::{
+    build_batches, parse_body, validate, validate_with, Limits, ParsedBody, Precision,
+    ValidatedWrite,
+};

@@ -133,23 +133,99 @@ pub struct ValidatedWrite<'a> {
     pub rejected: Vec<LineError>,
 }
 
-/// Checks each line against its table's schema, adding new tables and columns, and
-/// rejecting lines whose tags or fields conflict with the schema or whose timestamp
-/// does not fit in nanoseconds.
-///
-/// Call it with the engine's schema lock held (`Engine::update_schemas`), so schema
-/// growth is serialized; it does no allocation-heavy work.
+/// What a write may hold; past a limit, the line is rejected saying which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest line, bytes.
+    pub max_line_bytes: usize,
+    /// Longest string field value, bytes.
+    pub max_string_bytes: usize,
+    /// Most tables a database may have.
+    pub max_tables: usize,
+    /// Most columns (time, tags and fields) a table may have.
+    pub max_columns: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 1 << 20,
+            max_string_bytes: 64 << 10,
+            max_tables: 10_000,
+            max_columns: 1_024,
+        }
+    }
+}
+
+/// [`validate_with`] under the default [`Limits`].
 pub fn validate<'a>(
     lines: Vec<(&'a [u8], ParsedLine<'a>)>,
     precision: Precision,
     schemas: &mut BTreeMap<String, TableSchema>,
 ) -> ValidatedWrite<'a> {
+    validate_with(lines, precision, schemas, &Limits::default())
+}
+
+/// Why a line breaks `limits` before its table is looked at, if it does.
+fn over_limit(raw: &[u8], line: &ParsedLine<'_>, limits: &Limits) -> Option<LineError> {
+    if raw.len() > limits.max_line_bytes {
+        return Some(at(
+            raw,
+            line,
+            1,
+            format!(
+                "line is {} bytes, longer than the limit of {} bytes",
+                raw.len(),
+                limits.max_line_bytes
+            ),
+        ));
+    }
+    line.fields.iter().find_map(|(name, v)| match v {
+        FieldValue::String(s) if s.len() > limits.max_string_bytes => Some(at(
+            raw,
+            line,
+            column_of(raw, name),
+            format!(
+                "field {name} is a string of {} bytes, longer than the limit of {} bytes",
+                s.len(),
+                limits.max_string_bytes
+            ),
+        )),
+        _ => None,
+    })
+}
+
+/// Checks each line against its table's schema, adding new tables and columns, and
+/// rejecting lines whose tags or fields conflict with the schema, whose timestamp
+/// does not fit in nanoseconds, or that break `limits`.
+///
+/// Call it with the engine's schema lock held (`Engine::update_schemas`), so schema
+/// growth is serialized; it does no allocation-heavy work.
+pub fn validate_with<'a>(
+    lines: Vec<(&'a [u8], ParsedLine<'a>)>,
+    precision: Precision,
+    schemas: &mut BTreeMap<String, TableSchema>,
+    limits: &Limits,
+) -> ValidatedWrite<'a> {
     let mut out = ValidatedWrite::default();
     for (raw, mut line) in lines {
+        if let Some(e) = over_limit(raw, &line, limits) {
+            out.rejected.push(e);
+            continue;
+        }
         let table = line.measurement.as_ref();
+        let tables = schemas.len();
         // Looked up before inserting so a known table costs no allocation per line.
         let schema = match schemas.get_mut(table) {
             Some(schema) => schema,
+            None if tables >= limits.max_tables => {
+                let message = format!(
+                    "table {table} is not created: the database has {tables} tables, the most allowed ({} with --max-tables)",
+                    limits.max_tables
+                );
+                out.rejected.push(at(raw, &line, 1, message));
+                continue;
+            }
             None => schemas.entry(table.to_string()).or_default(),
         };
         let mut new_columns: Vec<(&str, ColumnKind)> = Vec::new();
@@ -191,6 +267,19 @@ pub fn validate<'a>(
                     }
                 }
             }
+        }
+        if error.is_none() && schema.columns().len() + new_columns.len() > limits.max_columns {
+            let first = new_columns.first().map(|c| c.0).unwrap_or_default();
+            error = Some(at(
+                raw,
+                &line,
+                column_of(raw, first),
+                format!(
+                    "table {table} would have {} columns, more than the limit of {} (--max-columns)",
+                    schema.columns().len() + new_columns.len(),
+                    limits.max_columns
+                ),
+            ));
         }
         if error.is_none() {
             for (name, kind) in new_columns {

@@ -44,6 +44,18 @@ pub struct ServeArgs {
     /// Largest write body accepted, after decompression, e.g. 64MiB or 67108864
     #[arg(long, env = "CITYTSDB_MAX_BODY_SIZE", default_value = "64MiB", value_parser = size)]
     pub max_body_size: usize,
+    /// Longest line of line protocol accepted, e.g. 1MiB
+    #[arg(long, env = "CITYTSDB_MAX_LINE_LENGTH", default_value = "1MiB", value_parser = size)]
+    pub max_line_length: usize,
+    /// Longest string field value accepted, e.g. 64KiB
+    #[arg(long, env = "CITYTSDB_MAX_STRING_FIELD", default_value = "64KiB", value_parser = size)]
+    pub max_string_field: usize,
+    /// Most tables a database may have; a line that would make one more is rejected
+    #[arg(long, env = "CITYTSDB_MAX_TABLES", default_value = "10000", value_parser = at_least_one)]
+    pub max_tables: usize,
+    /// Most columns (time, tags, fields) a table may have
+    #[arg(long, env = "CITYTSDB_MAX_COLUMNS", default_value = "1024", value_parser = at_least_one)]
+    pub max_columns: usize,
     /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB
     #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE", default_value = "2GiB", value_parser = size)]
     pub max_buffer_size: usize,
@@ -189,6 +201,16 @@ impl ServeArgs {
         config.sweep_grace = self.sweep_grace;
         config.local_store = crate::store::local_dir(store_url);
         config
+    }
+
+    /// What one write may hold.
+    pub fn write_limits(&self) -> citytsdb_ingest::Limits {
+        citytsdb_ingest::Limits {
+            max_line_bytes: self.max_line_length,
+            max_string_bytes: self.max_string_field,
+            max_tables: self.max_tables,
+            max_columns: self.max_columns,
+        }
     }
 
     /// Per-query limits.

@@ -72,7 +72,9 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
     )
     .await?;
     let refresher = query.spawn_rollup_refresher(config.rollup_interval);
-    let ingestor = Ingestor::new(storage.clone()).with_listener(Arc::new(FastPath(alerts.clone())));
+    let ingestor = Ingestor::new(storage.clone())
+        .with_limits(config.write_limits())
+        .with_listener(Arc::new(FastPath(alerts.clone())));
     let auth = match &config.admin_token {
         Some(t) => Some(Arc::new(auth::Auth::open(&config.data_dir, t)?)),
         None => None,

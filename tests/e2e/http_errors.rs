@@ -642,3 +642,86 @@ fn every_body_has_a_limit() {
     assert_eq!(status, 200);
     server.stop();
 }
+
+/// Lines past the write limits (line length, string size, tables per database,
+/// columns per table; each configurable) are rejected one by one with what and
+/// where; the other lines are written.
+#[test]
+fn write_limits_reject_lines_saying_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &[
+            "--max-line-length",
+            "200",
+            "--max-string-field",
+            "16",
+            "--max-tables",
+            "2",
+            "--max-columns",
+            "6",
+        ],
+    );
+    server.write_ok(DB, "s", "manhole,device=a tilt_deg=1 1764547200");
+    let long = format!("manhole,device=b tilt_deg={} 1764547200", "1".repeat(200));
+    let lines = [
+        "gauge,device=a v=1 1764547200".to_string(),
+        "pumps,device=a v=1 1764547200".to_string(),
+        "manhole,device=c note=\"far longer than sixteen bytes\" 1764547200".to_string(),
+        long,
+        "gauge,device=a,x=1,y=2,z=3,w=4 v=2 1764547260".to_string(),
+        "manhole,device=d note=\"short\" 1764547200".to_string(),
+    ];
+    let (status, body) = no_5xx(&server, "limits", server.write(DB, "s", lines.join("\n")));
+    assert_eq!(status, 400, "{body}");
+    let value: Value = serde_json::from_str(&body).unwrap();
+    let got: Vec<(u64, u64, String)> = value["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["line"].as_u64().unwrap(),
+                l["column"].as_u64().unwrap(),
+                l["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), 4, "{body}");
+    assert_eq!((got[0].0, got[0].1), (2, 1));
+    assert!(
+        got[0].2.contains("table pumps is not created") && got[0].2.contains("--max-tables"),
+        "{got:?}"
+    );
+    assert_eq!((got[1].0, got[1].1), (3, 18));
+    assert!(
+        got[1]
+            .2
+            .contains("field note is a string of 29 bytes, longer than the limit of 16"),
+        "{got:?}"
+    );
+    assert_eq!((got[2].0, got[2].1), (4, 1));
+    assert!(
+        got[2]
+            .2
+            .contains("line is 237 bytes, longer than the limit of 200"),
+        "{got:?}"
+    );
+    assert_eq!((got[3].0, got[3].1), (5, 16));
+    assert!(
+        got[3]
+            .2
+            .contains("table gauge would have 7 columns, more than the limit of 6"),
+        "{got:?}"
+    );
+    // The good lines are written (a partial write writes what is valid).
+    assert_eq!(count(&server, "SELECT count(*) AS n FROM gauge"), 1);
+    assert_eq!(
+        count(
+            &server,
+            "SELECT count(*) AS n FROM manhole WHERE note = 'short'"
+        ),
+        1
+    );
+    assert!(server.is_healthy());
+}
