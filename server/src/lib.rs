@@ -19,6 +19,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod format;
 pub mod gen;
 pub mod http;
@@ -43,7 +44,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
     let store_url = config.store_url();
     let store_metrics = Arc::new(metrics::StoreMetrics::default());
     let store: Arc<dyn object_store::ObjectStore> = Arc::new(metrics::MeteredStore::new(
-        store::open(&store_url)?,
+        faults::FaultyStore::from_env(store::open(&store_url)?),
         store_metrics.clone(),
     ));
     if store_url.starts_with("memory:") {

@@ -10,6 +10,7 @@ mod compat_writes;
 mod deletes;
 mod differential;
 mod durability;
+mod faults;
 mod flush;
 mod formats;
 mod gen;

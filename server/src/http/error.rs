@@ -12,6 +12,9 @@ use serde_json::json;
 
 use crate::error::Error;
 
+/// What a 503 answer tells the client to wait, seconds.
+const RETRY_AFTER_SECS: &str = "1";
+
 /// An error answer: a status and a message, with a position for SQL errors.
 #[derive(Debug)]
 pub struct ApiError {
@@ -56,7 +59,15 @@ impl IntoResponse for ApiError {
             Some(p) => json!({"error": self.message, "position": p}),
             None => json!({"error": self.message}),
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Busy (the buffer full while the store catches up, a shutdown): retry soon.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 
