@@ -32,6 +32,9 @@ use crate::write::Precision;
 
 /// At most this many messages go into one write.
 const MAX_BATCH_MESSAGES: usize = 2048;
+/// A write stops taking messages once their payloads reach this many bytes (a
+/// batch holds at least one message, whatever its size).
+const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Messages read from the broker and waiting for the writer.
 const QUEUE_DEPTH: usize = 4096;
 /// Longest wait between reconnection attempts or write retries.
@@ -409,13 +412,7 @@ async fn write_loop(
     stats: Arc<MqttStats>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_MESSAGES {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+        let batch = take_batch(first, &mut rx, MAX_BATCH_MESSAGES, MAX_BATCH_BYTES);
         stats
             .messages
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -484,6 +481,28 @@ async fn write_loop(
             }
         }
     }
+}
+
+/// `first` and the messages already waiting after it, up to `max_messages` and
+/// until their payloads reach `max_bytes`.
+fn take_batch(
+    first: Publish,
+    rx: &mut tokio::sync::mpsc::Receiver<Publish>,
+    max_messages: usize,
+    max_bytes: usize,
+) -> Vec<Publish> {
+    let mut bytes = first.payload.len();
+    let mut batch = vec![first];
+    while batch.len() < max_messages && bytes < max_bytes {
+        match rx.try_recv() {
+            Ok(p) => {
+                bytes += p.payload.len();
+                batch.push(p);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 fn reject(stats: &MqttStats, msg: &Publish, why: &str) {
@@ -771,6 +790,29 @@ fn json_kind(v: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn a_batch_is_bounded_in_messages_and_bytes() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let msg = |n: usize| Publish::new("t", QoS::AtLeastOnce, vec![b'x'; n]);
+        for n in [10, 10, 10, 10, 10] {
+            tx.send(msg(n)).await.unwrap();
+        }
+        // By count.
+        let first = rx.recv().await.unwrap();
+        assert_eq!(take_batch(first, &mut rx, 3, 1 << 20).len(), 3);
+        // By bytes: messages are taken until their payloads reach the cap.
+        let first = rx.recv().await.unwrap();
+        assert_eq!(take_batch(first, &mut rx, 100, 15).len(), 2);
+        assert!(rx.try_recv().is_err(), "nothing left");
+        // One message larger than the cap is a batch of its own.
+        tx.send(msg(1000)).await.unwrap();
+        tx.send(msg(1)).await.unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!(take_batch(first, &mut rx, 100, 100).len(), 1);
+        let first = rx.recv().await.unwrap();
+        assert_eq!(take_batch(first, &mut rx, 100, 100).len(), 1);
+    }
     use super::*;
 
     const NOW: i64 = 1_800_000_000_000_000_000;
