@@ -193,6 +193,25 @@ def measure(args, work: Path, qs: dict) -> tuple[dict, dict]:
     return out["lived"], out["bulk"]
 
 
+def same_answer(a: bytes, b: bytes) -> bool:
+    """Equal answers, floats within 1e-9 relative (sums in another order differ in
+    the last bits)."""
+    ra, rb = cb.city_rows(a), cb.city_rows(b)
+    if len(ra) != len(rb):
+        return False
+    for x, y in zip(ra, rb):
+        if x.keys() != y.keys():
+            return False
+        for k in x:
+            u, v = x[k], y[k]
+            if isinstance(u, float) and isinstance(v, float):
+                if abs(u - v) > 1e-9 * max(1.0, abs(u), abs(v)):
+                    return False
+            elif u != v:
+                return False
+    return True
+
+
 def duck(files: list[str], qs: dict) -> dict:
     import duckdb
     con = duckdb.connect()
@@ -291,7 +310,7 @@ def main() -> int:
     if ml["rows"] != mb["rows"]:
         raise RuntimeError(f"the stores disagree: {ml['rows']} rows lived, {mb['rows']} bulk")
     for key in qs:
-        if ml[key + "_answer"] != mb[key + "_answer"]:
+        if not same_answer(ml[key + "_answer"], mb[key + "_answer"]):
             raise RuntimeError(f"{key}: the stores answer differently")
     dk = duck(ml["manhole_files"], qs)
     text = report(args, results["lived"], results["bulk"], ml, mb, dk)

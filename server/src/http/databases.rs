@@ -95,9 +95,13 @@ async fn settings(
     retention_of(&read_body(headers, body, MAX_SETTINGS_BODY).await?)
 }
 
-/// The `retention` of a settings body: a duration (`30d`, `12h`) or `null`.
-fn retention_of(body: &[u8]) -> Result<Option<Duration>, ApiError> {
-    let what = "the body is not {\"retention\": \"30d\"} (or null to keep rows forever)";
+/// A body that must be a JSON object with no fields but `fields`; the 400s say
+/// `what` the body should be, and where the JSON broke.
+pub(super) fn json_object(
+    body: &[u8],
+    what: &str,
+    fields: &[&str],
+) -> Result<serde_json::Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "{what}: {e} (line {}, column {})",
@@ -108,11 +112,18 @@ fn retention_of(body: &[u8]) -> Result<Option<Duration>, ApiError> {
     let Value::Object(map) = value else {
         return Err(ApiError::bad_request(format!("{what}: not a JSON object")));
     };
-    if let Some(other) = map.keys().find(|k| *k != "retention") {
+    if let Some(other) = map.keys().find(|k| !fields.contains(&k.as_str())) {
         return Err(ApiError::bad_request(format!(
             "{what}: unknown field '{other}'"
         )));
     }
+    Ok(map)
+}
+
+/// The `retention` of a settings body: a duration (`30d`, `12h`) or `null`.
+fn retention_of(body: &[u8]) -> Result<Option<Duration>, ApiError> {
+    let what = "the body is not {\"retention\": \"30d\"} (or null to keep rows forever)";
+    let map = json_object(body, what, &["retention"])?;
     match map.get("retention") {
         None => Err(ApiError::bad_request(format!(
             "{what}: field 'retention' is missing"

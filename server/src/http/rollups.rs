@@ -192,22 +192,8 @@ struct Request {
 impl Request {
     fn parse(body: &[u8]) -> Result<Self, ApiError> {
         let what = "the body is not a rollup ({\"name\", \"source\", \"interval\", \"aggregates\": {field: [aggregate, ...]}, \"retention\"})";
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "{what}: {e} (line {}, column {})",
-                e.line(),
-                e.column()
-            ))
-        })?;
-        let Value::Object(map) = value else {
-            return Err(ApiError::bad_request(format!("{what}: not a JSON object")));
-        };
-        const FIELDS: [&str; 5] = ["name", "source", "interval", "aggregates", "retention"];
-        if let Some(other) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-            return Err(ApiError::bad_request(format!(
-                "{what}: unknown field '{other}'"
-            )));
-        }
+        let fields = ["name", "source", "interval", "aggregates", "retention"];
+        let map = super::databases::json_object(body, what, &fields)?;
         let text = |field: &str| -> Result<String, ApiError> {
             match map.get(field) {
                 Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),

@@ -224,12 +224,17 @@ impl Catalog {
         })
     }
 
-    fn table_mut(&mut self, db: &str, table: &str) -> Result<&mut TableCatalog> {
+    fn database_mut(&mut self, db: &str) -> Result<&mut DatabaseCatalog> {
         let d = self
             .databases
             .get_mut(db)
             .ok_or_else(|| missing(format!("database {db}")))?;
-        let t = Arc::make_mut(d)
+        Ok(Arc::make_mut(d))
+    }
+
+    fn table_mut(&mut self, db: &str, table: &str) -> Result<&mut TableCatalog> {
+        let t = self
+            .database_mut(db)?
             .tables
             .get_mut(table)
             .ok_or_else(|| missing(format!("table {db}.{table}")))?;
@@ -286,13 +291,7 @@ impl Catalog {
             }
             Op::Retention { db, table, nanos } => match table {
                 Some(table) => self.table_mut(db, table)?.retention = *nanos,
-                None => {
-                    let d = self
-                        .databases
-                        .get_mut(db)
-                        .ok_or_else(|| missing(format!("database {db}")))?;
-                    Arc::make_mut(d).retention = *nanos;
-                }
+                None => self.database_mut(db)?.retention = *nanos,
             },
             Op::Schema { db, table, schema } => self.table_mut(db, table)?.schema = schema.clone(),
             Op::AddSegment {
@@ -361,11 +360,7 @@ impl Catalog {
             }
             Op::CreateRollup { db, rollup } => {
                 self.table_mut(db, &rollup.name)?;
-                let d = self
-                    .databases
-                    .get_mut(db)
-                    .ok_or_else(|| missing(format!("database {db}")))?;
-                Arc::make_mut(d).rollups.insert(
+                self.database_mut(db)?.rollups.insert(
                     rollup.name.clone(),
                     crate::rollup::RollupCatalog {
                         def: rollup.clone(),
@@ -380,12 +375,8 @@ impl Catalog {
                 as_of,
                 pending,
             } => {
-                let d = self
-                    .databases
-                    .get_mut(db)
-                    .ok_or_else(|| missing(format!("database {db}")))?;
-                let d = Arc::make_mut(d);
-                let r = d
+                let r = self
+                    .database_mut(db)?
                     .rollups
                     .get_mut(name)
                     .ok_or_else(|| missing(format!("rollup {db}.{name}")))?;
@@ -395,11 +386,7 @@ impl Catalog {
                 self.forget_deletes(db, &source)?;
             }
             Op::DropRollup { db, name } => {
-                let d = self
-                    .databases
-                    .get_mut(db)
-                    .ok_or_else(|| missing(format!("database {db}")))?;
-                let d = Arc::make_mut(d);
+                let d = self.database_mut(db)?;
                 let r = d
                     .rollups
                     .remove(name)
