@@ -532,6 +532,18 @@ impl Engine {
         read(&self.inner.state).schemas.get(db)?.get(table).cloned()
     }
 
+    /// Calls `f` with the series registry of `db`.`table` (`None` when the table has
+    /// no series yet), under the engine's read lock: keep `f` short.
+    pub fn with_series<R>(
+        &self,
+        db: &str,
+        table: &str,
+        f: impl FnOnce(Option<&SeriesTable>) -> R,
+    ) -> R {
+        let state = read(&self.inner.state);
+        f(state.series.get(db).and_then(|t| t.get(table)))
+    }
+
     /// Every series of a table with its latest row, or `None` if the table does not
     /// exist. Built from memory: no segment is read. Series whose latest row is
     /// past the table's retention are left out (and no first time is older than
