@@ -650,6 +650,9 @@ fn build_table(
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use datafusion::arrow::util::pretty::pretty_format_batches;
