@@ -67,7 +67,7 @@ impl IngestError {
             Self::Storage(StorageError::InvalidInput(_) | StorageError::DatabaseNotFound(_)) => {
                 Fault::Client
             }
-            Self::Storage(StorageError::BufferFull(_) | StorageError::ShuttingDown) => Fault::Retry,
+            Self::Storage(e) if e.is_transient() => Fault::Retry,
             Self::Storage(_) | Self::Batches(_) | Self::Task(_) => Fault::Permanent,
         }
     }

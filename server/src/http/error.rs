@@ -84,6 +84,7 @@ impl From<QueryError> for ApiError {
             }
             QueryError::ResourcesExhausted(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, m),
             QueryError::Timeout(m) => Self::new(StatusCode::REQUEST_TIMEOUT, m),
+            QueryError::Unavailable(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, m),
             QueryError::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }
@@ -93,9 +94,8 @@ fn storage_status(e: &StorageError) -> StatusCode {
     match e {
         StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
         StorageError::DatabaseNotFound(_) | StorageError::TableNotFound(_) => StatusCode::NOT_FOUND,
-        StorageError::ShuttingDown | StorageError::BufferFull(_) | StorageError::Fenced(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        e if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+        StorageError::Fenced(_) => StatusCode::SERVICE_UNAVAILABLE,
         StorageError::Conflict(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
