@@ -77,6 +77,14 @@ impl QueryError {
                     message: user_message(&message),
                 }
             }
+            // A function given arguments it takes no signature for is the SQL's
+            // fault, though some planning paths report it as DataFusion's own bug.
+            DataFusionError::Internal(m) if m.contains("failed to match any signature") => {
+                Self::Invalid {
+                    position: position.or_else(|| quoted_position(&message, sql)),
+                    message: user_message(&message),
+                }
+            }
             DataFusionError::ResourcesExhausted(_) => Self::ResourcesExhausted(message),
             DataFusionError::ArrowError(a, _) if user_arrow_error(a) => Self::invalid(message),
             DataFusionError::Execution(_) => Self::invalid(message),
@@ -149,6 +157,10 @@ fn user_message(message: &str) -> String {
             return rest.to_string();
         }
     }
+    // Nothing after the request to file a bug: the message is the part before it.
+    let message = message
+        .find("This issue was likely caused by a bug")
+        .map_or(message, |at| message[..at].trim_end());
     message
         .strip_prefix("Internal error: ")
         .unwrap_or(message)
@@ -240,6 +252,33 @@ mod tests {
         assert_eq!(
             user_message("Internal error: f failed.\nThis issue was likely caused by a bug in DataFusion's code. Please help us to resolve this by filing a bug report in our issue tracker: https://github.com/apache/datafusion/issues. No function matches 'f(Utf8)'."),
             "No function matches 'f(Utf8)'."
+        );
+    }
+
+    /// A regression case of `engine::fuzz`: `EXPLAIN ANALYZE SELECT time FROM
+    /// manhole ORDER BY date_trunc('hour', tilt_deg)` was answered as DataFusion's
+    /// internal error (a 500) asking for a bug report.
+    #[test]
+    fn a_function_without_a_matching_signature_is_the_users_error() {
+        let sql = "EXPLAIN ANALYZE SELECT time FROM manhole ORDER BY date_trunc('hour', tilt_deg)";
+        let e = DataFusionError::Internal(
+            "Function 'date_trunc' failed to match any signature, errors: Error during planning: Function 'date_trunc' requires Timestamp, but received Float64 (DataType: Float64).".into(),
+        );
+        let got = QueryError::from_datafusion(e, sql);
+        let QueryError::Invalid { message, position } = got else {
+            panic!("{got:?} is not the user's error");
+        };
+        assert!(
+            message.starts_with("Function 'date_trunc' failed to match any signature"),
+            "{message}"
+        );
+        assert!(!message.contains("bug"), "{message}");
+        assert_eq!(
+            position,
+            Some(Position {
+                line: 1,
+                column: 51
+            })
         );
     }
 }

@@ -602,3 +602,17 @@ proptest! {
         plan_and_run(&mutate(&sql, &mutations))?;
     }
 }
+
+/// A regression case: a function given arguments of no signature it has, in an
+/// `ORDER BY` under `EXPLAIN ANALYZE`, was answered as an internal error.
+#[test]
+fn a_function_without_a_matching_signature_is_refused_cleanly() {
+    let sql = "EXPLAIN ANALYZE SELECT time FROM manhole ORDER BY date_trunc('hour', tilt_deg)";
+    let f = fixture();
+    let e = f
+        .runtime
+        .block_on(f.engine.query("city", sql))
+        .expect_err("date_trunc takes no float");
+    assert!(matches!(e, QueryError::Invalid { .. }), "{e:?}");
+    assert!(!e.to_string().contains("bug"), "{e}");
+}
