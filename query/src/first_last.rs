@@ -15,8 +15,8 @@ use datafusion::functions_aggregate::first_last::{first_value_udaf, last_value_u
 use datafusion::logical_expr::expr::{AggregateFunction, AggregateFunctionParams, NullTreatment};
 use datafusion::logical_expr::function::AccumulatorArgs;
 use datafusion::logical_expr::{
-    Accumulator, Aggregate, AggregateUDF, AggregateUDFImpl, Expr, LogicalPlan, Signature,
-    Volatility,
+    Accumulator, Aggregate, AggregateUDF, AggregateUDFImpl, Distinct, Expr, LogicalPlan, Signature,
+    SortExpr, Volatility,
 };
 use datafusion::optimizer::AnalyzerRule;
 
@@ -72,7 +72,8 @@ pub fn functions() -> Vec<AggregateUDF> {
 }
 
 /// Rewrites `first(x)` / `last(x)` in every aggregation into DataFusion's ordered
-/// `first_value` / `last_value`.
+/// `first_value` / `last_value`, and drops repeated keys from aggregates' and
+/// `DISTINCT ON`'s orderings (see [`unique_orderings`]).
 #[derive(Debug, Default)]
 pub struct FirstLastByTime;
 
@@ -147,10 +148,71 @@ impl FirstLastByTime {
     }
 }
 
+/// Whether `sort` orders by one expression twice.
+fn has_repeats(sort: &[SortExpr]) -> bool {
+    sort.iter()
+        .enumerate()
+        .any(|(i, s)| sort[..i].iter().any(|t| t.expr == s.expr))
+}
+
+/// `sort` without the keys that repeat an earlier one: a repeat orders nothing more.
+fn without_repeats(sort: &[SortExpr]) -> Vec<SortExpr> {
+    let mut out: Vec<SortExpr> = Vec::with_capacity(sort.len());
+    for s in sort {
+        if !out.iter().any(|t| t.expr == s.expr) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+/// `agg` with each aggregate's `ORDER BY` without repeated keys, names kept.
+///
+/// DataFusion's `first_value` and `last_value` accumulators panic when an
+/// ordering repeats a key (`ORDER BY device, device DESC`), as a `DISTINCT ON`
+/// ordered by a column and its alias does once rewritten into them.
+fn unique_orderings(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
+    let mut changed = false;
+    let mut aggr_expr = Vec::with_capacity(agg.aggr_expr.len());
+    for e in &agg.aggr_expr {
+        let (inner, alias) = match e {
+            Expr::Alias(a) => (a.expr.as_ref(), Some(a.name.clone())),
+            other => (other, None),
+        };
+        match inner {
+            Expr::AggregateFunction(f) if has_repeats(&f.params.order_by) => {
+                let mut f = f.clone();
+                f.params.order_by = without_repeats(&f.params.order_by);
+                let name = alias.unwrap_or_else(|| inner.schema_name().to_string());
+                aggr_expr.push(Expr::AggregateFunction(f).alias(name));
+                changed = true;
+            }
+            _ => aggr_expr.push(e.clone()),
+        }
+    }
+    if !changed {
+        return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
+    }
+    let agg = Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)?;
+    Ok(Transformed::yes(LogicalPlan::Aggregate(agg)))
+}
+
 impl AnalyzerRule for FirstLastByTime {
     fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
         plan.transform_up_with_subqueries(|node| match node {
-            LogicalPlan::Aggregate(agg) => Self::rewrite_aggregate(agg),
+            LogicalPlan::Aggregate(agg) => {
+                Self::rewrite_aggregate(agg)?.transform_data(|plan| match plan {
+                    LogicalPlan::Aggregate(agg) => unique_orderings(agg),
+                    other => Ok(Transformed::no(other)),
+                })
+            }
+            // DataFusion turns `DISTINCT ON` into `first_value`s ordered as it is.
+            LogicalPlan::Distinct(Distinct::On(mut on))
+                if on.sort_expr.as_deref().is_some_and(has_repeats) =>
+            {
+                on.sort_expr = on.sort_expr.as_deref().map(without_repeats);
+                Ok(Transformed::yes(LogicalPlan::Distinct(Distinct::On(on))))
+            }
             other => Ok(Transformed::no(other)),
         })
         .map(|t| t.data)

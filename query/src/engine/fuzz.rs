@@ -616,3 +616,22 @@ fn a_function_without_a_matching_signature_is_refused_cleanly() {
     assert!(matches!(e, QueryError::Invalid { .. }), "{e:?}");
     assert!(!e.to_string().contains("bug"), "{e}");
 }
+
+/// A regression case: an ordering that repeats a key (`DISTINCT ON` ordered by a
+/// column and its alias, or an aggregate's own `ORDER BY`) panicked DataFusion's
+/// `first_value` accumulator, answered as an internal error.
+#[test]
+fn an_ordering_that_repeats_a_key_runs() {
+    let f = fixture();
+    for sql in [
+        "SELECT DISTINCT ON (device) device time, tilt_deg FROM manhole ORDER BY device, time",
+        "SELECT district, first_value(tilt_deg ORDER BY device, device DESC) AS t FROM manhole GROUP BY district ORDER BY district",
+        "SELECT district, last_value(tilt_deg ORDER BY time, time) FROM manhole GROUP BY district",
+    ] {
+        let out = f
+            .runtime
+            .block_on(f.engine.query("city", sql))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(out.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2, "{sql}");
+    }
+}
