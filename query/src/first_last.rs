@@ -73,7 +73,7 @@ pub fn functions() -> Vec<AggregateUDF> {
 
 /// Rewrites `first(x)` / `last(x)` in every aggregation into DataFusion's ordered
 /// `first_value` / `last_value`, and drops repeated keys from aggregates' and
-/// `DISTINCT ON`'s orderings (see [`unique_orderings`]).
+/// `DISTINCT ON`'s orderings (see `unique_orderings`).
 #[derive(Debug, Default)]
 pub struct FirstLastByTime;
 
