@@ -23,7 +23,7 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::line_protocol::LineError;
-use crate::write::{build_batches, parse_body, validate_with, Limits, Precision};
+use crate::write::{build_batches, parse_body, validate_against, KnownSeries, Limits, Precision};
 
 /// Told of every write once it is durable, with its batches (one per table, as
 /// written). Must not block: it runs on the writer's task.
@@ -39,8 +39,9 @@ pub enum Fault {
     Client,
     /// The store is busy or stopping; the same request may succeed later (HTTP 503).
     Retry,
-    /// The store failed (its disk, its WAL): nothing was written, and the same
-    /// request may succeed once the store is mended (HTTP 500).
+    /// The store failed (its disk, its WAL, the object store): nothing was written,
+    /// and the same request may succeed once the store is mended (HTTP 503 for a
+    /// disk or object store error such as a full disk, 500 for corrupt data).
     Store,
     /// A bug met on this request: nothing was written, and sending it again would
     /// meet it again (HTTP 500).
@@ -325,8 +326,12 @@ impl Ingestor {
                 false
             });
         }
+        let known = EngineSeries {
+            engine: &self.storage,
+            db,
+        };
         let validated = self.storage.update_schemas(db, |schemas| {
-            validate_with(parsed.lines, precision, schemas, &self.limits)
+            validate_against(parsed.lines, precision, schemas, &self.limits, &known)
         });
         rejected.extend(validated.rejected.iter().cloned());
         rejected.sort_by_key(|e| e.line);
@@ -335,6 +340,25 @@ impl Ingestor {
             tables,
             rejected,
             data_lines: parsed.data_lines,
+        })
+    }
+}
+
+/// The series of one database, as the engine's registries know them.
+struct EngineSeries<'e> {
+    engine: &'e Engine,
+    db: &'e str,
+}
+
+impl KnownSeries for EngineSeries<'_> {
+    fn count(&self, table: &str) -> usize {
+        self.engine
+            .with_series(self.db, table, |s| s.map_or(0, |s| s.len()))
+    }
+
+    fn knows(&self, table: &str, tags: &[(&str, &str)]) -> bool {
+        self.engine.with_series(self.db, table, |s| {
+            s.is_some_and(|s| s.knows(tags.iter().copied()))
         })
     }
 }

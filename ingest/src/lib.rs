@@ -33,6 +33,6 @@ pub use ingestor::{
 };
 pub use line_protocol::{FieldValue, LineError, ParsedLine};
 pub use write::{
-    build_batches, parse_body, validate, validate_with, Limits, ParsedBody, Precision,
-    ValidatedWrite,
+    build_batches, parse_body, validate, validate_against, validate_with, KnownSeries, Limits,
+    NoSeries, ParsedBody, Precision, ValidatedWrite,
 };

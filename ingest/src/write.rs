@@ -1,6 +1,6 @@
 //! Validation of parsed lines against table schemas, and their conversion to Arrow.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use citytsdb_storage::schema::{arrow_field, ColumnDef, TIME_COLUMN};
@@ -144,6 +144,8 @@ pub struct Limits {
     pub max_tables: usize,
     /// Most columns (time, tags and fields) a table may have.
     pub max_columns: usize,
+    /// Most series (distinct tag sets) a table may have.
+    pub max_series: usize,
 }
 
 impl Default for Limits {
@@ -153,6 +155,7 @@ impl Default for Limits {
             max_string_bytes: 64 << 10,
             max_tables: 10_000,
             max_columns: 1_024,
+            max_series: 2_000_000,
         }
     }
 }
@@ -195,9 +198,71 @@ fn over_limit(raw: &[u8], line: &ParsedLine<'_>, limits: &Limits) -> Option<Line
     })
 }
 
+/// The series a database already has, as the series limit needs them.
+pub trait KnownSeries {
+    /// How many series `table` has.
+    fn count(&self, table: &str) -> usize;
+    /// Whether `table` has a series with exactly these tags.
+    fn knows(&self, table: &str, tags: &[(&str, &str)]) -> bool;
+}
+
+/// A database without series (every tag set is new): the series limit then
+/// bounds what one write brings.
+pub struct NoSeries;
+
+impl KnownSeries for NoSeries {
+    fn count(&self, _: &str) -> usize {
+        0
+    }
+    fn knows(&self, _: &str, _: &[(&str, &str)]) -> bool {
+        false
+    }
+}
+
+/// Per table of one write: the series it had and the new ones the write brings.
+struct SeriesGate {
+    known: usize,
+    /// Lines of the write for the table: while `known` plus these fit the limit,
+    /// no line needs looking up.
+    lines: usize,
+    new: HashSet<String>,
+}
+
+impl SeriesGate {
+    /// Whether `line` may be written under `max` series, counting its series if new.
+    fn admit(&mut self, known: &dyn KnownSeries, line: &ParsedLine<'_>, max: usize) -> bool {
+        if self.known.saturating_add(self.lines) <= max {
+            return true;
+        }
+        let mut tags: Vec<(&str, &str)> = line
+            .tags
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+            .collect();
+        tags.sort_unstable();
+        let table = line.measurement.as_ref();
+        if known.knows(table, &tags) {
+            return true;
+        }
+        let mut key = String::new();
+        for (k, v) in &tags {
+            key.push_str(&format!("{}:{k}{}:{v}", k.len(), v.len()));
+        }
+        if self.new.contains(&key) {
+            return true;
+        }
+        if self.known + self.new.len() >= max {
+            return false;
+        }
+        self.new.insert(key);
+        true
+    }
+}
+
 /// Checks each line against its table's schema, adding new tables and columns, and
 /// rejecting lines whose tags or fields conflict with the schema, whose timestamp
-/// does not fit in nanoseconds, or that break `limits`.
+/// does not fit in nanoseconds, or that break `limits` (the series limit counting
+/// only the series this write brings: see [`validate_against`]).
 ///
 /// Call it with the engine's schema lock held (`Engine::update_schemas`), so schema
 /// growth is serialized; it does no allocation-heavy work.
@@ -207,7 +272,36 @@ pub fn validate_with<'a>(
     schemas: &mut BTreeMap<String, TableSchema>,
     limits: &Limits,
 ) -> ValidatedWrite<'a> {
+    validate_against(lines, precision, schemas, limits, &NoSeries)
+}
+
+/// [`validate_with`], the series limit counting the series `known` already has:
+/// a line whose series is new to a table at `limits.max_series` is rejected.
+/// Writes validated together count each other's new series only once applied, so
+/// concurrent writes may pass the limit by the new series each of them brings.
+pub fn validate_against<'a>(
+    lines: Vec<(&'a [u8], ParsedLine<'a>)>,
+    precision: Precision,
+    schemas: &mut BTreeMap<String, TableSchema>,
+    limits: &Limits,
+    known: &dyn KnownSeries,
+) -> ValidatedWrite<'a> {
     let mut out = ValidatedWrite::default();
+    let mut gates: HashMap<String, SeriesGate> = HashMap::new();
+    for (_, line) in &lines {
+        let table = line.measurement.as_ref();
+        match gates.get_mut(table) {
+            Some(g) => g.lines += 1,
+            None => {
+                let gate = SeriesGate {
+                    known: known.count(table),
+                    lines: 1,
+                    new: HashSet::new(),
+                };
+                gates.insert(table.to_string(), gate);
+            }
+        }
+    }
     for (raw, mut line) in lines {
         if let Some(e) = over_limit(raw, &line, limits) {
             out.rejected.push(e);
@@ -280,6 +374,23 @@ pub fn validate_with<'a>(
                     limits.max_columns
                 ),
             ));
+        }
+        if error.is_none() {
+            let gate = gates
+                .get_mut(table)
+                .expect("every table of the write has a gate");
+            if !gate.admit(known, &line, limits.max_series) {
+                error = Some(at(
+                    raw,
+                    &line,
+                    1,
+                    format!(
+                        "table {table} has {} series, the most allowed ({} with --max-series-per-table): this line's tags make a new one",
+                        gate.known + gate.new.len(),
+                        limits.max_series
+                    ),
+                ));
+            }
         }
         if error.is_none() {
             for (name, kind) in new_columns {
@@ -539,6 +650,9 @@ fn build_table(
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use datafusion::arrow::util::pretty::pretty_format_batches;
@@ -561,6 +675,65 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         (text, rejected)
+    }
+
+    /// Series known to a fake registry: `manhole` has devices a and b.
+    struct TwoCovers;
+
+    impl KnownSeries for TwoCovers {
+        fn count(&self, table: &str) -> usize {
+            if table == "manhole" {
+                2
+            } else {
+                0
+            }
+        }
+        fn knows(&self, table: &str, tags: &[(&str, &str)]) -> bool {
+            table == "manhole" && matches!(tags, [("device", "a" | "b")])
+        }
+    }
+
+    #[test]
+    fn the_series_limit_counts_known_and_new_series_once() {
+        let limits = Limits {
+            max_series: 3,
+            ..Limits::default()
+        };
+        let body = "manhole,device=c v=1 1\nmanhole,device=a v=1 1\nmanhole,device=d v=1 1\nmanhole,device=c v=2 2\nmanhole,district=x,device=b v=1 1\ngauge,device=d v=1 1";
+        let parsed = parse_body(body.as_bytes());
+        let mut schemas = BTreeMap::new();
+        let v = validate_against(
+            parsed.lines,
+            Precision::Second,
+            &mut schemas,
+            &limits,
+            &TwoCovers,
+        );
+        let rejected: Vec<(usize, &str)> = v
+            .rejected
+            .iter()
+            .map(|e| (e.line, e.message.as_str()))
+            .collect();
+        let why = "table manhole has 3 series, the most allowed (3 with --max-series-per-table): this line's tags make a new one";
+        assert_eq!(rejected, [(3, why), (5, why)]);
+        assert_eq!(v.tables["manhole"].1.len(), 3);
+        assert_eq!(v.tables["gauge"].1.len(), 1);
+        // Without a registry, one write alone is held to the limit.
+        let many: String = (0..5)
+            .map(|i| format!("gauge,device=g{i} v=1 1\n"))
+            .collect();
+        let parsed = parse_body(many.as_bytes());
+        let v = validate_against(
+            parsed.lines,
+            Precision::Second,
+            &mut BTreeMap::new(),
+            &limits,
+            &NoSeries,
+        );
+        assert_eq!(
+            v.rejected.iter().map(|e| e.line).collect::<Vec<_>>(),
+            [4, 5]
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The query crate's errors, classified by whose fault they are.
 
+use citytsdb_storage::StorageError;
 use datafusion::arrow::error::ArrowError;
 use datafusion::common::DataFusionError;
 use datafusion::sql::sqlparser::parser::ParserError;
@@ -34,7 +35,11 @@ pub enum QueryError {
     /// The query ran past its time limit.
     #[error("{0}")]
     Timeout(String),
-    /// The server failed: storage, I/O, or a bug.
+    /// The storage could not be read now (the object store or the local disk
+    /// failed); the same query may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server failed: a bug.
     #[error("{0}")]
     Internal(String),
 }
@@ -75,9 +80,33 @@ impl QueryError {
             DataFusionError::ResourcesExhausted(_) => Self::ResourcesExhausted(message),
             DataFusionError::ArrowError(a, _) if user_arrow_error(a) => Self::invalid(message),
             DataFusionError::Execution(_) => Self::invalid(message),
+            DataFusionError::ObjectStore(_) | DataFusionError::IoError(_) => {
+                Self::Unavailable(message)
+            }
+            DataFusionError::ParquetError(p) if parquet_io_error(p) => Self::Unavailable(message),
+            DataFusionError::External(x)
+                if x.downcast_ref::<StorageError>()
+                    .is_some_and(StorageError::is_transient) =>
+            {
+                Self::Unavailable(message)
+            }
             _ => Self::Internal(message),
         }
     }
+}
+
+/// A Parquet reader's error that is the store's failing, not the file's: an
+/// object store or I/O error in its chain of sources, or (where the reader kept
+/// only the text of one) in its message.
+fn parquet_io_error(e: &datafusion::parquet::errors::ParquetError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<object_store::Error>() || c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    e.to_string().contains("Object Store error")
 }
 
 fn user_arrow_error(e: &ArrowError) -> bool {

@@ -56,6 +56,9 @@ pub struct ServeArgs {
     /// Most columns (time, tags, fields) a table may have
     #[arg(long, env = "CITYTSDB_MAX_COLUMNS", default_value = "1024", value_parser = at_least_one)]
     pub max_columns: usize,
+    /// Most series (distinct tag sets) a table may have; a line making one more is refused
+    #[arg(long, env = "CITYTSDB_MAX_SERIES_PER_TABLE", default_value = "2000000", value_parser = at_least_one)]
+    pub max_series_per_table: usize,
     /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB
     #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE", default_value = "2GiB", value_parser = size)]
     pub max_buffer_size: usize,
@@ -210,6 +213,7 @@ impl ServeArgs {
             max_string_bytes: self.max_string_field,
             max_tables: self.max_tables,
             max_columns: self.max_columns,
+            max_series: self.max_series_per_table,
         }
     }
 

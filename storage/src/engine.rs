@@ -532,6 +532,18 @@ impl Engine {
         read(&self.inner.state).schemas.get(db)?.get(table).cloned()
     }
 
+    /// Calls `f` with the series registry of `db`.`table` (`None` when the table has
+    /// no series yet), under the engine's read lock: keep `f` short.
+    pub fn with_series<R>(
+        &self,
+        db: &str,
+        table: &str,
+        f: impl FnOnce(Option<&SeriesTable>) -> R,
+    ) -> R {
+        let state = read(&self.inner.state);
+        f(state.series.get(db).and_then(|t| t.get(table)))
+    }
+
     /// Every series of a table with its latest row, or `None` if the table does not
     /// exist. Built from memory: no segment is read. Series whose latest row is
     /// past the table's retention are left out (and no first time is older than
@@ -828,9 +840,9 @@ fn wal_loop(
         for cmd in group.drain(..) {
             if let Some(why) = &broken {
                 let err = || {
-                    StorageError::Internal(format!(
+                    StorageError::Io(std::io::Error::other(format!(
                         "the WAL is unusable ({why}); restart the server"
-                    ))
+                    )))
                 };
                 match cmd {
                     WalCommand::Write { done, .. } => drop(done.send(Err(err()))),
@@ -850,8 +862,8 @@ fn wal_loop(
                         pending.push((entry, done));
                     }
                     Err(e) => {
+                        fail_group(&mut writer, &mut pending, &mut broken, "append", &e);
                         let _ = done.send(Err(e));
-                        fail_group(&mut writer, &mut pending, &mut broken, "append");
                         fsync = false;
                     }
                 },
@@ -874,17 +886,25 @@ fn wal_loop(
     }
 }
 
-/// Fails every write appended since the last fsync and cuts them off the WAL.
+/// Fails every write appended since the last fsync, for `cause`, and cuts them off
+/// the WAL. A local disk's error (a full disk above all) stays an I/O error of its
+/// kind, so the caller can tell a client to come back later.
 fn fail_group(
     writer: &mut WalWriter,
     pending: &mut Vec<(WalEntry, oneshot::Sender<Result<()>>)>,
     broken: &mut Option<String>,
     what: &str,
+    cause: &StorageError,
 ) {
+    let failed = || {
+        let message = format!("WAL {what} failed, the write was not made durable: {cause}");
+        match cause {
+            StorageError::Io(e) => StorageError::Io(std::io::Error::new(e.kind(), message)),
+            _ => StorageError::Internal(message),
+        }
+    };
     for (_, done) in pending.drain(..) {
-        let _ = done.send(Err(StorageError::Internal(format!(
-            "WAL {what} failed; the write was not made durable"
-        ))));
+        let _ = done.send(Err(failed()));
     }
     if let Err(e) = writer.discard_unsynced() {
         tracing::error!(error = %e, "cannot cut failed writes off the WAL; refusing writes until restart");
@@ -905,7 +925,7 @@ fn commit_group(
     }
     if let Err(e) = writer.sync(fsync) {
         tracing::error!(error = %e, "WAL sync failed");
-        fail_group(writer, pending, broken, "sync");
+        fail_group(writer, pending, broken, "sync", &e);
         return;
     }
     {

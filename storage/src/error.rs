@@ -54,3 +54,15 @@ pub enum StorageError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+impl StorageError {
+    /// Whether the same request may succeed later without change: the engine is
+    /// busy or stopping, or the local disk or the object store failed (a full disk,
+    /// an unreachable store). Such an error is answered 503 with `Retry-After`.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::BufferFull(_) | Self::ShuttingDown | Self::Io(_) | Self::ObjectStore(_)
+        )
+    }
+}

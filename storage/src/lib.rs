@@ -35,6 +35,8 @@ pub mod engine;
 pub mod error;
 pub mod files;
 mod flush;
+#[cfg(test)]
+mod fuzz;
 pub mod gc;
 pub mod index;
 #[cfg(test)]

@@ -132,6 +132,21 @@ impl SeriesTable {
         self.series.is_empty()
     }
 
+    /// Whether a series with these tags (name, value) is known. A tag name the
+    /// table has never had makes a new series.
+    pub fn knows<'t>(&self, tags: impl IntoIterator<Item = (&'t str, &'t str)>) -> bool {
+        let mut values: Vec<Option<&str>> = vec![None; self.tag_slots.len()];
+        for (name, value) in tags {
+            match self.tag_slots.iter().position(|s| s == name) {
+                Some(slot) => values[slot] = Some(value),
+                None => return false,
+            }
+        }
+        let mut key = String::new();
+        Self::key(&mut key, &values);
+        self.index.contains_key(key.as_str())
+    }
+
     fn slot(slots: &mut Vec<String>, name: &str) -> usize {
         match slots.iter().position(|s| s == name) {
             Some(i) => i,

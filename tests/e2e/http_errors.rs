@@ -643,6 +643,82 @@ fn every_body_has_a_limit() {
     server.stop();
 }
 
+/// A line whose tags make a new series in a table at `--max-series-per-table` is
+/// rejected saying so, while lines of known series (and new series of other
+/// tables) are written; the limit counts the series known before a restart too.
+#[test]
+fn the_series_limit_rejects_new_series_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--max-series-per-table", "3"];
+    let server = Server::start_with(&data, &args);
+    server.write_ok(
+        DB,
+        "s",
+        "manhole,device=a tilt_deg=1 1764547200\nmanhole,device=b tilt_deg=1 1764547200",
+    );
+    let lines = [
+        "manhole,device=a tilt_deg=2 1764547260",
+        "manhole,device=c tilt_deg=2 1764547260",
+        "manhole,device=d tilt_deg=2 1764547260",
+        "manhole,device=c,district=x tilt_deg=2 1764547260",
+        "manhole,device=c tilt_deg=3 1764547320",
+        "parking,device=d occupied=t 1764547260",
+    ];
+    let (status, body) = no_5xx(&server, "series", server.write(DB, "s", lines.join("\n")));
+    assert_eq!(status, 400, "{body}");
+    let value: Value = serde_json::from_str(&body).unwrap();
+    let got: Vec<(u64, u64, String)> = value["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["line"].as_u64().unwrap(),
+                l["column"].as_u64().unwrap(),
+                l["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let lines_rejected: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert_eq!(lines_rejected, [3, 4], "{body}");
+    assert_eq!(got[0].1, 1);
+    assert!(
+        got[0].2.contains(
+            "table manhole has 3 series, the most allowed (3 with --max-series-per-table)"
+        ),
+        "{got:?}"
+    );
+    let written = "SELECT device, count(*) AS n FROM manhole GROUP BY device ORDER BY device";
+    let rows = |server: &Server| {
+        server
+            .query_json(DB, written)
+            .iter()
+            .map(|r| format!("{}={}", r["device"].as_str().unwrap(), r["n"]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(rows(&server), "a=2 b=1 c=2");
+    assert_eq!(count(&server, "SELECT count(*) AS n FROM parking"), 1);
+    server.flush(DB);
+    server.stop();
+    // After a restart the persisted registry still counts three series.
+    let server = Server::start_with(&data, &args);
+    let (status, body) = no_5xx(
+        &server,
+        "series after restart",
+        server.write(
+            DB,
+            "s",
+            "manhole,device=e tilt_deg=1 1764547380\nmanhole,device=b tilt_deg=4 1764547380",
+        ),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("this line's tags make a new one"), "{body}");
+    assert_eq!(rows(&server), "a=2 b=2 c=2");
+    server.stop();
+}
+
 /// Lines past the write limits (line length, string size, tables per database,
 /// columns per table; each configurable) are rejected one by one with what and
 /// where; the other lines are written.

@@ -84,6 +84,7 @@ impl From<QueryError> for ApiError {
             }
             QueryError::ResourcesExhausted(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, m),
             QueryError::Timeout(m) => Self::new(StatusCode::REQUEST_TIMEOUT, m),
+            QueryError::Unavailable(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, m),
             QueryError::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }
@@ -93,9 +94,8 @@ fn storage_status(e: &StorageError) -> StatusCode {
     match e {
         StorageError::InvalidInput(_) => StatusCode::BAD_REQUEST,
         StorageError::DatabaseNotFound(_) | StorageError::TableNotFound(_) => StatusCode::NOT_FOUND,
-        StorageError::ShuttingDown | StorageError::BufferFull(_) | StorageError::Fenced(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        e if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+        StorageError::Fenced(_) => StatusCode::SERVICE_UNAVAILABLE,
         StorageError::Conflict(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -121,7 +121,7 @@ impl From<IngestError> for ApiError {
         // The class comes from the fault, which the MQTT subscriber goes by too: a
         // 4xx is refused for good, a 503 or 500 of the store is worth retrying.
         let status = match (&e, e.fault()) {
-            (IngestError::Storage(s), Fault::Client) => storage_status(s),
+            (IngestError::Storage(s), Fault::Client | Fault::Store) => storage_status(s),
             (_, Fault::Client) => StatusCode::BAD_REQUEST,
             (_, Fault::Retry) => StatusCode::SERVICE_UNAVAILABLE,
             (_, Fault::Store | Fault::Bug) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -185,6 +185,11 @@ mod tests {
             IngestError::Storage(StorageError::Corrupt("crc".into())),
             IngestError::Storage(StorageError::Internal("the WAL is unusable".into())),
         ];
+        let full = IngestError::Storage(StorageError::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "WAL append failed",
+        )));
+        assert_eq!(ApiError::from(full).status, StatusCode::SERVICE_UNAVAILABLE);
         for e in errors {
             let fault = e.fault();
             let what = format!("{e:?}");
@@ -192,9 +197,13 @@ mod tests {
             match fault {
                 Fault::Client => assert!(status.is_client_error(), "{what}: {status}"),
                 Fault::Retry => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}"),
-                Fault::Store | Fault::Bug => {
-                    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{what}")
-                }
+                // A disk or object store failing is worth a retry; corrupt data a 500.
+                Fault::Store => assert!(
+                    status == StatusCode::SERVICE_UNAVAILABLE
+                        || status == StatusCode::INTERNAL_SERVER_ERROR,
+                    "{what}: {status}"
+                ),
+                Fault::Bug => assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{what}"),
             }
         }
     }
