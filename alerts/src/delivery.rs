@@ -1,76 +1,35 @@
-//! The outbox and the thread that empties it.
+//! The thread that empties the outbox.
 //!
-//! Every notification waits in the outbox, which `state.json` stores with the
-//! instance states. An entry is posted only once a stored `state.json` holds it,
-//! so a crash can neither lose it nor leave it told but unrecorded (which would
-//! tell it again after the restart). Per target, only the oldest entry may go:
-//! receivers see firing before resolved. A refused entry is tried again after
-//! [`backoff`]; an accepted one leaves the outbox (and the stored one with the
-//! next store, so a crash in between sends it again: at least once).
+//! A notification is posted only once the store holds it (its `outbox.jsonl`
+//! record and the `state.json` of its batch), so a crash can neither lose it nor
+//! leave it told but unrecorded (which would tell it again after the restart).
+//! Per target, only the oldest may go: receivers see firing before resolved. A
+//! refused one is tried again after [`crate::notify::backoff`]; an accepted one
+//! leaves the outbox (and the journal says so with the next batch, so a crash in
+//! between sends it again: at least once). Posting blocks on the receivers, so it
+//! happens here, never on an async worker, and without the engine's lock.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::engine::{lock, Inner, Shared};
-use crate::notify::{backoff, Notification, Target};
-use crate::store::Persisted;
+use crate::engine::{lock, Shared};
 
 /// The longest the delivery thread sleeps without looking at the outbox.
 const IDLE: Duration = Duration::from_secs(1);
 
-/// Adds a notification to the outbox, due at `now`.
-pub(crate) fn enqueue(state: &mut Persisted, rule_id: &str, target: Target, body: Value, now: i64) {
-    let id = state.next_id;
-    state.next_id += 1;
-    state.outbox.insert(
-        id,
-        Notification {
-            id,
-            rule_id: rule_id.to_string(),
-            target,
-            body,
-            attempts: 0,
-            next_attempt: now,
-            last_error: None,
-        },
-    );
-}
-
-/// The oldest entry of each target that a stored `state.json` holds.
-fn heads(inner: &Inner) -> Vec<&Notification> {
-    let mut heads: BTreeMap<&Target, &Notification> = BTreeMap::new();
-    for n in inner.state.outbox.values() {
-        heads.entry(&n.target).or_insert(n);
-    }
-    heads
-        .into_values()
-        .filter(|n| inner.unsaved.holds(n))
-        .collect()
-}
-
 impl Shared {
-    /// Posts due entries until none is due; returns how many posts were tried.
+    /// Posts due notifications until none is due; returns how many posts were tried.
     pub(crate) fn deliver_due(&self) -> usize {
         let mut tried = 0;
         loop {
-            let due: Vec<Notification> = {
-                let inner = lock(&self.inner);
-                let now = self.clock.now_nanos();
-                heads(&inner)
-                    .into_iter()
-                    .filter(|n| n.next_attempt <= now)
-                    .cloned()
-                    .collect()
-            };
+            let due = lock(&self.inner).outbox.due(self.clock.now_nanos());
             if due.is_empty() || self.stopping.load(Ordering::SeqCst) {
                 return tried;
             }
-            for n in due {
+            for posting in due {
                 tried += 1;
+                let n = &posting.notification;
                 let result = self.notifier.post(&n.target, &n.body);
                 let now = self.clock.now_nanos();
                 let mut inner = lock(&self.inner);
@@ -79,28 +38,26 @@ impl Shared {
                         self.stats
                             .notifications_sent
                             .fetch_add(1, Ordering::Relaxed);
-                        inner.state.outbox.remove(&n.id);
+                        inner.outbox.delivered(&posting);
                     }
                     Err(e) => {
                         self.stats
                             .notifications_failed
                             .fetch_add(1, Ordering::Relaxed);
-                        if let Some(entry) = inner.state.outbox.get_mut(&n.id) {
-                            entry.attempts += 1;
-                            entry.next_attempt = now + backoff(entry.attempts).as_nanos() as i64;
-                            tracing::warn!(target = %n.target.post_url(), attempts = entry.attempts, error = %e, "notification not delivered; will retry");
-                            entry.last_error = Some(e.to_string());
+                        if let Some(attempts) = inner.outbox.refused(n.id, e.to_string(), now) {
+                            tracing::warn!(target = %n.target.post_url(), attempts, error = %e, "notification not delivered; will retry");
                         }
                     }
                 }
-                self.mark_changed(&mut inner);
+                drop(inner);
+                self.outbox_changed(Vec::new());
             }
         }
     }
 }
 
-/// The delivery thread: sleeps until an entry is due (or [`IDLE`]), posts, and
-/// again, until the engine stops.
+/// The delivery thread: sleeps until a notification is due (or [`IDLE`]),
+/// posts, and again, until the engine stops.
 pub(crate) fn run(shared: Arc<Shared>) {
     loop {
         {
@@ -110,8 +67,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     return;
                 }
                 let now = shared.clock.now_nanos();
-                let next = heads(&inner).iter().map(|n| n.next_attempt).min();
-                let wait = match next {
+                let wait = match inner.outbox.next_due() {
                     Some(t) if t <= now => break,
                     Some(t) => Duration::from_nanos((t - now) as u64).min(IDLE),
                     None => IDLE,
@@ -144,7 +100,7 @@ mod tests {
         assert!(h.notifier.posts().is_empty());
         assert!(h.engine.store_now());
         assert_eq!(
-            h.stored_state()["outbox"]["0"]["body"]["alerts"][0]["labels"]["device"],
+            h.stored_outbox()["0"]["body"]["alerts"][0]["labels"]["device"],
             "mh-1",
             "stored before it is sent"
         );
@@ -167,7 +123,7 @@ mod tests {
         // Only the oldest entry of the target is tried; it is refused.
         assert_eq!(h.store_and_deliver(), 1);
         assert!(h.engine.store_now());
-        let outbox = h.stored_state()["outbox"].clone();
+        let outbox = h.stored_outbox().clone();
         assert_eq!(outbox.as_object().map(|o| o.len()), Some(2));
         assert_eq!(outbox["0"]["attempts"], 1);
         assert_eq!(outbox["0"]["next_attempt"], T0 + 6 * S);
@@ -211,7 +167,81 @@ mod tests {
         assert_eq!(stats.notifications_failed.load(Ordering::Relaxed), 2);
         assert_eq!(stats.notifications_sent.load(Ordering::Relaxed), 2);
         assert!(h.engine.store_now());
-        assert_eq!(h.stored_state()["outbox"], serde_json::json!({}));
-        assert_eq!(h.stored_state()["next_id"], 2);
+        assert_eq!(h.stored_outbox(), serde_json::json!({}));
+        assert_eq!(h.engine.outbox_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_the_oldest_and_counts_it() {
+        let h = Harness::with(crate::Driver::Caller, 3).await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.notifier.set_failing(true);
+        let devices = ["mh-1", "mh-2", "mh-3", "mh-4", "mh-5", "mh-6"];
+        for n in 1..=devices.len() {
+            let tilted: Vec<(&str, f64)> = devices[..n].iter().map(|d| (*d, 20.0)).collect();
+            h.queries.set_answer(TILTED, vec![answer(&tilted)]);
+            h.engine.evaluate_now(&id).await;
+            h.store_and_deliver();
+            h.advance(1.0);
+        }
+        assert_eq!(h.engine.outbox_len(), 3, "the limit holds");
+        let stats = h.engine.stats();
+        assert_eq!(stats.notifications_dropped.load(Ordering::Relaxed), 3);
+        let stored = h.stored_outbox();
+        assert_eq!(
+            stored
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["3".to_string(), "4".to_string(), "5".to_string()]),
+            "the newest three: {stored}"
+        );
+
+        // A restart finds the same three, and they go once the receiver is back.
+        let h = h.restart().await;
+        assert_eq!(h.engine.outbox_len(), 3);
+        h.notifier.set_failing(false);
+        h.advance(120.0);
+        assert_eq!(h.store_and_deliver(), 3);
+        let told: Vec<String> = h.told().into_iter().map(|(_, d)| d).collect();
+        assert_eq!(told, ["mh-4", "mh-5", "mh-6"]);
+    }
+
+    #[tokio::test]
+    async fn delivery_records_are_appended_not_rewritten() {
+        use std::os::unix::fs::MetadataExt;
+
+        let h = Harness::new().await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.notifier.set_failing(true);
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        assert!(h.engine.store_now());
+        let journal = h.dir.path().join("alerts/outbox.jsonl");
+        let state = h.dir.path().join("alerts/state.json");
+        let inode = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+        let (journal_inode, state_inode) = (inode(&journal), inode(&state));
+        let mut before = std::fs::read_to_string(&journal).unwrap();
+        assert_eq!(before.lines().count(), 1, "enqueued: {before}");
+
+        for (accepted, op) in [
+            (false, "attempted"),
+            (false, "attempted"),
+            (true, "delivered"),
+        ] {
+            h.notifier.set_failing(!accepted);
+            h.advance(60.0);
+            assert_eq!(h.engine.deliver_due(), 1);
+            assert!(h.engine.store_now());
+            let after = std::fs::read_to_string(&journal).unwrap();
+            let added = after.strip_prefix(&before).expect("the file only grows");
+            assert_eq!(added.lines().count(), 1, "one record: {added}");
+            let record: serde_json::Value = serde_json::from_str(added).unwrap();
+            assert_eq!(record["op"], op);
+            assert_eq!(inode(&journal), journal_inode, "the same file, appended to");
+            assert_eq!(inode(&state), state_inode, "state.json is not rewritten");
+            before = after;
+        }
+        assert_eq!(h.stored_outbox(), serde_json::json!({}));
     }
 }

@@ -17,6 +17,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::RuleError;
 use crate::fast_path::FastPath;
 use crate::notifier::{HttpNotifier, Notifier};
+use crate::notify::Notification;
+use crate::outbox::Outbox;
 use crate::queries::{EngineQueries, RuleQueries};
 use crate::rule::{Rule, RuleSpec, Timing};
 use crate::schedule::Schedule;
@@ -36,6 +38,8 @@ pub struct AlertStats {
     pub notifications_sent: AtomicU64,
     /// Notification attempts that failed (each is retried).
     pub notifications_failed: AtomicU64,
+    /// Notifications dropped, never delivered, to make room in a full outbox.
+    pub notifications_dropped: AtomicU64,
     /// Written batches the fast path checked.
     pub fast_path_batches: AtomicU64,
     /// Written batches the fast path had no room for.
@@ -91,6 +95,8 @@ pub(crate) struct Entry {
 pub(crate) struct Inner {
     pub rules: BTreeMap<String, Entry>,
     pub state: Persisted,
+    /// Notifications not yet accepted.
+    pub outbox: Outbox,
     pub history: History,
     pub unsaved: Unsaved,
     /// When each rule last posted its firing alerts to its Alertmanager again.
@@ -109,7 +115,7 @@ pub(crate) struct Shared {
     pub store_wake: Condvar,
     /// Wakes the delivery thread; paired with `inner`.
     pub outbox_wake: Condvar,
-    /// Held while `state.json` and `history.jsonl` are written.
+    /// Held while `outbox.jsonl`, `state.json` and `history.jsonl` are written.
     pub store_writer: Mutex<()>,
     /// Held by create, replace and delete from start to end, so `rules.json` is
     /// written in the order rules change.
@@ -129,9 +135,21 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// The states or the outbox changed: the store thread has work.
+    /// The states changed: the store thread has work.
     pub(crate) fn mark_changed(&self, inner: &mut Inner) {
         inner.unsaved.change();
+        self.store_wake.notify_all();
+    }
+
+    /// Only the outbox changed (the store thread appends its records); counts and
+    /// logs the notifications `dropped` to make room.
+    pub(crate) fn outbox_changed(&self, dropped: Vec<Notification>) {
+        for n in &dropped {
+            tracing::warn!(id = n.id, rule = %n.rule_id, target = %n.target.post_url(), attempts = n.attempts, "the alert outbox is full: the notification dropped to make room will never be delivered");
+        }
+        self.stats
+            .notifications_dropped
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
         self.store_wake.notify_all();
     }
 
@@ -150,8 +168,16 @@ impl Shared {
             inner.history.push(Event::of(&rule, c));
         }
         let now = self.clock.now_nanos();
+        let firing: Vec<String> = changes
+            .iter()
+            .filter(|c| c.to == "firing")
+            .map(|c| c.instance.fingerprint.clone())
+            .collect();
         for (target, body) in notify::messages(&rule, &changes) {
-            delivery::enqueue(&mut inner.state, &rule.id, target, body, now);
+            let dropped = inner
+                .outbox
+                .enqueue(&rule.id, target, body, firing.clone(), false, now);
+            self.outbox_changed(dropped);
         }
         self.mark_changed(inner);
     }
@@ -188,18 +214,21 @@ pub struct AlertEngine {
 
 impl AlertEngine {
     /// Opens the server's engine over `<data_dir>/alerts` with the real seams
-    /// ([`Seams::real`]), running in the background. `tables` starts serving the
-    /// alert system tables.
+    /// ([`Seams::real`]), running in the background, its outbox holding at most
+    /// `outbox_limit` notifications ([`crate::OUTBOX_LIMIT`] by default). `tables`
+    /// starts serving the alert system tables.
     pub async fn open(
         data_dir: &Path,
         query: QueryEngine,
         storage: Engine,
+        outbox_limit: usize,
         tables: &AlertTables,
     ) -> Result<Self, RuleError> {
         Self::open_with(
             data_dir,
             Seams::real(query, storage),
             Driver::Background,
+            outbox_limit,
             tables,
         )
         .await
@@ -208,15 +237,18 @@ impl AlertEngine {
     /// Opens the engine over `<data_dir>/alerts`: loads rules, states and the
     /// outbox, plans the rules again, and with [`Driver::Background`] starts
     /// every rule's task, the fast path, the store thread and the delivery thread.
+    /// A full outbox (`outbox_limit` notifications) drops one for each new one,
+    /// counted in [`AlertStats::notifications_dropped`].
     pub async fn open_with(
         data_dir: &Path,
         seams: Seams,
         driver: Driver,
+        outbox_limit: usize,
         tables: &AlertTables,
     ) -> Result<Self, RuleError> {
         let files = Files::new(data_dir);
         let (files, loaded) = tokio::task::spawn_blocking(move || {
-            let loaded = files.load();
+            let loaded = files.load(outbox_limit);
             (files, loaded)
         })
         .await
@@ -231,6 +263,7 @@ impl AlertEngine {
                 rules: BTreeMap::new(),
                 unsaved: Unsaved::loaded(&loaded.state),
                 state: loaded.state,
+                outbox: loaded.outbox,
                 history: loaded.history,
                 last_resend: HashMap::new(),
             }),
@@ -245,6 +278,9 @@ impl AlertEngine {
             driver,
             next_rule: AtomicU64::new(0),
         });
+        if loaded.earlier_state {
+            lock(&shared.inner).unsaved.change();
+        }
         let engine = Self { shared };
         for rule in loaded.rules {
             let entry = engine.reopen(rule).await?;
@@ -327,6 +363,11 @@ impl AlertEngine {
     /// Counters for `/metrics`.
     pub fn stats(&self) -> &AlertStats {
         &self.shared.stats
+    }
+
+    /// Notifications waiting in the outbox (not yet accepted).
+    pub fn outbox_len(&self) -> usize {
+        lock(&self.shared.inner).outbox.len()
     }
 
     /// Makes `entry` the rule of its id and, in the background, (re)starts its task.
@@ -504,9 +545,9 @@ impl AlertEngine {
         self.shared.check_queued().await;
     }
 
-    /// Writes the history and, if they changed, the states and the outbox, as the
-    /// store thread does; returns whether `state.json` is up to date. Blocks on
-    /// the disk: not for an async worker.
+    /// Writes the history, the outbox's new records and, if they changed, the
+    /// states, as the store thread does; returns whether the files are up to
+    /// date. Blocks on the disk: not for an async worker.
     pub fn store_now(&self) -> bool {
         self.shared.store_now()
     }
@@ -627,7 +668,7 @@ mod tests {
             .await
             .unwrap();
         assert!(h.states().is_empty(), "another query starts afresh");
-        let outbox = h.stored_state()["outbox"].clone();
+        let outbox = h.stored_outbox().clone();
         assert_eq!(
             outbox["1"]["body"]["status"], "resolved",
             "stored when replace returns: {outbox}"
@@ -638,10 +679,7 @@ mod tests {
         h.engine.evaluate_now(&id).await;
         h.engine.delete(&id).await.unwrap();
         assert!(h.states().is_empty());
-        assert_eq!(
-            h.stored_state()["outbox"]["3"]["body"]["status"],
-            "resolved"
-        );
+        assert_eq!(h.stored_outbox()["3"]["body"]["status"], "resolved");
         assert_eq!(h.stored_state()["instances"], json!({}));
         h.engine.deliver_due();
         assert_eq!(
@@ -663,19 +701,13 @@ mod tests {
         let mut spec = rule("tilted", TILTED, "0s", "0s");
         spec["every"] = json!("1s");
         h.create(spec).await.unwrap();
-        let stored_outbox = || {
-            std::fs::read(h.dir.path().join("alerts/state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .map(|v| v["outbox"].clone())
-        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(h.notifier.accepted().len() == 1 && stored_outbox() == Some(json!({}))) {
+        while !(h.notifier.accepted().len() == 1 && h.stored_outbox() == json!({})) {
             assert!(
                 Instant::now() < deadline,
                 "posted: {:?}, stored outbox: {:?}",
                 h.notifier.posts(),
-                stored_outbox()
+                h.stored_outbox()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -17,15 +17,17 @@
 //!    its series matches, and no longer returned when the series' newest reading
 //!    in a batch does not. Its scheduled task still runs, for `for` and
 //!    `keep_firing_for`.
-//! 4. `notify.rs` — changes worth telling become outbox entries (webhook version-4
-//!    JSON, Alertmanager `/api/v2/alerts`), appended with the history.
-//! 5. `store.rs` — a thread of its own writes the states and the outbox to
-//!    `<data-dir>/alerts/state.json` (write, fsync, rename) and appends the
-//!    history to `history.jsonl`, so no async worker waits on the disk.
-//! 6. `delivery.rs` — a thread posts each outbox entry once a stored `state.json`
-//!    holds it, oldest first per target, retrying with backoff until accepted: a
-//!    restart finds rules, states (with their `active_at`) and the outbox as they
-//!    were, and a firing instance stays firing without a second "firing" message.
+//! 4. `notify.rs` — changes worth telling become notifications (webhook version-4
+//!    JSON, Alertmanager `/api/v2/alerts`) in the bounded outbox (`outbox.rs`),
+//!    where a re-send to an Alertmanager merges into the one still waiting.
+//! 5. `store.rs` — a thread of its own appends the outbox's records to
+//!    `<data-dir>/alerts/outbox.jsonl` (one fsync per batch), then writes the
+//!    states to `state.json` (write, fsync, rename) when they changed, and appends
+//!    the history to `history.jsonl`, so no async worker waits on the disk.
+//! 6. `delivery.rs` — a thread posts each notification once the store holds it,
+//!    oldest first per target, retrying with backoff until accepted: a restart
+//!    finds rules, states (with their `active_at`) and the outbox as they were,
+//!    and a firing instance stays firing without a second "firing" message.
 //! 7. `views.rs` — what `/api/v1/rules` and `/api/v1/alerts` show, and the
 //!    `system.rules`, `system.alerts` and `system.alert_events` tables.
 //!
@@ -40,6 +42,7 @@ pub mod error;
 mod fast_path;
 pub mod notifier;
 pub mod notify;
+mod outbox;
 pub mod queries;
 pub mod rows;
 pub mod rule;
@@ -54,5 +57,6 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{AlertEngine, AlertStats, Driver, Seams};
 pub use error::RuleError;
 pub use notifier::{DeliveryError, HttpNotifier, Notifier, RecordingNotifier};
+pub use outbox::OUTBOX_LIMIT;
 pub use queries::{EngineQueries, MemoryQueries, RuleQueries};
 pub use views::AlertTables;

@@ -53,6 +53,14 @@ pub struct Notification {
     pub next_attempt: i64,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
+    /// The fingerprints of the alerts it tells are firing: a re-send of one of
+    /// them while this waits would say nothing new.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firing: Vec<String>,
+    /// A re-send of a rule's firing alerts to its Alertmanager: the next re-send
+    /// replaces it rather than waiting behind it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resend: bool,
 }
 
 /// Delay before retry number `attempts` (1 s, 2 s, 4 s ... at most 60 s).

@@ -74,8 +74,76 @@ const RESERVED_LABELS: [&str; 3] = ["alertname", "department", "severity"];
 
 /// Shortest evaluation interval.
 const MIN_EVERY: Duration = Duration::from_secs(1);
+/// Longest evaluation interval: the rule's task adds it to the clock, and a
+/// duration near `u64::MAX` seconds would overflow it.
+const MAX_EVERY: Duration = Duration::from_secs(366 * 86_400);
+
+/// Every field of a rule with the type its JSON value must have.
+const FIELDS: [(&str, JsonType); 12] = [
+    ("name", JsonType::String),
+    ("department", JsonType::String),
+    ("sql", JsonType::String),
+    ("db", JsonType::String),
+    ("every", JsonType::String),
+    ("for", JsonType::String),
+    ("keep_firing_for", JsonType::String),
+    ("severity", JsonType::String),
+    ("labels", JsonType::StringMap),
+    ("annotations", JsonType::StringMap),
+    ("webhook", JsonType::OptionalString),
+    ("alertmanager", JsonType::OptionalString),
+];
+
+#[derive(Clone, Copy)]
+enum JsonType {
+    String,
+    OptionalString,
+    StringMap,
+}
+
+impl JsonType {
+    fn admits(self, v: &serde_json::Value) -> bool {
+        match self {
+            Self::String => v.is_string(),
+            Self::OptionalString => v.is_string() || v.is_null(),
+            Self::StringMap => v
+                .as_object()
+                .is_some_and(|m| m.values().all(serde_json::Value::is_string)),
+        }
+    }
+}
 
 impl RuleSpec {
+    /// Reads a rule from a request body. Every mistake says where it is: the line
+    /// and column of JSON that does not parse, the field that is missing, unknown,
+    /// repeated or of the wrong type, or that the body is not a JSON object.
+    pub fn from_json(body: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(body).map_err(|e| {
+            let message = e.to_string();
+            // serde names missing, unknown and repeated fields itself, but not one
+            // whose value has the wrong type: find it.
+            if !e.is_data() || !message.starts_with("invalid ") {
+                return message;
+            }
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(serde_json::Value::Object(fields)) => {
+                    let wrong: Vec<&str> = FIELDS
+                        .iter()
+                        .filter(|(name, ty)| fields.get(*name).is_some_and(|v| !ty.admits(v)))
+                        .map(|(name, _)| *name)
+                        .collect();
+                    match wrong.as_slice() {
+                        [] => message,
+                        [one] => format!("{one}: {message}"),
+                        many => format!("{}: {message}", many.join(", ")),
+                    }
+                }
+                Ok(_) => format!("the rule must be a JSON object of its fields: {message}"),
+                Err(_) => message,
+            }
+        })
+    }
+
     /// Checks everything but the SQL; returns the parsed durations or what is wrong.
     pub fn check(&self) -> Result<Timing, String> {
         if self.name.trim().is_empty() {
@@ -112,6 +180,13 @@ impl RuleSpec {
                 self.every
             ));
         }
+        if timing.every > MAX_EVERY {
+            return Err(format!(
+                "every must be at most {}d, got {}",
+                MAX_EVERY.as_secs() / 86_400,
+                self.every
+            ));
+        }
         for key in self.labels.keys() {
             if RESERVED_LABELS.contains(&key.as_str()) {
                 return Err(format!(
@@ -120,7 +195,7 @@ impl RuleSpec {
             }
             if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!(
-                    "label name '{key}' must be letters, digits and '_'"
+                    "labels: the name '{key}' must be letters, digits and '_'"
                 ));
             }
         }
@@ -155,6 +230,9 @@ pub struct Rule {
     /// When it was registered or last replaced, RFC 3339.
     pub updated_at: String,
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -194,9 +272,41 @@ mod tests {
             "may not set 'severity'",
         );
         bad(&|s| s.name = " ".into(), "name");
-        let unknown = serde_json::from_str::<RuleSpec>(
-            r#"{"name": "x", "department": "d", "db": "c", "sql": "SELECT 1", "evry": "1s"}"#,
+        let unknown = RuleSpec::from_json(
+            br#"{"name": "x", "department": "d", "db": "c", "sql": "SELECT 1", "evry": "1s"}"#,
         );
-        assert!(unknown.unwrap_err().to_string().contains("evry"));
+        assert!(unknown.unwrap_err().contains("evry"));
+    }
+
+    /// A regression case of `rule::fuzz`: an `every` of hundreds of billions of
+    /// days passed the checks, and the rule's task panicked adding it to the clock
+    /// after its first evaluation, so the rule was never evaluated again.
+    #[tokio::test]
+    async fn every_is_at_most_a_year_so_the_schedule_can_add_it() {
+        let mut s = spec();
+        s.every = "213503982334601d".into();
+        let err = s.check().unwrap_err();
+        assert_eq!(err, "every must be at most 366d, got 213503982334601d");
+        s.every = "366d".into();
+        let timing = s.check().unwrap();
+        let mut interval = tokio::time::interval(timing.every);
+        interval.tick().await;
+    }
+
+    /// A regression case of `rule::fuzz`: a field of the wrong type was refused
+    /// with serde's "invalid type" and a column, without naming the field.
+    #[test]
+    fn a_field_of_the_wrong_type_is_named() {
+        let err =
+            RuleSpec::from_json(br#"{"name": 5, "department": "d", "db": "c", "sql": "SELECT 1"}"#)
+                .unwrap_err();
+        assert!(err.starts_with("name: invalid type: integer `5`"), "{err}");
+        let err = RuleSpec::from_json(br#"{"name": "n", "department": "d", "db": "c", "sql": "SELECT 1", "labels": {"a": 1}}"#)
+            .unwrap_err();
+        assert!(err.starts_with("labels: invalid type"), "{err}");
+        let err = RuleSpec::from_json(b"[1]").unwrap_err();
+        assert!(err.starts_with("the rule must be a JSON object"), "{err}");
+        let err = RuleSpec::from_json(br#"{"name": "n""#).unwrap_err();
+        assert!(err.contains("line 1 column 12"), "{err}");
     }
 }

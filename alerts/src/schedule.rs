@@ -4,7 +4,9 @@
 //!
 //! Firing alerts are also posted again to a rule's Alertmanager every
 //! [`ALERTMANAGER_RESEND`]: it forgets alerts not heard of for its
-//! `resolve_timeout` (5 minutes by default).
+//! `resolve_timeout` (5 minutes by default). While it is down, a re-send merges
+//! into the one still waiting (`outbox.rs`), so the outbox holds one
+//! notification per firing alert however long the outage.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -14,7 +16,6 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::delivery;
 use crate::engine::{lock, Inner, Shared};
 use crate::notify::{self, Target};
 use crate::rows;
@@ -137,7 +138,7 @@ impl Shared {
             return;
         }
         inner.last_resend.insert(rule.id.clone(), now);
-        let firing: Vec<Value> = inner
+        let firing: Vec<(String, Value)> = inner
             .state
             .instances
             .get(&rule.id)
@@ -145,26 +146,23 @@ impl Shared {
                 r.active
                     .values()
                     .filter(|i| i.state == State::Firing)
-                    .map(|i| notify::alertmanager_alert(i, None))
+                    .map(|i| (i.fingerprint.clone(), notify::alertmanager_alert(i, None)))
                     .collect()
             })
             .unwrap_or_default();
         if !firing.is_empty() {
-            delivery::enqueue(
-                &mut inner.state,
-                &rule.id,
-                Target::Alertmanager(url.clone()),
-                Value::Array(firing),
-                now,
-            );
-            self.mark_changed(inner);
+            let dropped =
+                inner
+                    .outbox
+                    .resend(&rule.id, Target::Alertmanager(url.clone()), firing, now);
+            self.outbox_changed(dropped);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use crate::testing::{answer, at, rule, Harness, TILTED};
 
@@ -368,5 +366,74 @@ mod tests {
         assert_eq!(again.target.post_url(), "http://am.test:9093/api/v2/alerts");
         assert_eq!(again.body[0]["labels"]["device"], "mh-1");
         assert!(again.body[0].get("endsAt").is_none(), "still firing");
+    }
+
+    #[tokio::test]
+    async fn an_alertmanager_outage_leaves_one_notification_per_firing_alert() {
+        let h = Harness::new().await;
+        let mut spec = rule("tilted", TILTED, "0s", "0s");
+        spec["alertmanager"] = json!("http://am.test:9093/");
+        spec.as_object_mut().unwrap().remove("webhook");
+        let id = h.create(spec).await.unwrap();
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        assert_eq!(h.store_and_deliver(), 1, "mh-1 fired and was told");
+        // The Alertmanager goes down; mh-2 fires during the outage.
+        h.notifier.set_failing(true);
+        h.advance(15.0);
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0), ("mh-2", 30.0)])]);
+        // Half an hour of evaluations: 30 re-sends of both.
+        for _ in 0..120 {
+            h.engine.evaluate_now(&id).await;
+            h.store_and_deliver();
+            h.advance(15.0);
+        }
+        assert_eq!(
+            h.engine.outbox_len(),
+            2,
+            "mh-2's firing message and one re-send"
+        );
+        let stored = h.stored_outbox();
+        let waiting: Vec<(bool, Vec<Value>)> = stored
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| {
+                let devices = n["body"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a["labels"]["device"].clone())
+                    .collect();
+                (n["resend"] == true, devices)
+            })
+            .collect();
+        assert_eq!(
+            waiting,
+            [(false, vec![json!("mh-2")]), (true, vec![json!("mh-1")])],
+            "one notification per alert instance: {stored}"
+        );
+        assert_eq!(
+            h.engine
+                .stats()
+                .notifications_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+
+        // Back up: both go, and the outbox is empty.
+        h.notifier.set_failing(false);
+        h.advance(60.0);
+        assert_eq!(h.store_and_deliver(), 2);
+        assert!(h.engine.store_now());
+        assert_eq!(h.stored_outbox(), json!({}));
+        let last: Vec<Value> = h.notifier.accepted()[1..]
+            .iter()
+            .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+            .map(|a| a["labels"]["device"].clone())
+            .collect();
+        assert_eq!(last, [json!("mh-2"), json!("mh-1")]);
     }
 }

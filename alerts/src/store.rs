@@ -3,16 +3,27 @@
 //!
 //! - `rules.json`: the registered rules, replaced whole (write, fsync, rename) by
 //!   create, replace and delete, on the blocking pool, before they answer.
-//! - `state.json`: every rule's instances, the outbox and its next id, replaced
-//!   whole by the store thread after changes. Changes made while one write runs go
-//!   in the next, so a burst costs one fsync rather than one per change. An outbox
-//!   entry is posted only once a stored `state.json` holds it: a crash may lose
-//!   changes not yet stored, but then it lost their notifications with them, so
-//!   after the restart the change is made again and told once.
+//! - `outbox.jsonl`: the outbox's journal (`outbox.rs`): records of notifications
+//!   enqueued, re-sends merged, attempts, deliveries and drops, appended by the
+//!   store thread with one fsync per batch and rewritten only once it is twice
+//!   as long as the outbox.
+//! - `state.json`: every rule's instances and the epoch (how many times it has
+//!   been written), replaced whole by the store thread when instances changed,
+//!   after the batch's outbox records. Changes made while one batch is written go
+//!   in the next, so a burst costs one fsync of each file rather than one per
+//!   change. A notification is posted only once the journal and the states of its
+//!   batch are stored: a crash may lose changes not yet stored, but then it lost
+//!   their notifications with them (records newer than the stored epoch are
+//!   ignored), so after the restart the change is made again and told once.
+//!   Earlier versions kept the outbox in `state.json`; it is read from there
+//!   while no journal exists.
 //! - `history.jsonl`: state changes, appended by the same thread just before the
-//!   states, not fsynced (the history informs; states and outbox are what must
+//!   rest, not fsynced (the history informs; states and outbox are what must
 //!   survive), and rewritten with only the kept changes once it has grown to
 //!   twice their number.
+//!
+//! Only the store thread, the blocking pool and a caller driving the engine by
+//! hand ([`crate::Driver::Caller`]) write these files; async code hands over.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -21,13 +32,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use citytsdb_storage::files::write_atomically;
+use citytsdb_storage::files::{sync_dir, write_atomically};
 use citytsdb_storage::paths;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{lock, Shared};
 use crate::error::RuleError;
 use crate::notify::Notification;
+use crate::outbox::{JournalWrite, Outbox, Record};
 use crate::rule::Rule;
 use crate::state::{Change, RuleInstances};
 
@@ -41,10 +53,18 @@ const RETRY: Duration = Duration::from_secs(1);
 pub(crate) struct Persisted {
     /// Each rule's active instances, by rule id.
     pub instances: BTreeMap<String, RuleInstances>,
-    /// Notifications not yet accepted, by id (their order).
-    pub outbox: BTreeMap<u64, Notification>,
-    /// The id of the next notification.
-    pub next_id: u64,
+    /// How many times `state.json` has been written (0 in earlier versions' files).
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// The outbox as earlier versions kept it, in `state.json`.
+#[derive(Debug, Default, Deserialize)]
+struct EarlierOutbox {
+    #[serde(default)]
+    outbox: BTreeMap<u64, Notification>,
+    #[serde(default)]
+    next_id: u64,
 }
 
 /// One state change as the history keeps it: a line of `history.jsonl`.
@@ -123,34 +143,29 @@ impl History {
     }
 }
 
-/// How far `state.json` is behind the states and the outbox in memory.
+/// How far `state.json` is behind the states in memory.
 #[derive(Debug, Default)]
 pub(crate) struct Unsaved {
-    /// Counts changes to the states and the outbox.
+    /// Counts changes to the states.
     changed: u64,
     /// The count the stored `state.json` includes.
     stored: u64,
-    /// Outbox entries with a smaller id are in the stored `state.json`.
-    stored_below: u64,
+    /// The epoch of the stored `state.json`.
+    epoch: u64,
 }
 
 impl Unsaved {
     /// Right after loading: everything in memory came from the disk.
     pub fn loaded(state: &Persisted) -> Self {
         Self {
-            stored_below: state.next_id,
+            epoch: state.epoch,
             ..Self::default()
         }
     }
 
-    /// The states or the outbox changed.
+    /// The states changed.
     pub fn change(&mut self) {
         self.changed += 1;
-    }
-
-    /// Whether a stored `state.json` holds `notification`, so it may be posted.
-    pub fn holds(&self, notification: &Notification) -> bool {
-        notification.id < self.stored_below
     }
 
     fn behind(&self) -> bool {
@@ -162,6 +177,10 @@ impl Unsaved {
 pub(crate) struct Loaded {
     pub rules: Vec<Rule>,
     pub state: Persisted,
+    /// `state.json` is an earlier version's (the outbox in it): the first store
+    /// writes it anew, after the journal.
+    pub earlier_state: bool,
+    pub outbox: Outbox,
     pub history: History,
 }
 
@@ -171,7 +190,11 @@ pub(crate) struct Files {
     dir: PathBuf,
     rules: PathBuf,
     state: PathBuf,
+    outbox: PathBuf,
     history: PathBuf,
+    /// The threads that touched the disk, for the test that none is the runtime's.
+    #[cfg(test)]
+    pub(crate) disk_threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
 }
 
 fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, RuleError> {
@@ -193,22 +216,45 @@ impl Files {
             dir: paths::alerts_dir(data_dir),
             rules: paths::alert_rules_file(data_dir),
             state: paths::alert_state_file(data_dir),
+            outbox: paths::alert_outbox_file(data_dir),
             history: paths::alert_history_file(data_dir),
+            #[cfg(test)]
+            disk_threads: std::sync::Mutex::default(),
         }
     }
 
-    /// Reads rules, states, outbox and history (creating the directory the first
-    /// time). Blocks on the disk.
-    pub fn load(&self) -> Result<Loaded, RuleError> {
+    fn on_disk(&self) {
+        #[cfg(test)]
+        crate::engine::lock(&self.disk_threads).push(std::thread::current().id());
+    }
+
+    /// Reads rules, states, outbox (holding at most `outbox_limit`) and history,
+    /// creating the directory the first time and cutting a torn last line off
+    /// the history. Blocks on the disk.
+    pub fn load(&self, outbox_limit: usize) -> Result<Loaded, RuleError> {
+        self.on_disk();
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| RuleError::Internal(format!("creating {}: {e}", self.dir.display())))?;
         let rules = read_json(&self.rules)?;
-        let state = read_json(&self.state)?;
+        let (state, outbox) = self.read_state(outbox_limit)?;
+        // This version's state.json has been written at least once: epoch 1.
+        let earlier_state = state.epoch == 0 && self.state.exists();
         let mut history = History::default();
-        if let Ok(text) = std::fs::read_to_string(&self.history) {
-            for line in text.lines() {
+        if let Some(text) = read_text(&self.history)? {
+            let whole = text.rfind('\n').map_or(0, |end| end + 1);
+            if whole < text.len() {
+                // A torn last line (a crash mid-append) goes, or the next line
+                // would be appended to it.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.history)
+                    .and_then(|f| f.set_len(whole as u64))
+                    .map_err(|e| {
+                        RuleError::Internal(format!("cutting {}: {e}", self.history.display()))
+                    })?;
+            }
+            for line in text[..whole].lines() {
                 history.file_lines += 1;
-                // A torn last line (a crash mid-append) is skipped.
                 if let Ok(e) = serde_json::from_str::<Event>(line) {
                     history.kept.push_back(e);
                     if history.kept.len() > HISTORY {
@@ -220,13 +266,31 @@ impl Files {
         Ok(Loaded {
             rules,
             state,
+            earlier_state,
+            outbox,
             history,
         })
+    }
+
+    /// Reads the states and the outbox (holding at most `outbox_limit`): the
+    /// journal's records up to the stored epoch or, before there was a journal,
+    /// the outbox in `state.json`. Changes nothing. Blocks on the disk.
+    pub fn read_state(&self, outbox_limit: usize) -> Result<(Persisted, Outbox), RuleError> {
+        let state: Persisted = read_json(&self.state)?;
+        let outbox = match read_text(&self.outbox)? {
+            Some(text) => Outbox::replay(&text, state.epoch, outbox_limit),
+            None => {
+                let earlier: EarlierOutbox = read_json(&self.state)?;
+                Outbox::from_state_file(earlier.outbox, earlier.next_id, outbox_limit)
+            }
+        };
+        Ok((state, outbox))
     }
 
     /// Replaces `rules.json` with `rules`; durable when it returns. Blocks on the
     /// disk: call it on the blocking pool.
     pub fn write_rules(&self, rules: &[Rule]) -> Result<(), RuleError> {
+        self.on_disk();
         let bytes =
             serde_json::to_vec_pretty(rules).map_err(|e| RuleError::Internal(e.to_string()))?;
         write_atomically(&self.rules, &bytes)
@@ -234,6 +298,7 @@ impl Files {
     }
 
     fn write_history(&self, write: HistoryWrite) {
+        self.on_disk();
         let text = |events: &[Event]| {
             let mut out = String::new();
             for e in events {
@@ -258,52 +323,111 @@ impl Files {
             tracing::warn!(error = %e, "cannot append to the alert history file");
         }
     }
+
+    /// Appends records to `outbox.jsonl` and fsyncs it, or replaces it whole.
+    fn write_outbox(&self, write: JournalWrite) -> std::io::Result<()> {
+        self.on_disk();
+        let text = |records: &[Record]| -> std::io::Result<Vec<u8>> {
+            let mut out = Vec::new();
+            for r in records {
+                serde_json::to_writer(&mut out, r)?;
+                out.push(b'\n');
+            }
+            Ok(out)
+        };
+        match write {
+            JournalWrite::Rewrite(records) => write_atomically(&self.outbox, &text(&records)?),
+            JournalWrite::Append(records) => {
+                let created = !self.outbox.exists();
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.outbox)?;
+                f.write_all(&text(&records)?)?;
+                f.sync_data()?;
+                if created {
+                    sync_dir(&self.dir)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn write_state(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.on_disk();
+        write_atomically(&self.state, bytes)
+    }
+}
+
+/// Reads `path` as text; `None` when it does not exist.
+fn read_text(path: &Path) -> Result<Option<String>, RuleError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(RuleError::Internal(format!(
+            "reading {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 impl Shared {
-    /// Writes what changed since the last store: the new history lines, then
-    /// `state.json`; outbox entries it holds may be posted once it returns.
-    /// Returns whether `state.json` is now up to date. Blocks on the disk.
+    /// Writes what changed since the last store: the new history lines, the
+    /// outbox's new records (fsynced), then `state.json` if the states changed;
+    /// the notifications they hold may be posted once it returns. Returns whether
+    /// the files are now up to date. Blocks on the disk: the store thread's, the
+    /// blocking pool's or a test's to call.
     pub(crate) fn store_now(&self) -> bool {
-        // One writer at a time: the store thread, a shutdown, or a caller.
+        // One writer at a time: the store thread, a rule change, a shutdown, or a caller.
         let _writer = lock(&self.store_writer);
-        let (history, state) = {
-            let mut inner = lock(&self.inner);
+        let (history, journal, state, changes) = {
+            let mut guard = lock(&self.inner);
+            let inner = &mut *guard;
             let history = inner.history.take_unwritten();
             let state = inner.unsaved.behind().then(|| {
+                let epoch = inner.unsaved.epoch + 1;
+                inner.state.epoch = epoch;
                 (
                     serde_json::to_vec(&inner.state),
                     inner.unsaved.changed,
-                    inner.state.next_id,
+                    epoch,
                 )
             });
-            (history, state)
+            let epoch = state.as_ref().map_or(inner.unsaved.epoch, |s| s.2);
+            let journal = inner.outbox.take_unwritten(epoch);
+            (history, journal, state, inner.outbox.changes())
         };
         if let Some(history) = history {
             self.files.write_history(history);
         }
-        let Some((bytes, changed, next_id)) = state else {
-            return true;
-        };
-        let written = bytes
-            .map_err(std::io::Error::other)
-            .and_then(|b| write_atomically(&self.files.state, &b));
-        match written {
-            Ok(()) => {
-                let mut inner = lock(&self.inner);
-                let unsaved = &mut inner.unsaved;
-                unsaved.stored = unsaved.stored.max(changed);
-                unsaved.stored_below = unsaved.stored_below.max(next_id);
-                let up_to_date = !unsaved.behind();
-                drop(inner);
-                self.outbox_wake.notify_all();
-                up_to_date
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot store the alert states and outbox; notifications wait until they are stored");
-                false
+        if let Some(journal) = journal {
+            if let Err(e) = self.files.write_outbox(journal) {
+                tracing::error!(error = %e, "cannot append to the alert outbox journal; notifications wait until it is written");
+                lock(&self.inner).outbox.write_failed();
+                return false;
             }
         }
+        if let Some((bytes, _, _)) = &state {
+            let written = match bytes {
+                Ok(b) => self.files.write_state(b),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            if let Err(e) = written {
+                tracing::error!(error = %e, "cannot store the alert states; notifications wait until they are stored");
+                return false;
+            }
+        }
+        let mut inner = lock(&self.inner);
+        if let Some((_, changed, epoch)) = state {
+            let unsaved = &mut inner.unsaved;
+            unsaved.stored = unsaved.stored.max(changed);
+            unsaved.epoch = unsaved.epoch.max(epoch);
+        }
+        inner.outbox.stored_up_to(changes);
+        let up_to_date = !inner.unsaved.behind() && !inner.outbox.has_unwritten();
+        drop(inner);
+        self.outbox_wake.notify_all();
+        up_to_date
     }
 }
 
@@ -313,7 +437,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
     loop {
         {
             let mut inner = lock(&shared.inner);
-            while !inner.unsaved.behind() && inner.history.unwritten.is_empty() {
+            while !inner.unsaved.behind()
+                && inner.history.unwritten.is_empty()
+                && !inner.outbox.has_unwritten()
+            {
                 if shared.stopping.load(Ordering::SeqCst) {
                     return;
                 }
@@ -329,7 +456,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
         let stored = shared.store_now();
         // A failed write is retried, but not in a tight loop.
-        if !stored && lock(&shared.inner).unsaved.behind() {
+        let behind = {
+            let inner = lock(&shared.inner);
+            inner.unsaved.behind() || inner.outbox.has_unwritten()
+        };
+        if !stored && behind {
             std::thread::sleep(RETRY);
         }
     }
@@ -338,6 +469,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::OUTBOX_LIMIT;
 
     fn event(n: i64) -> Event {
         Event {
@@ -376,20 +508,32 @@ mod tests {
         files.write_history(HistoryWrite::Rewrite(kept));
         assert!(history.take_unwritten().is_none());
 
-        // A torn last line is skipped on load.
+        // A torn last line is cut off on load, so the next line starts afresh.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&files.history)
             .unwrap()
             .write_all(b"{\"time\": 5, \"rule")
             .unwrap();
-        let loaded = files.load().unwrap();
-        assert_eq!(loaded.history.file_lines, HISTORY + 1);
+        let mut loaded = files.load(OUTBOX_LIMIT).unwrap();
+        assert_eq!(loaded.history.file_lines, HISTORY);
         assert_eq!(loaded.history.events().count(), HISTORY);
         assert_eq!(loaded.history.events().last().map(|e| e.time), Some(-1));
+        loaded.history.push(event(-2));
+        let Some(HistoryWrite::Append(lines)) = loaded.history.take_unwritten() else {
+            panic!("one line is appended");
+        };
+        files.write_history(HistoryWrite::Append(lines));
+        let loaded = files.load(OUTBOX_LIMIT).unwrap();
+        assert_eq!(loaded.history.file_lines, HISTORY + 1);
+        assert_eq!(loaded.history.events().last().map(|e| e.time), Some(-2));
     }
 
     use crate::rows::instance_fingerprint;
+
+    fn alerts_file(h: &Harness, name: &str) -> PathBuf {
+        h.dir.path().join("alerts").join(name)
+    }
     use crate::testing::{answer, at, rule, Harness, HOOK, T0, TILTED, TILTED_LONG};
 
     #[tokio::test]
@@ -431,7 +575,7 @@ mod tests {
             rules.iter().map(same).collect::<Vec<_>>()
         );
         assert_eq!(h.states(), before, "states and their times survive");
-        let outbox = h.stored_state()["outbox"].clone();
+        let outbox = h.stored_outbox().clone();
         assert_eq!(outbox.as_object().map(|o| o.len()), Some(1));
         assert_eq!(outbox["1"]["attempts"], 1);
         assert_eq!(outbox["1"]["body"]["alerts"][0]["labels"]["device"], "mh-3");
@@ -544,9 +688,147 @@ mod tests {
         );
         assert_eq!(h.told(), [("firing".to_string(), "mh-1".to_string())]);
         assert!(h.engine.store_now());
+        assert_eq!(h.stored_outbox(), serde_json::json!({}));
         let stored = h.stored_state();
-        assert_eq!(stored["outbox"], serde_json::json!({}));
-        assert_eq!(stored["next_id"], 8);
+        assert!(stored.get("outbox").is_none(), "now in outbox.jsonl");
+        assert_eq!(stored["epoch"], 1);
         assert_eq!(stored["instances"][id]["active"][&fp]["active_at"], T0);
+        // Ids go on from the earlier file's next_id.
+        h.queries.set_answer(TILTED, vec![]);
+        h.engine.evaluate_now(id).await;
+        assert!(h.engine.store_now());
+        assert_eq!(
+            h.stored_outbox()["8"]["body"]["alerts"][0]["status"],
+            "resolved"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_outbox_journal_as_this_version_writes_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = dir.path().join("alerts");
+        std::fs::create_dir_all(&alerts).unwrap();
+        let (id, hook) = ("0123456789abcdef", HOOK);
+        std::fs::write(
+            alerts.join("state.json"),
+            format!(r#"{{"instances":{{"{id}":{{"active":{{}}}}}},"epoch":4}}"#),
+        )
+        .unwrap();
+        let enqueued = |epoch: u64, n: u64, extra: &str| {
+            format!(
+                r#"{{"op":"enqueued","epoch":{epoch},"notification":{{"id":{n},"rule_id":"{id}","target":{{"kind":"webhook","url":"{hook}"}},"body":{{"n":{n}}},"attempts":0,"next_attempt":{T0},"last_error":null{extra}}}}}"#
+            )
+        };
+        let lines = [
+            enqueued(3, 0, ""),
+            enqueued(3, 1, r#","firing":["f1"]"#),
+            enqueued(4, 2, r#","firing":["f2"],"resend":true"#),
+            r#"{"op":"attempted","id":1,"attempts":2,"next_attempt":5,"last_error":"POST: answered 503"}"#.into(),
+            r#"{"op":"replaced","epoch":4,"id":2,"body":{"n":22},"firing":["f3"]}"#.into(),
+            r#"{"op":"delivered","id":0}"#.into(),
+            enqueued(4, 3, ""),
+            r#"{"op":"dropped","id":3}"#.into(),
+            // A batch whose state.json (epoch 5) was never written, then a torn record.
+            enqueued(5, 4, ""),
+            r#"{"op":"deliv"#.into(),
+        ];
+        std::fs::write(alerts.join("outbox.jsonl"), lines.join("\n")).unwrap();
+
+        let h = Harness::new().await;
+        let h = Harness { dir, ..h }.restart().await;
+        let outbox = h.stored_outbox();
+        assert_eq!(
+            outbox
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["1".to_string(), "2".to_string()])
+        );
+        assert_eq!(outbox["1"]["attempts"], 2);
+        assert_eq!(outbox["1"]["firing"], serde_json::json!(["f1"]));
+        assert_eq!(outbox["2"]["body"], serde_json::json!({"n": 22}));
+        assert_eq!(outbox["2"]["resend"], true);
+        assert_eq!(h.engine.outbox_len(), 2);
+        // The first store rewrites the journal without the unstored and torn records.
+        assert!(h.engine.store_now());
+        let text = std::fs::read_to_string(alerts_file(&h, "outbox.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.ends_with('\n'));
+    }
+
+    #[tokio::test]
+    async fn a_torn_journal_tail_loads_cleanly_and_tells_nothing_twice() {
+        let h = Harness::new().await;
+        let id = h.create(rule("tilted", TILTED, "0s", "0s")).await.unwrap();
+        h.notifier.set_failing(true);
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        h.engine.evaluate_now(&id).await;
+        assert_eq!(h.store_and_deliver(), 1);
+        assert!(h.engine.store_now());
+        let before = h.stored_outbox();
+        // Killed halfway through appending the next record.
+        let journal = alerts_file(&h, "outbox.jsonl");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal)
+            .unwrap()
+            .write_all(br#"{"op":"delivered","#)
+            .unwrap();
+
+        let h = h.restart().await;
+        assert_eq!(h.stored_outbox(), before, "the torn record is ignored");
+        assert_eq!(h.engine.outbox_len(), 1);
+        h.notifier.set_failing(false);
+        h.advance(10.0);
+        h.engine.evaluate_now(&id).await;
+        assert_eq!(h.store_and_deliver(), 1);
+        assert!(h.engine.store_now());
+        assert_eq!(h.stored_outbox(), serde_json::json!({}));
+        let text = std::fs::read_to_string(&journal).unwrap();
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<Record>(l).is_ok()),
+            "no torn line is left: {text}"
+        );
+        assert_eq!(h.told(), [("firing".to_string(), "mh-1".to_string())]);
+        let h = h.restart().await;
+        assert_eq!(h.engine.outbox_len(), 0);
+    }
+
+    /// Every write of the alert files happens on a thread that is not the
+    /// runtime's: with a current-thread runtime the async code runs on the test's
+    /// own thread, so a write made from an async fn would show up as this thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_files_are_written_off_the_runtime() {
+        use std::time::{Duration, Instant};
+
+        let runtime_thread = std::thread::current().id();
+        let h = Harness::with_driver(crate::Driver::Background).await;
+        h.queries
+            .set_answer(TILTED, vec![answer(&[("mh-1", 20.0)])]);
+        let mut spec = rule("tilted", TILTED, "0s", "0s");
+        spec["every"] = serde_json::json!("1s");
+        let id = h.create(spec).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(h.notifier.accepted().len() == 1 && h.stored_outbox() == serde_json::json!({})) {
+            assert!(
+                Instant::now() < deadline,
+                "posted: {:?}",
+                h.notifier.posts()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let other = serde_json::from_value(rule("tilted", TILTED_LONG, "0s", "0s")).unwrap();
+        h.engine.replace(&id, other).await.unwrap();
+        h.engine.delete(&id).await.unwrap();
+        h.engine.shutdown().await;
+
+        let threads = lock(&h.engine.shared.files.disk_threads).clone();
+        // load, rules x3, and the states, outbox and history more than once.
+        assert!(threads.len() >= 6, "{threads:?}");
+        assert!(
+            !threads.contains(&runtime_thread),
+            "a write ran on the runtime's thread"
+        );
     }
 }

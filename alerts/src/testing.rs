@@ -13,9 +13,10 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit}
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::store::Files;
 use crate::{
     AlertEngine, AlertTables, Driver, ManualClock, MemoryQueries, RecordingNotifier, RuleError,
-    Seams,
+    Seams, OUTBOX_LIMIT,
 };
 
 /// 2025-12-01T00:00:00Z, when every test starts.
@@ -114,6 +115,8 @@ pub struct Harness {
     pub queries: Arc<MemoryQueries>,
     /// What was posted.
     pub notifier: Arc<RecordingNotifier>,
+    /// The most notifications the outbox holds.
+    pub outbox_limit: usize,
     /// The engine under test.
     pub engine: AlertEngine,
 }
@@ -127,6 +130,12 @@ impl Harness {
 
     /// A fresh engine moved along by `driver`.
     pub async fn with_driver(driver: Driver) -> Self {
+        Self::with(driver, OUTBOX_LIMIT).await
+    }
+
+    /// A fresh engine moved along by `driver`, its outbox holding at most
+    /// `outbox_limit` notifications.
+    pub async fn with(driver: Driver, outbox_limit: usize) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let clock = Arc::new(ManualClock::new(T0));
         let queries = Arc::new(MemoryQueries::default());
@@ -136,12 +145,13 @@ impl Harness {
         queries.set_plan(TILTED_NOW, answer_schema(), Some("manhole"));
         queries.set_batch_filter(TILTED_NOW, Arc::new(tilted_now));
         let notifier = Arc::new(RecordingNotifier::default());
-        let engine = open(&dir, &clock, &queries, &notifier, driver).await;
+        let engine = open(&dir, &clock, &queries, &notifier, driver, outbox_limit).await;
         Self {
             dir,
             clock,
             queries,
             notifier,
+            outbox_limit,
             engine,
         }
     }
@@ -154,15 +164,25 @@ impl Harness {
             clock,
             queries,
             notifier,
+            outbox_limit,
             engine,
         } = self;
         drop(engine);
-        let engine = open(&dir, &clock, &queries, &notifier, Driver::Caller).await;
+        let engine = open(
+            &dir,
+            &clock,
+            &queries,
+            &notifier,
+            Driver::Caller,
+            outbox_limit,
+        )
+        .await;
         Self {
             dir,
             clock,
             queries,
             notifier,
+            outbox_limit,
             engine,
         }
     }
@@ -241,6 +261,18 @@ impl Harness {
         let bytes = std::fs::read(self.dir.path().join("alerts/state.json")).expect("state.json");
         serde_json::from_slice(&bytes).expect("JSON")
     }
+
+    /// The outbox a restart would find, by id: what the stored files hold.
+    pub fn stored_outbox(&self) -> Value {
+        let (_, outbox) = Files::new(self.dir.path())
+            .read_state(self.outbox_limit)
+            .expect("the alert files read");
+        outbox
+            .notifications()
+            .map(|n| (n.id.to_string(), serde_json::to_value(n).expect("JSON")))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
 }
 
 async fn open(
@@ -249,15 +281,22 @@ async fn open(
     queries: &Arc<MemoryQueries>,
     notifier: &Arc<RecordingNotifier>,
     driver: Driver,
+    outbox_limit: usize,
 ) -> AlertEngine {
     let seams = Seams {
         queries: queries.clone(),
         clock: clock.clone(),
         notifier: notifier.clone(),
     };
-    AlertEngine::open_with(dir.path(), seams, driver, &AlertTables::default())
-        .await
-        .expect("the engine opens")
+    AlertEngine::open_with(
+        dir.path(),
+        seams,
+        driver,
+        outbox_limit,
+        &AlertTables::default(),
+    )
+    .await
+    .expect("the engine opens")
 }
 
 /// RFC 3339 of `T0 + seconds`.

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB
     #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE", default_value = "2GiB", value_parser = size)]
     pub max_buffer_size: usize,
+    /// Most notifications the alert outbox holds while their receivers are down;
+    /// past it one is dropped for each new one (counted in /metrics)
+    #[arg(long, env = "CITYTSDB_MAX_ALERT_OUTBOX", default_value_t = citytsdb_alerts::OUTBOX_LIMIT, value_parser = at_least_one)]
+    pub max_alert_outbox: usize,
     /// A query running longer is stopped with a 408, e.g. 30s
     #[arg(long, env = "CITYTSDB_QUERY_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub query_timeout: Duration,

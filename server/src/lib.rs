@@ -69,6 +69,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
         &config.data_dir,
         query.clone(),
         storage.clone(),
+        config.max_alert_outbox,
         &alert_tables,
     )
     .await?;

@@ -417,6 +417,18 @@ pub fn render(app: &AppState) -> String {
         n(&a.notifications_failed),
     );
     o.one(
+        "notifications_dropped_total",
+        "counter",
+        "Notifications dropped, never delivered, to make room in a full alert outbox (--max-alert-outbox).",
+        n(&a.notifications_dropped),
+    );
+    o.one(
+        "alert_outbox_notifications",
+        "gauge",
+        "Notifications waiting in the alert outbox for their receivers.",
+        app.alerts.outbox_len() as f64,
+    );
+    o.one(
         "fast_path_batches_total",
         "counter",
         "Written batches the alert fast path checked.",

@@ -21,7 +21,8 @@
 //! <data-dir>/wal/<seq>.wal          the write-ahead log
 //! <data-dir>/store/                 the embedded default object store
 //! <data-dir>/alerts/rules.json      registered alert rules
-//! <data-dir>/alerts/state.json      alert instance states and the notification outbox
+//! <data-dir>/alerts/state.json      alert instance states
+//! <data-dir>/alerts/outbox.jsonl    the notification outbox, a journal of changes
 //! <data-dir>/alerts/history.jsonl   alert state changes, newest last
 //! <data-dir>/auth/tokens.json       API tokens (their SHA-256 only)
 //! <data-dir>/mqtt/dead-letter.jsonl MQTT messages no write would take, newest last
@@ -138,9 +139,14 @@ pub fn alert_rules_file(data_dir: &Path) -> PathBuf {
     alerts_dir(data_dir).join("rules.json")
 }
 
-/// Alert instance states and the notification outbox.
+/// Alert instance states (and, written by earlier versions, the outbox).
 pub fn alert_state_file(data_dir: &Path) -> PathBuf {
     alerts_dir(data_dir).join("state.json")
+}
+
+/// The notification outbox: its changes, one JSON object a line.
+pub fn alert_outbox_file(data_dir: &Path) -> PathBuf {
+    alerts_dir(data_dir).join("outbox.jsonl")
 }
 
 /// Alert state changes, one JSON object a line.

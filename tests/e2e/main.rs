@@ -17,6 +17,7 @@ mod gen;
 mod http_errors;
 mod import;
 mod lifecycle;
+mod load;
 mod metrics;
 mod mqtt;
 mod oracle;

@@ -109,6 +109,8 @@ fn metrics_are_served_and_scraped_by_prometheus() {
     assert!(m.contains_key("citytsdb_wal_bytes"));
     assert!(m.contains_key("citytsdb_rule_evaluations_total"));
     assert!(m.contains_key("citytsdb_notifications_failed_total"));
+    assert_eq!(get("citytsdb_notifications_dropped_total"), 0.0);
+    assert_eq!(get("citytsdb_alert_outbox_notifications"), 0.0);
     assert!(m.contains_key("citytsdb_compactions_total"));
 
     // A real Prometheus scrapes it, and its query API returns the counters.

@@ -24,13 +24,8 @@ use citytsdb_alerts::RuleError;
 use citytsdb_storage::units::parse_rfc3339;
 
 fn spec(body: &[u8]) -> Result<RuleSpec, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the rule is not valid JSON of a rule: {e} (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })
+    RuleSpec::from_json(body)
+        .map_err(|e| ApiError::bad_request(format!("the rule is not valid JSON of a rule: {e}")))
 }
 
 /// `POST /api/v1/rules`: 201 with the stored rule.

@@ -130,15 +130,7 @@ impl CatalogLog {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let record: Record = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageError::Corrupt(format!("catalog record {seq}: {e}")))?;
-        if record.seq != seq {
-            return Err(StorageError::Corrupt(format!(
-                "catalog record {path} says it is record {}",
-                record.seq
-            )));
-        }
-        Ok(Some((record, bytes.len() as u64)))
+        Ok(Some((decode_record(seq, &bytes)?, bytes.len() as u64)))
     }
 
     /// Creates `record` as its number. `Ok(Some(bytes))` when it is now there
@@ -211,18 +203,7 @@ impl CatalogLog {
             .await?
             .bytes()
             .await?;
-        let corrupt = |e: &dyn std::fmt::Display| {
-            StorageError::Corrupt(format!("catalog checkpoint {seq}: {e}"))
-        };
-        let json = zstd::stream::decode_all(&bytes[..]).map_err(|e| corrupt(&e))?;
-        let catalog: Catalog = serde_json::from_slice(&json).map_err(|e| corrupt(&e))?;
-        if catalog.seq != seq {
-            return Err(StorageError::Corrupt(format!(
-                "catalog checkpoint {seq} holds record {}",
-                catalog.seq
-            )));
-        }
-        Ok((catalog, json.len() as u64))
+        decode_checkpoint(seq, &bytes)
     }
 
     /// The newest whole snapshot of a store written before the log, as the state
@@ -249,6 +230,36 @@ impl CatalogLog {
         );
         Ok(Some(legacy.into_catalog()))
     }
+}
+
+/// Record `seq` from the bytes stored as it; corrupt unless they are that record.
+pub(crate) fn decode_record(seq: u64, bytes: &[u8]) -> Result<Record> {
+    let record: Record = serde_json::from_slice(bytes)
+        .map_err(|e| StorageError::Corrupt(format!("catalog record {seq}: {e}")))?;
+    if record.seq != seq {
+        return Err(StorageError::Corrupt(format!(
+            "catalog record {} says it is record {}",
+            paths::catalog_record(seq),
+            record.seq
+        )));
+    }
+    Ok(record)
+}
+
+/// The catalog checkpoint `seq` from its stored bytes, and its size as JSON;
+/// corrupt unless they are that checkpoint.
+pub(crate) fn decode_checkpoint(seq: u64, bytes: &[u8]) -> Result<(Catalog, u64)> {
+    let corrupt =
+        |e: &dyn std::fmt::Display| StorageError::Corrupt(format!("catalog checkpoint {seq}: {e}"));
+    let json = zstd::stream::decode_all(bytes).map_err(|e| corrupt(&e))?;
+    let catalog: Catalog = serde_json::from_slice(&json).map_err(|e| corrupt(&e))?;
+    if catalog.seq != seq {
+        return Err(StorageError::Corrupt(format!(
+            "catalog checkpoint {seq} holds record {}",
+            catalog.seq
+        )));
+    }
+    Ok((catalog, json.len() as u64))
 }
 
 /// A whole catalog snapshot as stores before the log wrote them.
@@ -345,6 +356,9 @@ impl LegacyTable {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

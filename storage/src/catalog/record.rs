@@ -185,6 +185,16 @@ fn missing(what: String) -> StorageError {
     ))
 }
 
+/// The id to hand out after `id`: a record holding the last id of the range
+/// leaves none to hand out, which no writer does.
+fn next_id(id: u32, what: &str) -> Result<u32> {
+    id.checked_add(1).ok_or_else(|| {
+        StorageError::Corrupt(format!(
+            "catalog record gives a {what} the id {id}, which leaves none to hand out"
+        ))
+    })
+}
+
 impl Catalog {
     /// The state after `record`, which must be the next one. `self` stays as it
     /// was (readers may hold it): the tables and days `record` touches are copied.
@@ -268,7 +278,7 @@ impl Catalog {
                         ..Default::default()
                     })
                 });
-                self.next_db_id = self.next_db_id.max(d.id + 1);
+                self.next_db_id = self.next_db_id.max(next_id(d.id, "database")?);
                 Arc::make_mut(d)
                     .tables
                     .entry(table.clone())
@@ -278,7 +288,7 @@ impl Catalog {
                             ..Default::default()
                         })
                     });
-                self.next_table_id = self.next_table_id.max(table_id + 1);
+                self.next_table_id = self.next_table_id.max(next_id(*table_id, "table")?);
             }
             Op::CreateDatabase { db, db_id } => {
                 self.databases.entry(db.clone()).or_insert_with(|| {
@@ -287,7 +297,7 @@ impl Catalog {
                         ..Default::default()
                     })
                 });
-                self.next_db_id = self.next_db_id.max(db_id + 1);
+                self.next_db_id = self.next_db_id.max(next_id(*db_id, "database")?);
             }
             Op::Retention { db, table, nanos } => match table {
                 Some(table) => self.table_mut(db, table)?.retention = *nanos,
@@ -300,7 +310,7 @@ impl Catalog {
                 segment,
                 tags,
             } => {
-                self.next_segment_id = self.next_segment_id.max(segment.id + 1);
+                self.next_segment_id = self.next_segment_id.max(next_id(segment.id, "segment")?);
                 let t = self.table_mut(db, table)?;
                 let day = t.days.entry(segment.day).or_default();
                 Arc::make_mut(day).add_segment(segment.clone(), tags);
@@ -405,7 +415,7 @@ impl Catalog {
                 self.forget_deletes(db, &r.def.source)?;
             }
             Op::SeriesDelta { db, table, id, key } => {
-                self.next_segment_id = self.next_segment_id.max(id + 1);
+                self.next_segment_id = self.next_segment_id.max(next_id(*id, "object")?);
                 self.table_mut(db, table)?.series.deltas.push(key.clone());
             }
             Op::SeriesFolded {
@@ -415,7 +425,7 @@ impl Catalog {
                 full,
                 replaced,
             } => {
-                self.next_segment_id = self.next_segment_id.max(id + 1);
+                self.next_segment_id = self.next_segment_id.max(next_id(*id, "object")?);
                 let series = &mut self.table_mut(db, table)?.series;
                 let kept: Vec<String> = series
                     .keys()
@@ -585,6 +595,55 @@ mod tests {
         assert_eq!(s.full.as_deref(), Some("f"));
         assert_eq!(s.deltas, vec!["c".to_string()]);
         assert_eq!(c.garbage.len(), 2);
+    }
+
+    /// A regression case of `catalog::log::fuzz`: a record giving something the
+    /// last id of the range overflowed the next id to hand out (a panic in debug
+    /// builds, the ids starting over at 0 in release ones); it is corrupt.
+    #[test]
+    fn an_id_at_the_end_of_the_range_is_corrupt() {
+        let last = u32::MAX;
+        let ops = [
+            Op::CreateDatabase {
+                db: "city".into(),
+                db_id: last,
+            },
+            Op::CreateTable {
+                db: "city".into(),
+                db_id: 0,
+                table: "gauge".into(),
+                table_id: last,
+            },
+            Op::SeriesDelta {
+                db: "city".into(),
+                table: "gauge".into(),
+                id: last,
+                key: "k".into(),
+            },
+        ];
+        for op in ops {
+            let err = Catalog::default().apply(&record(1, vec![op])).unwrap_err();
+            assert!(
+                matches!(&err, StorageError::Corrupt(m) if m.contains("leaves none to hand out")),
+                "{err:?}"
+            );
+        }
+        let add = Op::AddSegment {
+            db: "city".into(),
+            table: "gauge".into(),
+            segment: segment(last, 20_000),
+            tags: BTreeMap::new(),
+        };
+        let create = Op::CreateTable {
+            db: "city".into(),
+            db_id: 0,
+            table: "gauge".into(),
+            table_id: 0,
+        };
+        let err = Catalog::default()
+            .apply(&record(1, vec![create, add]))
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt(_)), "{err:?}");
     }
 
     #[test]
