@@ -774,3 +774,6 @@ fn first_token_position(sql: &str) -> Option<Position> {
     }
     None
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -63,7 +63,7 @@ fn batch(w: u32, i: u32, start: u64) -> (String, u64) {
     let mut tilt_milli = 0;
     for c in 0..COVERS {
         let milli = u64::from((w * 7919 + i * 104_729 + c * 31) % 12_000) + 100;
-        let milli = if (i + c) % 100 == 0 {
+        let milli = if (i + c).is_multiple_of(100) {
             20_000 + milli
         } else {
             milli
