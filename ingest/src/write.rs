@@ -96,12 +96,17 @@ pub struct ParsedBody<'a> {
 /// Parses every line of a body. Blank and `#` comment lines are skipped but counted
 /// in line numbers.
 ///
-/// Allocates the list of parsed lines once, sized by the body's line count; the lines
-/// themselves borrow from the body (see `line_protocol.rs`).
+/// Allocates the list of parsed lines once, sized by the most lines that can parse
+/// (the body's line count, or its length over the shortest line's, if fewer); the
+/// lines themselves borrow from the body (see `line_protocol.rs`).
 pub fn parse_body(body: &[u8]) -> ParsedBody<'_> {
+    // The shortest line that parses, `m f=1`, and its newline: a body holds no more
+    // lines that parse than this allows, however many blank lines it has (each
+    // reserved entry weighs hundreds of bytes).
+    const SHORTEST_LINE: usize = 6;
     let physical_lines = body.iter().filter(|&&b| b == b'\n').count() + 1;
     let mut out = ParsedBody {
-        lines: Vec::with_capacity(physical_lines),
+        lines: Vec::with_capacity(physical_lines.min(body.len() / SHORTEST_LINE + 1)),
         ..ParsedBody::default()
     };
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {

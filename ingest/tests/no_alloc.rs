@@ -82,6 +82,21 @@ fn allocations_do_not_grow_with_the_number_of_lines() {
     );
     assert!(b_small <= 1, "parse_body allocated {b_small} times");
 
+    // A regression case: the list was sized by the body's line count, each entry
+    // hundreds of bytes, so a body of newlines reserved hundreds of times its size
+    // (64 MiB of them: tens of GB, and the process aborted).
+    let blank = vec![b'\n'; 100_000];
+    let region = Region::new(GLOBAL);
+    let parsed = parse_body(&blank);
+    let bytes = region.change().bytes_allocated;
+    assert_eq!(parsed.data_lines, 0);
+    let entry = std::mem::size_of::<(&[u8], citytsdb_ingest::ParsedLine<'_>)>();
+    assert!(
+        bytes <= blank.len() * 100,
+        "parse_body reserved {bytes} bytes for {} blank lines ({entry} bytes a line)",
+        blank.len()
+    );
+
     // Validation against known tables: only the four per-table lists of accepted
     // lines grow, by doubling, so 100 times the lines add about 7 reallocations each
     // (measured: 109 for 1,000 lines, 137 for 100,000). One allocation per line

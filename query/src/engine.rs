@@ -318,7 +318,9 @@ impl QueryEngine {
                 // The whole guard moves in: it records when the task ends or is aborted.
                 let mut timed = timed;
                 let work = async {
-                    let mut stream = this.query_stream(&db, &sql).await?;
+                    // The session lives as long as the stream: it holds the snapshot,
+                    // whose pin keeps the segments being read from the collector.
+                    let (_session, mut stream) = this.query_stream(&db, &sql).await?;
                     let _ = schema_tx.send(stream.schema());
                     while let Some(batch) = stream.next().await {
                         let batch = batch.map_err(|e| QueryError::from_datafusion(e, &sql))?;
@@ -378,12 +380,13 @@ impl QueryEngine {
     }
 
     /// Plans one read-only statement against `db` and starts executing it on the
-    /// calling runtime.
+    /// calling runtime. Keep the session until the stream is done: its snapshot
+    /// pins the catalog version whose segments the stream reads.
     async fn query_stream(
         &self,
         db: &str,
         sql: &str,
-    ) -> Result<SendableRecordBatchStream, QueryError> {
+    ) -> Result<(SessionContext, SendableRecordBatchStream), QueryError> {
         let rewritten = check_read_only(sql)?;
         let text = rewritten.as_deref().unwrap_or(sql);
         let ctx = self.context(db)?;
@@ -395,9 +398,11 @@ impl QueryEngine {
             .sql_with_options(text, options)
             .await
             .map_err(|e| QueryError::from_datafusion(e, sql))?;
-        df.execute_stream()
+        let stream = df
+            .execute_stream()
             .await
-            .map_err(|e| QueryError::from_datafusion(e, sql))
+            .map_err(|e| QueryError::from_datafusion(e, sql))?;
+        Ok((ctx, stream))
     }
 
     /// A session with our configuration, functions and rules, and no tables yet.
@@ -777,3 +782,5 @@ fn first_token_position(sql: &str) -> Option<Position> {
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod pin_tests;

@@ -45,6 +45,9 @@ fn write(
     limits: &Limits,
 ) -> Result<usize, TestCaseError> {
     let parsed = parse_body(body);
+    // What is reserved for the parsed lines is bounded by the body's size, not by
+    // its line count (a body of newlines is all lines).
+    prop_assert!(parsed.lines.capacity() <= body.len() / 6 + 1);
     let lines = physical_lines(body);
     let parse_rejected = parsed.rejected.len();
     let v = validate_against(parsed.lines, precision, schemas, limits, &NoSeries);

@@ -88,25 +88,25 @@ fn clean(e: &QueryError, sql: &str) -> Result<(), TestCaseError> {
         prop_assert!(!message.contains(sign), "{:?} answered {:?}", sql, message);
     }
     match e {
-        QueryError::Invalid { position, .. } => {
-            if let Some(p) = position {
-                let lines: Vec<&str> = sql.split('\n').collect();
-                prop_assert!(
-                    p.line >= 1 && p.line as usize <= lines.len(),
-                    "{:?}: {:?} at {:?}",
-                    sql,
-                    message,
-                    p
-                );
-                let chars = lines[p.line as usize - 1].chars().count();
-                prop_assert!(
-                    p.column >= 1 && p.column as usize <= chars + 1,
-                    "{:?}: {:?} at {:?}",
-                    sql,
-                    message,
-                    p
-                );
-            }
+        QueryError::Invalid {
+            position: Some(p), ..
+        } => {
+            let lines: Vec<&str> = sql.split('\n').collect();
+            prop_assert!(
+                p.line >= 1 && p.line as usize <= lines.len(),
+                "{:?}: {:?} at {:?}",
+                sql,
+                message,
+                p
+            );
+            let chars = lines[p.line as usize - 1].chars().count();
+            prop_assert!(
+                p.column >= 1 && p.column as usize <= chars + 1,
+                "{:?}: {:?} at {:?}",
+                sql,
+                message,
+                p
+            );
         }
         QueryError::Internal(_) => {
             return Err(TestCaseError::fail(format!(

@@ -52,7 +52,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Back-pressure or a store that is down for now: the client retries.
+            tracing::warn!(status = %self.status, error = %self.message, "request refused for now");
+        } else if self.status.is_server_error() {
             tracing::error!(status = %self.status, error = %self.message, "request failed");
         }
         let body = match self.position {
