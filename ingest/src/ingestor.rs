@@ -11,7 +11,8 @@
 //! 5. tells the [`WriteListener`]s (the alert fast path) of the written batches.
 //!
 //! Its [`IngestError`] says whose fault a failure is: the client's (do not send
-//! it again), a busy store's (send it again later), or ours (permanent).
+//! it again), a busy or failed store's (send it again later: transient), or a
+//! bug met on this request (sending it again meets it again).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -38,8 +39,22 @@ pub enum Fault {
     Client,
     /// The store is busy or stopping; the same request may succeed later (HTTP 503).
     Retry,
-    /// The store failed; nothing was written (HTTP 500).
-    Permanent,
+    /// The store failed (its disk, its WAL, the object store): nothing was written,
+    /// and the same request may succeed once the store is mended (HTTP 503 for a
+    /// disk or object store error such as a full disk, 500 for corrupt data).
+    Store,
+    /// A bug met on this request: nothing was written, and sending it again would
+    /// meet it again (HTTP 500).
+    Bug,
+}
+
+impl Fault {
+    /// Whether the same request may succeed later: the store is at fault, not the
+    /// request. A sender that must not lose the request keeps it and tries again;
+    /// otherwise the request itself is refused and sending it again is no use.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::Retry | Self::Store)
+    }
 }
 
 /// Why a write wrote nothing.
@@ -62,14 +77,30 @@ pub enum IngestError {
 impl IngestError {
     /// Whose fault it is.
     pub fn fault(&self) -> Fault {
+        use StorageError as S;
         match self {
             Self::InvalidDatabase => Fault::Client,
-            Self::Storage(StorageError::InvalidInput(_) | StorageError::DatabaseNotFound(_)) => {
-                Fault::Client
-            }
-            Self::Storage(e) if e.is_transient() => Fault::Retry,
-            Self::Storage(_) | Self::Batches(_) | Self::Task(_) => Fault::Permanent,
+            Self::Storage(s) => match s {
+                S::InvalidInput(_)
+                | S::DatabaseNotFound(_)
+                | S::TableNotFound(_)
+                | S::Conflict(_) => Fault::Client,
+                S::BufferFull(_) | S::ShuttingDown | S::Fenced(_) => Fault::Retry,
+                // Encoding this request's batches failed.
+                S::Arrow(_) | S::Parquet(_) => Fault::Bug,
+                S::Corrupt(_)
+                | S::Io(_)
+                | S::ObjectStore(_)
+                | S::DataDirInUse(_)
+                | S::Internal(_) => Fault::Store,
+            },
+            Self::Batches(_) | Self::Task(_) => Fault::Bug,
         }
+    }
+
+    /// Whether the same write may succeed later ([`Fault::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.fault().is_transient()
     }
 }
 
@@ -338,4 +369,33 @@ pub fn check_db_name(db: &str) -> Result<(), IngestError> {
         return Err(IngestError::InvalidDatabase);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_store_is_transient_a_refused_or_buggy_request_is_not() {
+        let transient = [
+            StorageError::BufferFull("full".into()),
+            StorageError::ShuttingDown,
+            StorageError::Fenced("epoch 2".into()),
+            StorageError::Io(std::io::Error::other("disk")),
+            StorageError::Internal("the WAL is unusable".into()),
+        ];
+        for e in transient {
+            assert!(IngestError::Storage(e).is_transient());
+        }
+        let permanent = [
+            IngestError::InvalidDatabase,
+            IngestError::Storage(StorageError::InvalidInput("too large".into())),
+            IngestError::Storage(StorageError::DatabaseNotFound("city".into())),
+            IngestError::Batches(ArrowError::ComputeError("bad".into())),
+            IngestError::Task("panicked".into()),
+        ];
+        for e in permanent {
+            assert!(!e.is_transient(), "{e:?}");
+        }
+    }
 }

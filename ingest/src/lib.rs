@@ -13,7 +13,8 @@
 //! 4. `convert/` — CSV and JSON lines to line protocol, and files cut into
 //!    batches that remember each line's origin (`citytsdb import`).
 //! 5. `mqtt.rs` — the MQTT subscriber (cargo feature `mqtt`): QoS 1 on a
-//!    persistent session, messages acknowledged once their rows are durable.
+//!    persistent session, messages acknowledged once their rows are durable, or
+//!    once a message refused for good is kept in `mqtt/dead_letter.rs`'s file.
 //! 6. `escape.rs` — writes names and values as line protocol, for the converters.
 //!
 //! The batches go to `citytsdb_storage::Engine::write`, which makes them durable.

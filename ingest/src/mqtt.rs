@@ -13,9 +13,20 @@
 //!    pattern's `{table}` names the table, its other `{name}` levels become tags.
 //! 4. Messages that arrive together are written together (one fsync for many). A bad
 //!    message is counted, logged with the reason, and acknowledged (it would only
-//!    fail again); a failing write is retried, unacknowledged, until it succeeds.
+//!    fail again).
+//! 5. A write the store fails (busy, stopping, its disk failing) is retried,
+//!    unacknowledged, until it succeeds: the message is not at fault. A write refused
+//!    as a whole ([`IngestError::is_transient`] false) is split in halves, each
+//!    written again, until the messages it is refused for stand alone; those are
+//!    dead-lettered (`mqtt/dead_letter.rs`: logged, counted, kept in a file) and
+//!    acknowledged, so one message cannot hold up the ones after it.
+
+mod dead_letter;
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,8 +36,10 @@ use citytsdb_storage::units::{now_nanos, parse_rfc3339};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::{json, Value};
 
+pub use dead_letter::{DeadLetter, DeadLetterFile, DEAD_LETTER_CAP};
+
 use crate::escape::{push_float, push_key, push_measurement, unwritable};
-use crate::ingestor::{Ingestor, WriteOptions};
+use crate::ingestor::{check_db_name, IngestError, Ingestor, Outcome, WriteOptions};
 use crate::line_protocol::LineError;
 use crate::write::Precision;
 
@@ -70,11 +83,14 @@ pub struct MqttConfig {
     pub client_id: String,
     /// The precision of line-protocol payloads' timestamps.
     pub precision: Precision,
+    /// Where messages no write would take are kept.
+    pub dead_letters: PathBuf,
 }
 
 impl MqttConfig {
     /// Resolves the flags. `url` is `mqtt://[user:password@]host[:port]`; without
-    /// topics, the pattern's filter (or `#`) is subscribed to.
+    /// topics, the pattern's filter (or `#`) is subscribed to. Dead letters go under
+    /// `data_dir`.
     pub fn resolve(
         url: &str,
         topics: Vec<String>,
@@ -82,6 +98,7 @@ impl MqttConfig {
         db: String,
         client_id: String,
         precision: Precision,
+        data_dir: &Path,
     ) -> Result<Self, MqttSettingError> {
         let parsed = url::Url::parse(url)
             .map_err(|e| format!("mqtt: '{url}' is not a URL like mqtt://127.0.0.1:1883: {e}"))?;
@@ -124,8 +141,11 @@ impl MqttConfig {
         for t in &topics {
             check_filter(t)?;
         }
-        if db.is_empty() || db.chars().any(char::is_control) {
-            return Err(format!("mqtt-db: '{db}' is not a database name").into());
+        if db.is_empty() || check_db_name(&db).is_err() {
+            return Err(format!(
+                "mqtt-db: '{db}' is not a database name (1 to 255 characters, no control characters)"
+            )
+            .into());
         }
         if client_id.is_empty() || client_id.len() > 65_535 {
             return Err("mqtt-client-id: must be 1 to 65535 bytes"
@@ -141,6 +161,7 @@ impl MqttConfig {
             db,
             client_id,
             precision,
+            dead_letters: citytsdb_storage::paths::mqtt_dead_letter_file(data_dir),
         })
     }
 }
@@ -275,6 +296,7 @@ pub struct MqttStats {
     rejected_messages: AtomicU64,
     rejected_lines: AtomicU64,
     write_retries: AtomicU64,
+    dead_letters: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -290,6 +312,7 @@ impl MqttStats {
             "rejected_messages": n(&self.rejected_messages),
             "rejected_lines": n(&self.rejected_lines),
             "write_retries": n(&self.write_retries),
+            "dead_letters": n(&self.dead_letters),
             "last_error": self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         })
     }
@@ -314,11 +337,33 @@ impl Subscriber {
     }
 }
 
-/// Starts the subscriber on the current runtime, writing through `ingestor`;
+/// Where the subscriber's bodies are written: an [`Ingestor`], or a twin in tests.
+pub trait Sink: Send + Sync + 'static {
+    /// Writes a body as [`Ingestor::write`] does, with the same promise.
+    fn write(
+        &self,
+        db: &str,
+        body: Bytes,
+        options: WriteOptions,
+    ) -> impl Future<Output = Result<Outcome, IngestError>> + Send;
+}
+
+impl Sink for Ingestor {
+    fn write(
+        &self,
+        db: &str,
+        body: Bytes,
+        options: WriteOptions,
+    ) -> impl Future<Output = Result<Outcome, IngestError>> + Send {
+        Ingestor::write(self, db, body, options)
+    }
+}
+
+/// Starts the subscriber on the current runtime, writing through `sink`;
 /// messages larger than `max_message` bytes are refused by the connection.
 pub fn spawn(
     config: MqttConfig,
-    ingestor: Ingestor,
+    sink: impl Sink,
     max_message: usize,
     stats: Arc<MqttStats>,
 ) -> Subscriber {
@@ -337,7 +382,7 @@ pub fn spawn(
     let writer = tokio::spawn(write_loop(
         rx,
         client.clone(),
-        ingestor,
+        sink,
         config.clone(),
         stats.clone(),
     ));
@@ -403,14 +448,15 @@ async fn read_loop(
 }
 
 /// Takes messages as they come, writes those waiting together, and acknowledges
-/// them once written.
+/// them once written or dead-lettered.
 async fn write_loop(
     mut rx: tokio::sync::mpsc::Receiver<Publish>,
     client: AsyncClient,
-    ingestor: Ingestor,
+    sink: impl Sink,
     config: Arc<MqttConfig>,
     stats: Arc<MqttStats>,
 ) {
+    let dead_letters = DeadLetterFile::new(config.dead_letters.clone(), DEAD_LETTER_CAP);
     while let Some(first) = rx.recv().await {
         let batch = take_batch(first, &mut rx, MAX_BATCH_MESSAGES, MAX_BATCH_BYTES);
         stats
@@ -420,11 +466,11 @@ async fn write_loop(
         for m in &bodies.failed {
             reject(&stats, &batch[m.0], &m.1);
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut refused = Vec::new();
         let mut written = 0;
         for (body, precision, spans) in [
-            (&bodies.lp, config.precision, &bodies.lp_spans),
-            (&bodies.json, Precision::Nanosecond, &bodies.json_spans),
+            (bodies.lp, config.precision, bodies.lp_spans),
+            (bodies.json, Precision::Nanosecond, bodies.json_spans),
         ] {
             if spans.is_empty() {
                 continue;
@@ -433,46 +479,23 @@ async fn write_loop(
                 precision,
                 ..WriteOptions::default()
             };
-            let outcome = loop {
-                let result = ingestor
-                    .write(&config.db, Bytes::from(body.clone()), options)
-                    .await;
-                match result {
-                    Ok(o) => break o,
-                    Err(e) => {
-                        // Nothing is acknowledged until written: keep trying.
-                        let e = format!("MQTT write to database '{}' failed: {e}", config.db);
-                        tracing::warn!("{e}; retrying in {backoff:?}");
-                        stats.note_error(e);
-                        stats.write_retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
+            let piece = Piece {
+                body: Bytes::from(body),
+                spans,
             };
-            written += outcome.data_lines - outcome.rejected.len();
-            for (span, errors) in spans.attribute(&outcome.rejected) {
-                let msg = &batch[span.message];
-                stats
-                    .rejected_lines
-                    .fetch_add(errors.len() as u64, Ordering::Relaxed);
-                let first = &errors[0];
-                let why = format!(
-                    "{} of its lines rejected; line {}, column {}: {}",
-                    errors.len(),
-                    first.line - span.first_line + 1,
-                    first.column,
-                    first.message
-                );
-                if errors.len() == span.lines {
-                    reject(&stats, msg, &why);
-                } else {
-                    tracing::warn!(topic = %msg.topic, "MQTT message partly written: {why}");
-                    stats.note_error(format!("topic {}: {why}", msg.topic));
-                }
-            }
+            let w = Writer {
+                sink: &sink,
+                db: &config.db,
+                options,
+                stats: &stats,
+            };
+            written += w.write_isolating(piece, &batch, &mut refused).await;
         }
         stats.rows.fetch_add(written as u64, Ordering::Relaxed);
+        if !refused.is_empty() {
+            let letters = dead_letter_all(&stats, &config.db, &batch, refused);
+            keep(&dead_letters, letters, &stats).await;
+        }
         for p in &batch {
             // A lost connection drops the acknowledgement; the broker then sends the
             // message again, which writes the same rows again.
@@ -480,6 +503,156 @@ async fn write_loop(
                 tracing::warn!(error = %e, "MQTT acknowledgement could not be queued");
             }
         }
+    }
+}
+
+/// Writes bodies of one kind (line protocol or converted JSON) to the database.
+struct Writer<'a, S> {
+    sink: &'a S,
+    db: &'a str,
+    options: WriteOptions,
+    stats: &'a MqttStats,
+}
+
+impl<S: Sink> Writer<'_, S> {
+    /// Writes `piece` and returns the rows written. A body refused as a whole is cut
+    /// in halves, each written again, until a message refused alone is found: its
+    /// index in `batch` and the reason go to `refused`. Bisecting costs two writes a
+    /// level: about 2 log2(n) writes for one bad message among n.
+    async fn write_isolating(
+        &self,
+        piece: Piece,
+        batch: &[Publish],
+        refused: &mut Vec<(usize, String)>,
+    ) -> usize {
+        let mut written = 0;
+        let mut pending = vec![piece];
+        while let Some(piece) = pending.pop() {
+            match self.write_retrying(&piece.body).await {
+                Ok(outcome) => {
+                    written += outcome.rows_written();
+                    note_rejected_lines(self.stats, batch, &piece.spans, &outcome.rejected);
+                }
+                Err(e) => match piece.halves() {
+                    Some((first, second)) => {
+                        tracing::debug!(
+                            messages = piece.spans.0.len(),
+                            "MQTT write refused ({e}); writing its halves apart"
+                        );
+                        pending.push(second);
+                        pending.push(first);
+                    }
+                    None => refused.push((
+                        piece.spans.0[0].message,
+                        format!("the write to database '{}' was refused: {e}", self.db),
+                    )),
+                },
+            }
+        }
+        written
+    }
+
+    /// Writes `body`, retrying with backoff while the store fails it
+    /// ([`IngestError::is_transient`]); returns the outcome or why it was refused.
+    async fn write_retrying(&self, body: &Bytes) -> Result<Outcome, IngestError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.sink.write(self.db, body.clone(), self.options).await {
+                Err(e) if e.is_transient() => {
+                    // Not the message's fault: keep it unacknowledged and try again.
+                    let e = format!("MQTT write to database '{}' failed: {e}", self.db);
+                    tracing::warn!("{e}; retrying in {backoff:?}");
+                    self.stats.note_error(e);
+                    self.stats.write_retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// Counts and logs the lines a write rejected, by the message they came from; a
+/// message whose every line was rejected is a rejected message.
+fn note_rejected_lines(
+    stats: &MqttStats,
+    batch: &[Publish],
+    spans: &Spans,
+    rejected: &[LineError],
+) {
+    for (span, errors) in spans.attribute(rejected) {
+        let msg = &batch[span.message];
+        stats
+            .rejected_lines
+            .fetch_add(errors.len() as u64, Ordering::Relaxed);
+        let first = &errors[0];
+        let why = format!(
+            "{} of its lines rejected; line {}, column {}: {}",
+            errors.len(),
+            first.line - span.first_line + 1,
+            first.column,
+            first.message
+        );
+        if errors.len() == span.lines {
+            reject(stats, msg, &why);
+        } else {
+            tracing::warn!(topic = %msg.topic, "MQTT message partly written: {why}");
+            stats.note_error(format!("topic {}: {why}", msg.topic));
+        }
+    }
+}
+
+/// Counts and logs each refused message, and makes its dead letter.
+fn dead_letter_all(
+    stats: &MqttStats,
+    db: &str,
+    batch: &[Publish],
+    refused: Vec<(usize, String)>,
+) -> Vec<DeadLetter> {
+    let now = now_nanos();
+    refused
+        .into_iter()
+        .map(|(i, reason)| {
+            let msg = &batch[i];
+            stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                topic = %msg.topic,
+                payload = %preview(&msg.payload),
+                "MQTT message dead-lettered: {reason}"
+            );
+            stats.note_error(format!("topic {}: dead-lettered: {reason}", msg.topic));
+            DeadLetter {
+                time: now,
+                db: db.to_string(),
+                topic: msg.topic.clone(),
+                reason,
+                payload: msg.payload.to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// Appends `letters` to the dead-letter file, retrying with backoff until they are
+/// durable: their messages are acknowledged only after.
+async fn keep(file: &DeadLetterFile, letters: Vec<DeadLetter>, stats: &MqttStats) {
+    let letters = Arc::new(letters);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (f, l) = (file.clone(), letters.clone());
+        let e = match tokio::task::spawn_blocking(move || f.append(&l)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        let e = format!(
+            "cannot append to the MQTT dead-letter file {}: {e}",
+            file.path().display()
+        );
+        tracing::error!("{e}; retrying in {backoff:?}");
+        stats.note_error(e);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -507,12 +680,14 @@ fn take_batch(
 
 fn reject(stats: &MqttStats, msg: &Publish, why: &str) {
     stats.rejected_messages.fetch_add(1, Ordering::Relaxed);
-    let preview: String = String::from_utf8_lossy(&msg.payload)
-        .chars()
-        .take(120)
-        .collect();
+    let preview = preview(&msg.payload);
     tracing::warn!(topic = %msg.topic, payload = %preview, "MQTT message rejected: {why}");
     stats.note_error(format!("topic {}: {why}", msg.topic));
+}
+
+/// The start of a payload, for the log.
+fn preview(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload).chars().take(120).collect()
 }
 
 /// Where one message's lines sit in a combined body.
@@ -521,6 +696,46 @@ struct Span {
     message: usize,
     first_line: usize,
     lines: usize,
+    bytes: Range<usize>,
+}
+
+/// A body and where its messages sit in it.
+#[derive(Debug)]
+struct Piece {
+    body: Bytes,
+    spans: Spans,
+}
+
+impl Piece {
+    /// The first and second half of its messages, each a body of its own (slices
+    /// of this one), or `None` for a single message.
+    fn halves(&self) -> Option<(Piece, Piece)> {
+        let spans = &self.spans.0;
+        if spans.len() < 2 {
+            return None;
+        }
+        let mid = spans.len() / 2;
+        let (cut, line) = (spans[mid].bytes.start, spans[mid].first_line);
+        let second = spans[mid..]
+            .iter()
+            .map(|s| Span {
+                message: s.message,
+                first_line: s.first_line - line + 1,
+                lines: s.lines,
+                bytes: s.bytes.start - cut..s.bytes.end - cut,
+            })
+            .collect();
+        Some((
+            Piece {
+                body: self.body.slice(..cut),
+                spans: Spans(spans[..mid].to_vec()),
+            },
+            Piece {
+                body: self.body.slice(cut..),
+                spans: Spans(second),
+            },
+        ))
+    }
 }
 
 /// The spans of one body, in line order.
@@ -585,6 +800,7 @@ impl Bodies {
 
 fn push_span(body: &mut Vec<u8>, spans: &mut Spans, message: usize, text: &[u8]) {
     let first_line = spans.0.last().map_or(1, |s| s.first_line + s.lines);
+    let start = body.len();
     let mut lines = text.iter().filter(|&&b| b == b'\n').count();
     body.extend_from_slice(text);
     if text.last() != Some(&b'\n') {
@@ -595,6 +811,7 @@ fn push_span(body: &mut Vec<u8>, spans: &mut Spans, message: usize, text: &[u8])
         message,
         first_line,
         lines,
+        bytes: start..body.len(),
     });
 }
 
@@ -817,6 +1034,145 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000_000_000_000;
 
+    /// A sink that refuses every body holding `poison` as a bad request, fails the
+    /// first `busy` writes as a full buffer, and keeps the bodies it wrote.
+    #[derive(Default)]
+    struct Twin {
+        busy: AtomicU64,
+        written: Mutex<Vec<String>>,
+        calls: AtomicU64,
+    }
+
+    impl Sink for Twin {
+        fn write(
+            &self,
+            _db: &str,
+            body: Bytes,
+            _options: WriteOptions,
+        ) -> impl Future<Output = Result<Outcome, IngestError>> + Send {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let text = String::from_utf8(body.to_vec()).unwrap();
+            let busy = self
+                .busy
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            let result = if busy {
+                Err(IngestError::Storage(
+                    citytsdb_storage::StorageError::BufferFull("full".into()),
+                ))
+            } else if text.contains("poison") {
+                Err(IngestError::Storage(
+                    citytsdb_storage::StorageError::InvalidInput("refused".into()),
+                ))
+            } else {
+                let (rejected, data_lines) = {
+                    let parsed = crate::parse_body(text.as_bytes());
+                    (parsed.rejected, parsed.data_lines)
+                };
+                let outcome = Outcome {
+                    rejected,
+                    data_lines,
+                    written: true,
+                };
+                self.written.lock().unwrap().push(text);
+                Ok(outcome)
+            };
+            std::future::ready(result)
+        }
+    }
+
+    /// Messages as one body, with their spans.
+    fn piece(payloads: &[&str]) -> (Vec<Publish>, Piece) {
+        let batch: Vec<Publish> = payloads
+            .iter()
+            .map(|p| Publish::new("city/t", QoS::AtLeastOnce, p.as_bytes().to_vec()))
+            .collect();
+        let mut body = Vec::new();
+        let mut spans = Spans::default();
+        for (i, p) in payloads.iter().enumerate() {
+            push_span(&mut body, &mut spans, i, p.as_bytes());
+        }
+        let body = Bytes::from(body);
+        (batch, Piece { body, spans })
+    }
+
+    async fn write_all(sink: &Twin, stats: &MqttStats, payloads: &[&str]) -> (usize, Vec<usize>) {
+        let (batch, piece) = piece(payloads);
+        let writer = Writer {
+            sink,
+            db: "city",
+            options: WriteOptions::default(),
+            stats,
+        };
+        let mut refused = Vec::new();
+        let rows = writer.write_isolating(piece, &batch, &mut refused).await;
+        (rows, refused.into_iter().map(|(i, _)| i).collect())
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_split_until_only_its_bad_messages_are_left() {
+        let sink = Twin::default();
+        let stats = MqttStats::default();
+        let payloads: Vec<String> = (0..16)
+            .map(|i| match i {
+                5 => "m,d=poison x=5 5".to_string(),
+                // A bad line in a half: still counted against its own message.
+                9 => "m,d=d9 x=9 9\nm x=oops 9".to_string(),
+                12 => "m,d=poison x=12 12".to_string(),
+                i => format!("m,d=d{i} x={i} {i}"),
+            })
+            .collect();
+        let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        let (rows, refused) = write_all(&sink, &stats, &payloads).await;
+        assert_eq!(refused, vec![5, 12], "only the bad messages are refused");
+        assert_eq!(rows, 14, "every line of the other messages but the bad one");
+        let written = sink.written.lock().unwrap().concat();
+        for i in (0..16).filter(|i| ![5, 12].contains(i)) {
+            assert!(written.contains(&format!("d=d{i} ")), "message {i} written");
+        }
+        assert_eq!(stats.rejected_lines.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.rejected_messages.load(Ordering::Relaxed), 0);
+        let last = stats.last_error.lock().unwrap().clone().unwrap();
+        assert!(last.contains("line 2, column"), "{last}");
+        // Two bad messages among 16: far fewer writes than one each.
+        assert!(sink.calls.load(Ordering::Relaxed) <= 16, "{:?}", sink.calls);
+        assert_eq!(stats.write_retries.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_busy_store_is_retried_and_nothing_is_refused() {
+        let sink = Twin {
+            busy: AtomicU64::new(2),
+            ..Twin::default()
+        };
+        let stats = MqttStats::default();
+        let (rows, refused) = write_all(&sink, &stats, &["m x=1 1", "m x=2 2"]).await;
+        assert_eq!((rows, refused), (2, vec![]));
+        assert_eq!(stats.write_retries.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            sink.calls.load(Ordering::Relaxed),
+            3,
+            "the whole body, 3 times"
+        );
+        // A single bad message is refused without a split.
+        let (rows, refused) = write_all(&sink, &stats, &["m,d=poison x=1 1"]).await;
+        assert_eq!((rows, refused), (0, vec![0]));
+    }
+
+    #[test]
+    fn halves_are_slices_with_lines_counted_from_one() {
+        let (_, whole) = piece(&["a x=1 1", "b x=1 1\nb x=2 2\n", "c x=1 1", "d x=1 1"]);
+        let (first, second) = whole.halves().unwrap();
+        assert_eq!(&first.body[..], b"a x=1 1\nb x=1 1\nb x=2 2\n");
+        assert_eq!(&second.body[..], b"c x=1 1\nd x=1 1\n");
+        assert_eq!(second.spans.0[0].first_line, 1);
+        assert_eq!(second.spans.0[1].first_line, 2);
+        assert_eq!(second.spans.0[1].message, 3);
+        assert_eq!(second.spans.0[1].bytes, 8..16);
+        let (_, one) = piece(&["a x=1 1"]);
+        assert!(one.halves().is_none());
+    }
+
     fn pattern() -> TopicPattern {
         TopicPattern::parse("city/{district}/{table}/{device}").unwrap()
     }
@@ -940,8 +1296,14 @@ mod tests {
             "city".into(),
             "c".into(),
             Precision::Nanosecond,
+            Path::new("/data"),
         )
         .unwrap();
+        assert_eq!(
+            ok.dead_letters,
+            Path::new("/data/mqtt/dead-letter.jsonl"),
+            "dead letters live in the data directory"
+        );
         assert_eq!((ok.host.as_str(), ok.port), ("127.0.0.1", 1884));
         assert_eq!(ok.credentials, Some(("user".into(), "p@ss".into())));
         assert_eq!(ok.topics, vec!["city/+/+/+"]);
@@ -953,6 +1315,7 @@ mod tests {
                 "city".into(),
                 "c".into(),
                 Precision::Nanosecond,
+                Path::new("/data"),
             )
             .map_err(|e| e.to_string())
         };
@@ -969,5 +1332,16 @@ mod tests {
         assert!(resolve("mqtt://localhost", "city/a+")
             .unwrap_err()
             .contains("wildcard"));
+        // A database no write could reach is refused at start, not message by message.
+        let long_db = MqttConfig::resolve(
+            "mqtt://localhost",
+            vec![],
+            None,
+            "d".repeat(256),
+            "c".into(),
+            Precision::Nanosecond,
+            Path::new("/data"),
+        );
+        assert!(long_db.unwrap_err().to_string().contains("mqtt-db"));
     }
 }

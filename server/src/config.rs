@@ -246,6 +246,7 @@ impl ServeArgs {
             self.mqtt_db.clone(),
             client_id,
             self.mqtt_precision,
+            &self.data_dir,
         )
         .map(Some)
         .map_err(|e| Error::Invalid(e.to_string()))

@@ -1,5 +1,5 @@
-//! Object-store faults on demand, for tests of what the server does while its
-//! store fails.
+//! Faults on demand, for tests of what the server does while its store fails or
+//! refuses a write.
 //!
 //! With `CITYTSDB_STORE_FAULTS=/path/to/file` set, every object-store call first
 //! reads that file (missing or empty: no fault):
@@ -11,8 +11,15 @@
 //!   as when a connection drops after the store took the object; object stores
 //!   never show half an object); other calls run.
 //!
+//! With `CITYTSDB_MQTT_WRITE_FAULTS=/path/to/file` set, every write of the MQTT
+//! subscriber first reads that file ([`FaultyWrites`]), one fault a line:
+//!
+//! - `refuse <text>`: a body holding `<text>` is refused as a bad request is (a
+//!   client's fault, HTTP 4xx), as a store that will never take it would;
+//! - `busy`: every write fails as with a full write buffer (HTTP 503).
+//!
 //! Reading the file per call costs a system call or two; it is for tests, and
-//! without the variable the store is not wrapped at all.
+//! without the variable nothing is wrapped or read.
 
 use std::fmt;
 use std::ops::Range;
@@ -23,6 +30,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use citytsdb_ingest::mqtt::Sink;
+use citytsdb_ingest::{IngestError, Ingestor, Outcome, WriteOptions};
+use citytsdb_storage::StorageError;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::path::Path;
@@ -33,6 +43,67 @@ use object_store::{
 
 /// The environment variable naming the control file.
 pub const FAULTS_ENV: &str = "CITYTSDB_STORE_FAULTS";
+
+/// The environment variable naming the MQTT write faults' control file.
+pub const MQTT_WRITE_FAULTS_ENV: &str = "CITYTSDB_MQTT_WRITE_FAULTS";
+
+/// The MQTT subscriber's sink: an ingestor, refusing or failing writes as the file
+/// `CITYTSDB_MQTT_WRITE_FAULTS` names says (without it, the ingestor as it is).
+pub struct FaultyWrites {
+    inner: Ingestor,
+    control: Option<PathBuf>,
+}
+
+impl FaultyWrites {
+    /// `inner`, with faults if the environment asks for them.
+    pub fn from_env(inner: Ingestor) -> Self {
+        let control = std::env::var_os(MQTT_WRITE_FAULTS_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        if let Some(path) = &control {
+            tracing::warn!(control = ?path, "MQTT write faults are injected as {MQTT_WRITE_FAULTS_ENV} says");
+        }
+        Self { inner, control }
+    }
+
+    /// The failure the control file asks of a write of `body`, if any.
+    fn fault(&self, body: &[u8]) -> Option<IngestError> {
+        let text = std::fs::read_to_string(self.control.as_ref()?).unwrap_or_default();
+        text.lines()
+            .find_map(|line| match line.trim().split_once(' ') {
+                Some(("refuse", needle))
+                    if !needle.is_empty()
+                        && body.windows(needle.len()).any(|w| w == needle.as_bytes()) =>
+                {
+                    Some(IngestError::Storage(StorageError::InvalidInput(format!(
+                        "injected refusal of a body holding '{needle}'"
+                    ))))
+                }
+                None if line.trim() == "busy" => Some(IngestError::Storage(
+                    StorageError::BufferFull("injected: busy".into()),
+                )),
+                _ => None,
+            })
+    }
+}
+
+impl Sink for FaultyWrites {
+    fn write(
+        &self,
+        db: &str,
+        body: Bytes,
+        options: WriteOptions,
+    ) -> impl std::future::Future<Output = std::result::Result<Outcome, IngestError>> + Send {
+        let fault = self.fault(&body);
+        let write = self.inner.write(db, body, options);
+        async move {
+            match fault {
+                Some(e) => Err(e),
+                None => write.await,
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {

@@ -95,7 +95,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
     let subscriber = match (mqtt, &state.mqtt) {
         (Some(m), Some(stats)) => Some(citytsdb_ingest::mqtt::spawn(
             m,
-            ingestor,
+            faults::FaultyWrites::from_env(ingestor),
             config.max_body_size,
             stats.clone(),
         )),

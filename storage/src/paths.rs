@@ -25,6 +25,8 @@
 //! <data-dir>/alerts/outbox.jsonl    the notification outbox, a journal of changes
 //! <data-dir>/alerts/history.jsonl   alert state changes, newest last
 //! <data-dir>/auth/tokens.json       API tokens (their SHA-256 only)
+//! <data-dir>/mqtt/dead-letter.jsonl MQTT messages no write would take, newest last
+//! <data-dir>/mqtt/dead-letter.jsonl.1  the previous dead-letter file, once it was full
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -160,6 +162,18 @@ pub fn auth_dir(data_dir: &Path) -> PathBuf {
 /// The API tokens (their SHA-256 only).
 pub fn tokens_file(data_dir: &Path) -> PathBuf {
     auth_dir(data_dir).join("tokens.json")
+}
+
+/// MQTT messages the subscriber could not write and kept aside, one JSON object a line.
+pub fn mqtt_dead_letter_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("mqtt").join("dead-letter.jsonl")
+}
+
+/// Where a full dead-letter file is moved, replacing the one moved before.
+pub fn rotated_of(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".1");
+    path.with_file_name(name)
 }
 
 /// The temporary file `path` is written to before it is renamed into place.

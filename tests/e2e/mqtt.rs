@@ -301,3 +301,121 @@ fn the_subscriber_waits_for_a_broker_that_is_not_up_yet() {
     assert_eq!(rows[0]["district"], "east");
     assert_eq!(rows[0]["flow"].as_f64(), Some(12.0));
 }
+
+#[test]
+fn a_message_no_write_takes_is_dead_lettered_and_the_ones_after_it_are_written() {
+    let broker = Mosquitto::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    // Faults injected into the subscriber's writes (server/src/faults.rs). First a
+    // busy store: writes fail, are retried, and the messages queue up behind.
+    let faults = tmp.path().join("faults");
+    let set_faults = |text: &str| std::fs::write(&faults, text).expect("write the faults file");
+    set_faults("busy\n");
+    let url = broker.url();
+    let faults_env = faults.display().to_string();
+    let server = Server::start_with_env(
+        &data,
+        &[
+            "--mqtt",
+            &url,
+            "--mqtt-topic",
+            "city/#",
+            "--mqtt-pattern",
+            PATTERN,
+        ],
+        &[
+            ("CITYTSDB_MQTT_WRITE_FAULTS", &faults_env),
+            ("CITYTSDB_LOG", "info,citytsdb_ingest::mqtt=debug"),
+        ],
+    );
+    wait_for(&server, "the MQTT subscriber to connect", |s| {
+        mqtt_stats(s)["connected"] == true
+    });
+    let mut messages = lp_messages("G", 40);
+    messages.push_str("manhole,device=poison,district=north tilt_deg=1 1767225600000000000\n");
+    messages.push_str(&lp_messages("H", 40));
+    broker.publish_lines("city/gateway/lp/raw", &messages);
+    broker.publish("city/gateway/lp/raw", &lp_messages("after", 1));
+    wait_for(&server, "the busy write to be retried", |s| {
+        mqtt_stats(s)["write_retries"].as_u64() >= Some(2)
+    });
+    assert_eq!(
+        count(&server, "manhole"),
+        0,
+        "nothing is written while busy"
+    );
+    assert_eq!(
+        mqtt_stats(&server)["dead_letters"],
+        0,
+        "busy is not refused"
+    );
+
+    // Then a store that refuses any body holding "poison" as it would a bad
+    // request. The queued messages are written together; the one refused is found
+    // by halving, dead-lettered, and the rest written. Before dead letters, the
+    // subscriber retried that write forever and wrote nothing after it.
+    set_faults("refuse poison\n");
+    wait_for_count(&server, "manhole", 81);
+    wait_for(&server, "one dead letter", |s| {
+        mqtt_stats(s)["dead_letters"] == 1
+    });
+    let rows = server.query_json(
+        "city",
+        "SELECT count(*) AS n FROM manhole WHERE device IN ('G0', 'G39', 'H0', 'after0')",
+    );
+    assert_eq!(
+        rows[0]["n"], 4,
+        "the messages around and after the bad one are written"
+    );
+    let stats = mqtt_stats(&server);
+    assert_eq!(stats["rejected_messages"], 0, "{stats}");
+    assert!(
+        stats["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dead-lettered"),
+        "{stats}"
+    );
+
+    // It is kept for an operator, and the log says why.
+    let kept = std::fs::read_to_string(data.join("mqtt").join("dead-letter.jsonl"))
+        .expect("the dead-letter file");
+    let letters: Vec<Value> = kept
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(letters.len(), 1, "{kept}");
+    assert_eq!(letters[0]["topic"], "city/gateway/lp/raw");
+    assert_eq!(letters[0]["db"], "city");
+    assert!(
+        letters[0]["payload"]
+            .as_str()
+            .unwrap()
+            .starts_with("manhole,device=poison,"),
+        "{kept}"
+    );
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("injected refusal"),
+        "{kept}"
+    );
+    let log = server.log();
+    assert!(
+        log.contains("writing its halves apart"),
+        "the refused batch held more than the bad message:\n{log}"
+    );
+    assert!(
+        log.contains("MQTT message dead-lettered") && log.contains("device=poison"),
+        "the log names the message:\n{log}"
+    );
+
+    // Later messages go on being written.
+    set_faults("");
+    broker.publish("city/gateway/lp/raw", &lp_messages("later", 1));
+    wait_for_count(&server, "manhole", 82);
+    assert_eq!(mqtt_stats(&server)["dead_letters"], 1);
+    server.stop();
+}

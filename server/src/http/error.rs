@@ -121,11 +121,13 @@ impl From<citytsdb_query::delete::DeleteError> for ApiError {
 
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
+        // The class comes from the fault, which the MQTT subscriber goes by too: a
+        // 4xx is refused for good, a 503 or 500 of the store is worth retrying.
         let status = match (&e, e.fault()) {
-            (IngestError::Storage(s), _) => storage_status(s),
+            (IngestError::Storage(s), Fault::Client | Fault::Store) => storage_status(s),
             (_, Fault::Client) => StatusCode::BAD_REQUEST,
             (_, Fault::Retry) => StatusCode::SERVICE_UNAVAILABLE,
-            (_, Fault::Permanent) => StatusCode::INTERNAL_SERVER_ERROR,
+            (_, Fault::Store | Fault::Bug) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
     }
@@ -156,6 +158,56 @@ impl From<Error> for ApiError {
             | Error::Store { .. }
             | Error::Unreachable { .. }
             | Error::Refused(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::error::ArrowError;
+
+    use super::*;
+
+    /// A write error's status class is its fault's: what HTTP calls the client's
+    /// (4xx) is what the MQTT subscriber dead-letters.
+    #[test]
+    fn write_errors_status_follows_their_fault() {
+        let io = || std::io::Error::other("disk");
+        let errors = [
+            IngestError::InvalidDatabase,
+            IngestError::Task("panicked".into()),
+            IngestError::Batches(ArrowError::ComputeError("bad".into())),
+            IngestError::Storage(StorageError::InvalidInput("too large".into())),
+            IngestError::Storage(StorageError::DatabaseNotFound("city".into())),
+            IngestError::Storage(StorageError::TableNotFound("city.t".into())),
+            IngestError::Storage(StorageError::Conflict("replaced".into())),
+            IngestError::Storage(StorageError::BufferFull("full".into())),
+            IngestError::Storage(StorageError::ShuttingDown),
+            IngestError::Storage(StorageError::Fenced("epoch 2".into())),
+            IngestError::Storage(StorageError::Io(io())),
+            IngestError::Storage(StorageError::Corrupt("crc".into())),
+            IngestError::Storage(StorageError::Internal("the WAL is unusable".into())),
+        ];
+        let full = IngestError::Storage(StorageError::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "WAL append failed",
+        )));
+        assert_eq!(ApiError::from(full).status, StatusCode::SERVICE_UNAVAILABLE);
+        for e in errors {
+            let fault = e.fault();
+            let what = format!("{e:?}");
+            let status = ApiError::from(e).status;
+            match fault {
+                Fault::Client => assert!(status.is_client_error(), "{what}: {status}"),
+                Fault::Retry => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}"),
+                // A disk or object store failing is worth a retry; corrupt data a 500.
+                Fault::Store => assert!(
+                    status == StatusCode::SERVICE_UNAVAILABLE
+                        || status == StatusCode::INTERNAL_SERVER_ERROR,
+                    "{what}: {status}"
+                ),
+                Fault::Bug => assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{what}"),
+            }
         }
     }
 }
