@@ -317,6 +317,53 @@ impl MqttStats {
         })
     }
 
+    /// The counters as metrics: name (without prefix), help, value.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 7] {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            (
+                "mqtt_connects_total",
+                "Connections made to the MQTT broker.",
+                n(&self.connects),
+            ),
+            (
+                "mqtt_messages_total",
+                "MQTT messages received.",
+                n(&self.messages),
+            ),
+            (
+                "mqtt_rows_written_total",
+                "Rows written from MQTT messages.",
+                n(&self.rows),
+            ),
+            (
+                "mqtt_rejected_messages_total",
+                "MQTT messages rejected whole (no line could be written).",
+                n(&self.rejected_messages),
+            ),
+            (
+                "mqtt_rejected_lines_total",
+                "Lines of MQTT messages rejected.",
+                n(&self.rejected_lines),
+            ),
+            (
+                "mqtt_write_retries_total",
+                "MQTT writes retried because the store was busy or failing.",
+                n(&self.write_retries),
+            ),
+            (
+                "mqtt_dead_letters_total",
+                "MQTT messages no write takes, kept in the dead-letter file and acknowledged.",
+                n(&self.dead_letters),
+            ),
+        ]
+    }
+
+    /// Whether the subscriber is connected to its broker.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
     fn note_error(&self, e: String) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
     }

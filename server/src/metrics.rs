@@ -434,5 +434,22 @@ pub fn render(app: &AppState) -> String {
         "Written batches the alert fast path checked.",
         n(&a.fast_path_batches),
     );
+    o.one(
+        "fast_path_dropped_total",
+        "counter",
+        "Written batches the alert fast path could not take in time (their rules still run on schedule).",
+        n(&a.fast_path_dropped),
+    );
+    if let Some(mqtt) = &app.mqtt {
+        o.one(
+            "mqtt_connected",
+            "gauge",
+            "1 while the MQTT subscriber is connected to its broker.",
+            if mqtt.connected() { 1.0 } else { 0.0 },
+        );
+        for (name, help, value) in mqtt.counters() {
+            o.one(name, "counter", help, value as f64);
+        }
+    }
     o.0
 }

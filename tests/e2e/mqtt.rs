@@ -417,5 +417,17 @@ fn a_message_no_write_takes_is_dead_lettered_and_the_ones_after_it_are_written()
     broker.publish("city/gateway/lp/raw", &lp_messages("later", 1));
     wait_for_count(&server, "manhole", 82);
     assert_eq!(mqtt_stats(&server)["dead_letters"], 1);
+    // The same counts in GET /metrics.
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "citytsdb_mqtt_dead_letters_total 1",
+        "citytsdb_mqtt_connected 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in:\n{metrics}"
+        );
+    }
     server.stop();
 }
