@@ -20,6 +20,7 @@ fn limits() -> impl Strategy<Value = Limits> {
             max_tables,
             max_columns,
             max_series,
+            ..Limits::default()
         },
     )
 }
