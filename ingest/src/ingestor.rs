@@ -72,6 +72,21 @@ pub enum IngestError {
     /// The blocking task parsing the body did not finish (a bug).
     #[error("the parsing task failed: {0}")]
     Task(String),
+    /// The body holds more lines than one request may.
+    #[error("the body has {lines} lines, more than the limit of {max} per request (--max-lines-per-request); send them in smaller requests")]
+    TooManyLines {
+        /// Lines in the body.
+        lines: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Lines in `body` as the parser numbers them: every newline ends one, and a last
+/// line without a newline counts too.
+pub fn count_lines(body: &[u8]) -> usize {
+    let newlines = body.iter().filter(|&&b| b == b'\n').count();
+    newlines + usize::from(body.last().is_some_and(|&b| b != b'\n'))
 }
 
 impl IngestError {
@@ -79,7 +94,7 @@ impl IngestError {
     pub fn fault(&self) -> Fault {
         use StorageError as S;
         match self {
-            Self::InvalidDatabase => Fault::Client,
+            Self::InvalidDatabase | Self::TooManyLines { .. } => Fault::Client,
             Self::Storage(s) => match s {
                 S::InvalidInput(_)
                 | S::DatabaseNotFound(_)
@@ -306,6 +321,13 @@ impl Ingestor {
         now_ns: i64,
     ) -> Result<Prepared, IngestError> {
         check_db_name(db)?;
+        let lines = count_lines(body);
+        if lines > self.limits.max_lines {
+            return Err(IngestError::TooManyLines {
+                lines,
+                max: self.limits.max_lines,
+            });
+        }
         let mut parsed = parse_body(body);
         let mut rejected = parsed.rejected;
         // A rollup's rows are computed by the store, never written.
@@ -374,6 +396,15 @@ pub fn check_db_name(db: &str) -> Result<(), IngestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_counted_as_the_parser_numbers_them() {
+        assert_eq!(count_lines(b""), 0);
+        assert_eq!(count_lines(b"a"), 1);
+        assert_eq!(count_lines(b"a\n"), 1);
+        assert_eq!(count_lines(b"a\n\nb"), 3);
+        assert_eq!(count_lines(b"\n\n"), 2);
+    }
 
     #[test]
     fn a_failing_store_is_transient_a_refused_or_buggy_request_is_not() {

@@ -151,6 +151,11 @@ pub struct Limits {
     pub max_columns: usize,
     /// Most series (distinct tag sets) a table may have.
     pub max_series: usize,
+    /// Most lines one request may hold (every physical line counts); past it the
+    /// whole request is refused.
+    pub max_lines: usize,
+    /// Most tags one line may carry.
+    pub max_tags: usize,
 }
 
 impl Default for Limits {
@@ -161,6 +166,8 @@ impl Default for Limits {
             max_tables: 10_000,
             max_columns: 1_024,
             max_series: 2_000_000,
+            max_lines: 1_000_000,
+            max_tags: 128,
         }
     }
 }
@@ -185,6 +192,19 @@ fn over_limit(raw: &[u8], line: &ParsedLine<'_>, limits: &Limits) -> Option<Line
                 "line is {} bytes, longer than the limit of {} bytes",
                 raw.len(),
                 limits.max_line_bytes
+            ),
+        ));
+    }
+    if line.tags.len() > limits.max_tags {
+        let (first_past, _) = &line.tags[limits.max_tags];
+        return Some(at(
+            raw,
+            line,
+            column_of(raw, first_past),
+            format!(
+                "line has {} tags, more than the limit of {} (--max-tags)",
+                line.tags.len(),
+                limits.max_tags
             ),
         ));
     }

@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// Most series (distinct tag sets) a table may have; a line making one more is refused
     #[arg(long, env = "CITYTSDB_MAX_SERIES_PER_TABLE", default_value = "2000000", value_parser = at_least_one)]
     pub max_series_per_table: usize,
+    /// Most lines one write request may hold; a larger one is refused whole with a 413
+    #[arg(long, env = "CITYTSDB_MAX_LINES_PER_REQUEST", default_value = "1000000", value_parser = at_least_one)]
+    pub max_lines_per_request: usize,
+    /// Most tags one line may carry; a line with more is rejected
+    #[arg(long, env = "CITYTSDB_MAX_TAGS", default_value = "128", value_parser = at_least_one)]
+    pub max_tags: usize,
     /// Refuse writes with a 503 while more than this waits in memory for a flush, e.g. 2GiB
     #[arg(long, env = "CITYTSDB_MAX_BUFFER_SIZE", default_value = "2GiB", value_parser = size)]
     pub max_buffer_size: usize,
@@ -218,6 +224,8 @@ impl ServeArgs {
             max_tables: self.max_tables,
             max_columns: self.max_columns,
             max_series: self.max_series_per_table,
+            max_lines: self.max_lines_per_request,
+            max_tags: self.max_tags,
         }
     }
 

@@ -736,6 +736,10 @@ fn write_limits_reject_lines_saying_which() {
             "2",
             "--max-columns",
             "6",
+            "--max-tags",
+            "5",
+            "--max-lines-per-request",
+            "8",
         ],
     );
     server.write_ok(DB, "s", "manhole,device=a tilt_deg=1 1764547200");
@@ -747,6 +751,7 @@ fn write_limits_reject_lines_saying_which() {
         long,
         "gauge,device=a,x=1,y=2,z=3,w=4 v=2 1764547260".to_string(),
         "manhole,device=d note=\"short\" 1764547200".to_string(),
+        "manhole,device=e,a=1,b=2,c=3,d=4,f=5 tilt_deg=1 1764547200".to_string(),
     ];
     let (status, body) = no_5xx(&server, "limits", server.write(DB, "s", lines.join("\n")));
     assert_eq!(status, 400, "{body}");
@@ -763,7 +768,7 @@ fn write_limits_reject_lines_saying_which() {
             )
         })
         .collect();
-    assert_eq!(got.len(), 4, "{body}");
+    assert_eq!(got.len(), 5, "{body}");
     assert_eq!((got[0].0, got[0].1), (2, 1));
     assert!(
         got[0].2.contains("table pumps is not created") && got[0].2.contains("--max-tables"),
@@ -789,6 +794,30 @@ fn write_limits_reject_lines_saying_which() {
             .2
             .contains("table gauge would have 7 columns, more than the limit of 6"),
         "{got:?}"
+    );
+    assert_eq!((got[4].0, got[4].1), (7, 34));
+    assert!(
+        got[4]
+            .2
+            .contains("line has 6 tags, more than the limit of 5 (--max-tags)"),
+        "{got:?}"
+    );
+    // More lines than a request may hold: refused whole, nothing written.
+    let nine: String = (0..9)
+        .map(|i| format!("gauge,device=z v={i} 1764547{i}00\n"))
+        .collect();
+    let (status, body) = no_5xx(&server, "lines", server.write(DB, "s", nine));
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("the body has 9 lines, more than the limit of 8 per request"),
+        "{body}"
+    );
+    assert_eq!(
+        count(
+            &server,
+            "SELECT count(*) AS n FROM gauge WHERE device = 'z'"
+        ),
+        0
     );
     // The good lines are written (a partial write writes what is valid).
     assert_eq!(count(&server, "SELECT count(*) AS n FROM gauge"), 1);

@@ -125,6 +125,7 @@ impl From<IngestError> for ApiError {
         // 4xx is refused for good, a 503 or 500 of the store is worth retrying.
         let status = match (&e, e.fault()) {
             (IngestError::Storage(s), Fault::Client | Fault::Store) => storage_status(s),
+            (IngestError::TooManyLines { .. }, _) => StatusCode::PAYLOAD_TOO_LARGE,
             (_, Fault::Client) => StatusCode::BAD_REQUEST,
             (_, Fault::Retry) => StatusCode::SERVICE_UNAVAILABLE,
             (_, Fault::Store | Fault::Bug) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -175,6 +176,7 @@ mod tests {
         let io = || std::io::Error::other("disk");
         let errors = [
             IngestError::InvalidDatabase,
+            IngestError::TooManyLines { lines: 3, max: 2 },
             IngestError::Task("panicked".into()),
             IngestError::Batches(ArrowError::ComputeError("bad".into())),
             IngestError::Storage(StorageError::InvalidInput("too large".into())),
