@@ -57,6 +57,10 @@ pub struct QueryLimits {
     pub memory_bytes: usize,
     /// A query taking at least this long is logged with its SQL.
     pub slow: Duration,
+    /// Memory all running queries together may reserve: past it, operators that
+    /// can spill do, and a query that needs more is refused as the server's being
+    /// busy (503), not its own fault.
+    pub total_memory_bytes: usize,
 }
 
 impl Default for QueryLimits {
@@ -65,6 +69,7 @@ impl Default for QueryLimits {
             timeout: Duration::from_secs(60),
             memory_bytes: 1 << 30,
             slow: Duration::from_secs(1),
+            total_memory_bytes: 4 << 30,
         }
     }
 }
@@ -186,6 +191,8 @@ pub struct QueryEngine {
     runtime: Arc<RuntimeEnv>,
     indexes: Arc<IndexCache>,
     limits: QueryLimits,
+    /// The memory every query's pool also draws on (`QueryLimits::total_memory_bytes`).
+    shared_memory: Arc<GreedyMemoryPool>,
     executor: Arc<Executor>,
     alerts: Option<Arc<dyn AlertSource>>,
     metrics: Arc<QueryMetrics>,
@@ -251,6 +258,7 @@ impl QueryEngine {
             runtime,
             indexes: Arc::new(IndexCache::default()),
             limits,
+            shared_memory: Arc::new(GreedyMemoryPool::new(limits.total_memory_bytes)),
             executor: Arc::new(Executor::new()?),
             alerts: None,
             metrics: Arc::default(),
@@ -421,7 +429,10 @@ impl QueryEngine {
         // Each query gets its own memory pool; caches, spill files and stores are shared.
         let runtime = Arc::new(RuntimeEnv {
             memory_pool: Arc::new(TrackConsumersPool::new(
-                GreedyMemoryPool::new(self.limits.memory_bytes),
+                crate::memory::SharedPool::new(
+                    self.limits.memory_bytes,
+                    self.shared_memory.clone(),
+                ),
                 std::num::NonZeroUsize::new(3).expect("3 is not zero"),
             )),
             disk_manager: self.runtime.disk_manager.clone(),

@@ -85,6 +85,11 @@ impl QueryError {
                     message: user_message(&message),
                 }
             }
+            DataFusionError::ResourcesExhausted(m)
+                if m.contains(crate::memory::SHARED_POOL_FULL) =>
+            {
+                Self::Unavailable(message)
+            }
             DataFusionError::ResourcesExhausted(_) => Self::ResourcesExhausted(message),
             DataFusionError::ArrowError(a, _) if user_arrow_error(a) => Self::invalid(message),
             DataFusionError::Execution(_) => Self::invalid(message),

@@ -28,6 +28,7 @@ pub mod exec;
 pub mod first_last;
 pub mod gapfill;
 pub mod latest;
+pub mod memory;
 pub mod provider;
 pub mod pruning;
 pub mod rollup;

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Memory one query may hold, e.g. 512MiB; past it a 413
     #[arg(long, env = "CITYTSDB_QUERY_MEMORY_LIMIT", default_value = "1GiB", value_parser = size)]
     pub query_memory_limit: usize,
+    /// Memory all running queries may hold together, e.g. 8GiB; past it queries spill
+    /// or get a 503
+    #[arg(long, env = "CITYTSDB_QUERY_MEMORY_TOTAL", default_value = "4GiB", value_parser = size)]
+    pub query_memory_total: usize,
     /// A query taking at least this long is logged (a warning with its SQL, time
     /// and request id), e.g. 1s
     #[arg(long, env = "CITYTSDB_SLOW_QUERY_TIME", default_value = "1s", value_parser = duration)]
@@ -234,6 +238,7 @@ impl ServeArgs {
         citytsdb_query::QueryLimits {
             timeout: self.query_timeout,
             memory_bytes: self.query_memory_limit,
+            total_memory_bytes: self.query_memory_total,
             slow: self.slow_query_time,
         }
     }

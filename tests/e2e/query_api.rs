@@ -244,3 +244,47 @@ fn a_query_past_its_memory_limit_is_stopped_and_others_carry_on() {
     let rows = server.query_json(DB, "SELECT count(*) AS n FROM manhole");
     assert_eq!(rows[0]["n"], 20_000);
 }
+
+/// All running queries share `--query-memory-total`: a query that needs more than
+/// is left of it is refused as the server's being busy (503, `Retry-After`), not as
+/// its own fault, while it fits its own `--query-memory-limit`.
+#[test]
+fn queries_past_the_shared_memory_are_told_to_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &[
+            "--query-memory-limit",
+            "64MiB",
+            "--query-memory-total",
+            "256KiB",
+        ],
+    );
+    city(&server, 200, 100);
+    let r = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+    .post(format!("{}/api/v1/query", server.url()))
+    .send(
+        serde_json::json!({
+            "db": DB,
+            "sql": "SELECT count(*) FROM manhole a JOIN manhole b ON a.device = b.device AND a.district = b.district",
+        })
+        .to_string(),
+    );
+    let mut r = r.unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(body.contains("--query-memory-total"), "{body}");
+    assert!(server.is_healthy());
+    let rows = server.query_json(DB, "SELECT count(*) AS n FROM manhole");
+    assert_eq!(rows[0]["n"], 20_000);
+}
