@@ -152,7 +152,8 @@ pub struct Limits {
     /// Most series (distinct tag sets) a table may have.
     pub max_series: usize,
     /// Most lines one request may hold (every physical line counts); past it the
-    /// whole request is refused.
+    /// whole request is refused. It bounds what parsing one body holds: a parsed
+    /// line takes a few hundred bytes however short its text.
     pub max_lines: usize,
     /// Most tags one line may carry.
     pub max_tags: usize,
@@ -166,7 +167,7 @@ impl Default for Limits {
             max_tables: 10_000,
             max_columns: 1_024,
             max_series: 2_000_000,
-            max_lines: 1_000_000,
+            max_lines: 100_000,
             max_tags: 128,
         }
     }

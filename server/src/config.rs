@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CITYTSDB_MAX_SERIES_PER_TABLE", default_value = "2000000", value_parser = at_least_one)]
     pub max_series_per_table: usize,
     /// Most lines one write request may hold; a larger one is refused whole with a 413
-    #[arg(long, env = "CITYTSDB_MAX_LINES_PER_REQUEST", default_value = "1000000", value_parser = at_least_one)]
+    #[arg(long, env = "CITYTSDB_MAX_LINES_PER_REQUEST", default_value = "100000", value_parser = at_least_one)]
     pub max_lines_per_request: usize,
     /// Most tags one line may carry; a line with more is rejected
     #[arg(long, env = "CITYTSDB_MAX_TAGS", default_value = "128", value_parser = at_least_one)]
