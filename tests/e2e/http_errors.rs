@@ -52,6 +52,23 @@ fn refused(server: &Server, db: &str, sql: &str, status: u16) -> (String, Value)
     error_of(server, sql, &body)
 }
 
+/// A partial write's rejected lines: (line, column, error).
+fn line_errors(body: &str) -> Vec<(u64, u64, String)> {
+    let value: Value = serde_json::from_str(body).unwrap();
+    value["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["line"].as_u64().unwrap(),
+                l["column"].as_u64().unwrap(),
+                l["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn count(server: &Server, sql: &str) -> u64 {
     let rows = server.query_json(DB, sql);
     rows[0]["n"]
@@ -667,19 +684,7 @@ fn the_series_limit_rejects_new_series_only() {
     ];
     let (status, body) = no_5xx(&server, "series", server.write(DB, "s", lines.join("\n")));
     assert_eq!(status, 400, "{body}");
-    let value: Value = serde_json::from_str(&body).unwrap();
-    let got: Vec<(u64, u64, String)> = value["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["line"].as_u64().unwrap(),
-                l["column"].as_u64().unwrap(),
-                l["error"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let got = line_errors(&body);
     let lines_rejected: Vec<u64> = got.iter().map(|g| g.0).collect();
     assert_eq!(lines_rejected, [3, 4], "{body}");
     assert_eq!(got[0].1, 1);
@@ -755,19 +760,7 @@ fn write_limits_reject_lines_saying_which() {
     ];
     let (status, body) = no_5xx(&server, "limits", server.write(DB, "s", lines.join("\n")));
     assert_eq!(status, 400, "{body}");
-    let value: Value = serde_json::from_str(&body).unwrap();
-    let got: Vec<(u64, u64, String)> = value["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["line"].as_u64().unwrap(),
-                l["column"].as_u64().unwrap(),
-                l["error"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let got = line_errors(&body);
     assert_eq!(got.len(), 5, "{body}");
     assert_eq!((got[0].0, got[0].1), (2, 1));
     assert!(
