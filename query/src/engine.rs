@@ -794,4 +794,6 @@ fn first_token_position(sql: &str) -> Option<Position> {
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
+mod merge_tests;
+#[cfg(test)]
 mod pin_tests;

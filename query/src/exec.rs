@@ -2,10 +2,15 @@
 //! overlapping sources.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use citytsdb_storage::merge::sort_dedup;
+use citytsdb_storage::schema::TIME_COLUMN;
+use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::compute::kernels::boolean::not;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::TimestampNanosecondType;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::memory_pool::MemoryConsumer;
@@ -20,6 +25,11 @@ use datafusion::physical_plan::{
     ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties,
     Partitioning, PlanProperties, ReplaceChildrenOptions,
 };
+use futures::StreamExt;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A storage failure inside a query, as DataFusion carries it.
 pub fn external(e: citytsdb_storage::StorageError) -> DataFusionError {
@@ -189,21 +199,90 @@ impl ExecutionPlan for CityScanExec {
 }
 
 /// Merges sources that may hold the same (series, time): every row of every input
-/// (inputs ordered oldest first), sorted by series then time, one row per key, each
-/// field from the newest input that carries it.
+/// (inputs ordered oldest first), one row per key, each field from the newest input
+/// that carries it.
 ///
-/// It holds all its input in memory, so the scan uses it only for the few sources
-/// that overlap: segments whose time range meets the buffered rows'.
+/// Only rows whose time lies in one of `windows` — the times two or more inputs'
+/// ranges share, where alone a key can repeat — are held, sorted and merged; the
+/// others pass straight through as they are read. So what it holds is the overlap
+/// of its inputs, not their size (a flush's segment and the buffered rows after it
+/// share only the seconds they straddle).
 #[derive(Debug)]
 pub struct DedupExec {
     inputs: Vec<Arc<dyn ExecutionPlan>>,
     keys: Vec<usize>,
+    /// Sorted, disjoint, inclusive time ranges (nanoseconds) to merge in.
+    windows: Arc<Vec<(i64, i64)>>,
     properties: Arc<PlanProperties>,
 }
 
+/// The times (inclusive ranges, sorted and disjoint) that two or more of `ranges`
+/// (inclusive) cover.
+pub fn shared_windows(ranges: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    // Half-open [lo, hi + 1): at one instant, ends come before starts.
+    let mut events: Vec<(i128, i32)> = ranges
+        .iter()
+        .filter(|(lo, hi)| lo <= hi)
+        .flat_map(|&(lo, hi)| [(i128::from(lo), 1), (i128::from(hi) + 1, -1)])
+        .collect();
+    events.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    let mut depth = 0;
+    let mut start = 0i128;
+    for (at, step) in events {
+        let before = depth;
+        depth += step;
+        if before < 2 && depth >= 2 {
+            start = at;
+        } else if before >= 2 && depth < 2 {
+            // `at` is past the window's last instant; both ends fit in i64.
+            let (lo, hi) = (start as i64, (at - 1) as i64);
+            match out.last_mut() {
+                Some(last) if i128::from(last.1) + 1 >= i128::from(lo) => last.1 = hi,
+                _ => out.push((lo, hi)),
+            }
+        }
+    }
+    out
+}
+
+/// Whether `t` lies in one of `windows` (sorted, disjoint, inclusive).
+fn in_windows(windows: &[(i64, i64)], t: i64) -> bool {
+    let i = windows.partition_point(|w| w.1 < t);
+    windows.get(i).is_some_and(|w| w.0 <= t)
+}
+
+/// `batch` split by time into the rows in `windows` and the others.
+fn split_by_windows(
+    batch: &RecordBatch,
+    time: usize,
+    windows: &[(i64, i64)],
+) -> Result<(RecordBatch, RecordBatch)> {
+    let times = batch
+        .column(time)
+        .as_primitive_opt::<TimestampNanosecondType>()
+        .ok_or_else(|| DataFusionError::Internal("DedupExec: time is not nanoseconds".into()))?;
+    let inside: BooleanArray = times
+        .values()
+        .iter()
+        .map(|&t| Some(in_windows(windows, t)))
+        .collect();
+    let outside = not(&inside)?;
+    Ok((
+        filter_record_batch(batch, &inside)?,
+        filter_record_batch(batch, &outside)?,
+    ))
+}
+
 impl DedupExec {
-    /// Merges `inputs` (all of schema `schema`, oldest first) on the `keys` columns.
-    pub fn new(schema: SchemaRef, inputs: Vec<Arc<dyn ExecutionPlan>>, keys: Vec<usize>) -> Self {
+    /// Merges `inputs` (all of schema `schema`, oldest first) on the `keys` columns,
+    /// within `windows` (see [`shared_windows`]); rows outside pass through.
+    pub fn new(
+        schema: SchemaRef,
+        inputs: Vec<Arc<dyn ExecutionPlan>>,
+        keys: Vec<usize>,
+        windows: Vec<(i64, i64)>,
+    ) -> Self {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema),
             Partitioning::UnknownPartitioning(1),
@@ -213,6 +292,7 @@ impl DedupExec {
         Self {
             inputs,
             keys,
+            windows: Arc::new(windows),
             properties,
         }
     }
@@ -222,9 +302,10 @@ impl DisplayAs for DedupExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "DedupExec: inputs={} keys={:?}",
+            "DedupExec: inputs={} keys={:?} windows={}",
             self.inputs.len(),
-            self.keys
+            self.keys,
+            self.windows.len()
         )
     }
 }
@@ -262,6 +343,7 @@ impl ExecutionPlan for DedupExec {
             self.schema(),
             children,
             self.keys.clone(),
+            self.windows.to_vec(),
         )))
     }
 
@@ -294,16 +376,93 @@ impl ExecutionPlan for DedupExec {
             }
         }
         let keys = self.keys.clone();
-        let out_schema = schema.clone();
-        let reservation = MemoryConsumer::new("DedupExec").register(context.memory_pool());
-        let fut = async move {
-            // What is merged is held whole: charged to the query's memory pool.
-            let all = crate::collect::collect(streams, &out_schema, reservation).await?;
-            sort_dedup(&out_schema, &[all], &keys).map_err(external)
+        let time = schema.index_of(TIME_COLUMN)?;
+        let windows = self.windows.clone();
+        // What is merged is held until the inputs end: charged to the query's pool.
+        let reservation = Arc::new(Mutex::new(
+            MemoryConsumer::new("DedupExec").register(context.memory_pool()),
+        ));
+        let held: Arc<Mutex<Vec<RecordBatch>>> = Arc::default();
+        // The inputs one after another, oldest first: the order the merge needs.
+        let passed = {
+            let (held, reservation) = (held.clone(), reservation.clone());
+            futures::stream::iter(streams)
+                .flatten()
+                .map(move |batch| {
+                    let batch = batch?;
+                    let (inside, outside) = split_by_windows(&batch, time, &windows)?;
+                    if inside.num_rows() > 0 {
+                        lock(&reservation).try_grow(inside.get_array_memory_size())?;
+                        lock(&held).push(inside);
+                    }
+                    Ok(outside)
+                })
+                .filter(|b: &Result<RecordBatch>| {
+                    futures::future::ready(b.as_ref().map_or(true, |b| b.num_rows() > 0))
+                })
         };
+        let out_schema = schema.clone();
+        let merged = futures::stream::once(async move {
+            let batches = std::mem::take(&mut *lock(&held));
+            if batches.is_empty() {
+                return Ok(None);
+            }
+            let merged = sort_dedup(&out_schema, &batches, &keys).map_err(external)?;
+            drop(batches);
+            lock(&reservation).free();
+            Ok(Some(merged))
+        })
+        .filter_map(|r: Result<Option<RecordBatch>>| futures::future::ready(r.transpose()));
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             schema,
-            futures::stream::once(fut),
+            passed.chain(merged),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_windows_are_the_times_two_ranges_cover() {
+        assert_eq!(shared_windows(&[]), []);
+        assert_eq!(shared_windows(&[(0, 10)]), []);
+        // Apart, touching at one instant, overlapping, nested.
+        assert_eq!(shared_windows(&[(0, 10), (11, 20)]), []);
+        assert_eq!(shared_windows(&[(0, 10), (10, 20)]), [(10, 10)]);
+        assert_eq!(shared_windows(&[(0, 10), (5, 20)]), [(5, 10)]);
+        assert_eq!(
+            shared_windows(&[(0, 100), (20, 30), (40, 50)]),
+            [(20, 30), (40, 50)]
+        );
+        // Chained flushes, then buffered rows over the last one's end.
+        assert_eq!(
+            shared_windows(&[(0, 10), (8, 20), (18, 30), (29, 40)]),
+            [(8, 10), (18, 20), (29, 30)]
+        );
+        // Adjacent windows join.
+        assert_eq!(
+            shared_windows(&[(0, 10), (5, 10), (11, 20), (11, 15)]),
+            [(5, 15)]
+        );
+        // The ends of the range.
+        assert_eq!(
+            shared_windows(&[(i64::MIN, i64::MAX), (i64::MAX - 1, i64::MAX)]),
+            [(i64::MAX - 1, i64::MAX)]
+        );
+        assert_eq!(
+            shared_windows(&[(i64::MIN, 0), (i64::MIN, i64::MIN)]),
+            [(i64::MIN, i64::MIN)]
+        );
+    }
+
+    #[test]
+    fn a_time_is_in_a_window_when_one_holds_it() {
+        let w = [(5, 10), (20, 20), (30, 40)];
+        let inside: Vec<i64> = (0..45).filter(|&t| in_windows(&w, t)).collect();
+        let want: Vec<i64> = (5..=10).chain([20]).chain(30..=40).collect();
+        assert_eq!(inside, want);
+        assert!(!in_windows(&[], 0));
     }
 }

@@ -93,8 +93,8 @@ mod tests {
         let shared = Arc::new(GreedyMemoryPool::new(100));
         let a: Arc<dyn MemoryPool> = Arc::new(SharedPool::new(80, shared.clone()));
         let b: Arc<dyn MemoryPool> = Arc::new(SharedPool::new(80, shared.clone()));
-        let mut ra = MemoryConsumer::new("a").register(&a);
-        let mut rb = MemoryConsumer::new("b").register(&b);
+        let ra = MemoryConsumer::new("a").register(&a);
+        let rb = MemoryConsumer::new("b").register(&b);
         ra.try_grow(60).unwrap();
         // Its own limit: refused as the query's.
         let own = ra.try_grow(30).unwrap_err().to_string();

@@ -9,7 +9,8 @@
 //! 5. Segments that may hold the same (series, time) — of different runs (one
 //!    flush's or one compaction's segments) whose time ranges meet, or meeting the
 //!    buffered rows' range — go through [`DedupExec`] together, oldest run first,
-//!    so each (series, time) appears once, newest fields winning. Once compaction
+//!    so each (series, time) appears once, newest fields winning; it holds and
+//!    merges only the rows in the times two of them share. Once compaction
 //!    has merged a day into one run, its segments are read as they are.
 
 use std::collections::HashMap;
@@ -46,7 +47,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use roaring::RoaringBitmap;
 
-use crate::exec::{external, CityScanExec, DedupExec, ScanReport};
+use crate::exec::{external, shared_windows, CityScanExec, DedupExec, ScanReport};
 use crate::pruning::KeyBounds;
 
 /// The URL under which the engine's object store is registered with DataFusion.
@@ -363,13 +364,19 @@ impl TableProvider for CityTable {
                     self.parquet_exec(vec![chosen[i].file.clone()], &read_cols, predicate.clone())
                 })
                 .collect::<Result<_>>()?;
+            let mut ranges: Vec<(i64, i64)> = members
+                .iter()
+                .map(|&i| (chosen[i].meta.min_time, chosen[i].meta.max_time))
+                .collect();
             if groups.buffer_group == Some(g) {
                 inputs.extend(memory.take());
+                ranges.extend(buffer_range);
             }
             parts.push(Arc::new(DedupExec::new(
                 read_schema.clone(),
                 inputs,
                 keys.clone(),
+                shared_windows(&ranges),
             )));
         }
         parts.extend(memory);
