@@ -67,7 +67,7 @@ impl QueryEngine {
             sql: sql.to_string(),
             input,
             plan,
-            task: ctx.task_ctx(),
+            task: self.task_context(&ctx.state()),
             engine: self.clone(),
         })
     }

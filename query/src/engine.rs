@@ -14,13 +14,15 @@ use std::time::Duration;
 use citytsdb_storage::Engine;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList};
 use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
-use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::TaskContext;
+use datafusion::prelude::DataFrame;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -35,6 +37,7 @@ use crate::error::{Position, QueryError};
 use crate::first_last::FirstLastByTime;
 use crate::gapfill::{CityQueryPlanner, GapFillRule};
 use crate::latest::LatestFromCache;
+use crate::plan_cache::PlanCache;
 use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
 use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
 
@@ -189,6 +192,11 @@ impl Drop for AbortOnDrop {
 pub struct QueryEngine {
     storage: Engine,
     runtime: Arc<RuntimeEnv>,
+    /// What every query's session starts from: configuration, functions, rules
+    /// and planners, made once (`QueryEngine::session`).
+    base: Arc<SessionState>,
+    /// Optimized plans of statements run before (`plan_cache.rs`).
+    plans: Arc<PlanCache>,
     indexes: Arc<IndexCache>,
     limits: QueryLimits,
     /// The memory every query's pool also draws on (`QueryLimits::total_memory_bytes`).
@@ -248,17 +256,26 @@ impl QueryEngine {
 
     /// A query engine over `storage`, reading segments from its object store.
     pub fn new(storage: Engine, limits: QueryLimits) -> Result<Self, QueryError> {
+        let shared_memory = Arc::new(GreedyMemoryPool::new(limits.total_memory_bytes));
+        // A plan run without its own task context (`QueryEngine::task_context`)
+        // still stays within one query's limit and the shared pool.
         let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(crate::memory::SharedPool::new(
+                limits.memory_bytes,
+                shared_memory.clone(),
+            )))
             .build_arc()
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         let url = url::Url::parse(STORE_URL).map_err(|e| QueryError::Internal(e.to_string()))?;
         runtime.register_object_store(&url, storage.store().clone());
         Ok(Self {
             storage,
+            base: Arc::new(base_state(runtime.clone())),
+            plans: Arc::default(),
             runtime,
             indexes: Arc::new(IndexCache::default()),
             limits,
-            shared_memory: Arc::new(GreedyMemoryPool::new(limits.total_memory_bytes)),
+            shared_memory,
             executor: Arc::new(Executor::new()?),
             alerts: None,
             metrics: Arc::default(),
@@ -281,6 +298,11 @@ impl QueryEngine {
     /// What queries it has run.
     pub fn metrics(&self) -> &QueryMetrics {
         &self.metrics
+    }
+
+    /// The optimized plans it keeps of statements run before.
+    pub fn plan_cache(&self) -> &PlanCache {
+        &self.plans
     }
 
     /// The limits every query runs under.
@@ -395,38 +417,50 @@ impl QueryEngine {
         db: &str,
         sql: &str,
     ) -> Result<(SessionContext, SendableRecordBatchStream), QueryError> {
-        let rewritten = check_read_only(sql)?;
-        let text = rewritten.as_deref().unwrap_or(sql);
+        let err = |e| QueryError::from_datafusion(e, sql);
         let ctx = self.context(db)?;
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let df = ctx
-            .sql_with_options(text, options)
+        // Marks the start of execution: `now()` is this moment.
+        let state = ctx.state();
+        // A kept plan was checked when it was made, from this very text.
+        let plan = match self.plans.get(db, sql, &ctx).await {
+            Some(plan) => plan,
+            None => {
+                let rewritten = check_read_only(sql)?;
+                let text = rewritten.as_deref().unwrap_or(sql);
+                let logical = state.create_logical_plan(text).await.map_err(err)?;
+                SQLOptions::new()
+                    .with_allow_ddl(false)
+                    .with_allow_dml(false)
+                    .with_allow_statements(false)
+                    .verify_plan(&logical)
+                    .map_err(err)?;
+                let optimized = state.optimize(&logical).map_err(err)?;
+                self.plans.put(db, sql, &logical, &optimized);
+                optimized
+            }
+        };
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&plan, &state)
             .await
-            .map_err(|e| QueryError::from_datafusion(e, sql))?;
-        let stream = df
-            .execute_stream()
-            .await
-            .map_err(|e| QueryError::from_datafusion(e, sql))?;
+            .map_err(err)?;
+        let stream = datafusion::physical_plan::execute_stream(physical, self.task_context(&state))
+            .map_err(err)?;
         Ok((ctx, stream))
     }
 
-    /// A session with our configuration, functions and rules, and no tables yet.
+    /// A session with our configuration, functions and rules, and no tables yet:
+    /// a copy of the engine's base state with a catalog list of its own.
     pub(crate) fn session(&self) -> SessionContext {
-        let config = SessionConfig::new()
-            .with_information_schema(true)
-            .with_create_default_catalog_and_schema(false)
-            .with_default_catalog_and_schema(CATALOG, "public")
-            .set_str("datafusion.sql_parser.dialect", "PostgreSQL")
-            .set_str("datafusion.sql_parser.collect_spans", "true")
-            .set_str(
-                "datafusion.sql_parser.recursion_limit",
-                &RECURSION_LIMIT.to_string(),
-            )
-            .set_str("datafusion.execution.time_zone", "+00:00");
-        // Each query gets its own memory pool; caches, spill files and stores are shared.
+        let mut state = self.base.as_ref().clone();
+        state.register_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
+        SessionContext::new_with_state(state)
+    }
+
+    /// A task context for running one query's plan planned in `state`: a memory
+    /// pool of its own (`QueryLimits::memory_bytes`) that also draws on the pool
+    /// all queries share; caches, spill files and stores are the engine's.
+    pub(crate) fn task_context(&self, state: &SessionState) -> Arc<TaskContext> {
         let runtime = Arc::new(RuntimeEnv {
             memory_pool: Arc::new(TrackConsumersPool::new(
                 crate::memory::SharedPool::new(
@@ -439,25 +473,17 @@ impl QueryEngine {
             cache_manager: self.runtime.cache_manager.clone(),
             object_store_registry: self.runtime.object_store_registry.clone(),
         });
-        let state = SessionStateBuilder::new()
-            .with_config(config)
-            .with_runtime_env(runtime)
-            .with_default_features()
-            .with_query_planner(Arc::new(CityQueryPlanner))
-            .build();
-        let ctx = SessionContext::new_with_state(state);
-        for f in crate::first_last::functions() {
-            ctx.register_udaf(f);
-        }
-        for f in crate::gapfill::functions() {
-            ctx.register_udf(f);
-        }
-        ctx.add_analyzer_rule(Arc::new(FirstLastByTime));
-        ctx.add_analyzer_rule(Arc::new(GapFillRule));
-        // TimescaleDB's name for the same bucketing (origin 1970-01-01T00:00:00Z).
-        let date_bin = datafusion::functions::datetime::date_bin();
-        ctx.register_udf(date_bin.as_ref().clone().with_aliases(["time_bucket"]));
-        ctx
+        Arc::new(TaskContext::from(state).with_runtime(runtime))
+    }
+
+    /// Plans `df`, runs it in a task context of its own and collects the answer.
+    pub(crate) async fn collect(
+        &self,
+        df: DataFrame,
+    ) -> datafusion::common::Result<Vec<RecordBatch>> {
+        let (state, plan) = df.into_parts();
+        let physical = state.create_physical_plan(&plan).await?;
+        datafusion::physical_plan::collect(physical, self.task_context(&state)).await
     }
 
     fn context(&self, db: &str) -> Result<SessionContext, QueryError> {
@@ -560,7 +586,7 @@ impl QueryEngine {
                 .sql_with_options(&select, options)
                 .await
                 .map_err(unplaced)?;
-            df.collect().await.map_err(unplaced)
+            self.collect(df).await.map_err(unplaced)
         };
         let keys = match tokio::time::timeout_at(deadline, find).await {
             Ok(keys) => keys.map_err(|e| self.explain_limit(e))?,
@@ -595,6 +621,43 @@ impl QueryEngine {
             filter_table,
         })
     }
+}
+
+/// The session state every query's starts from: our configuration, DataFusion's
+/// functions and ours, our analyzer rules and planner, over `runtime`.
+fn base_state(runtime: Arc<RuntimeEnv>) -> SessionState {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_create_default_catalog_and_schema(false)
+        .with_default_catalog_and_schema(CATALOG, "public")
+        .set_str("datafusion.sql_parser.dialect", "PostgreSQL")
+        .set_str("datafusion.sql_parser.collect_spans", "true")
+        .set_str(
+            "datafusion.sql_parser.recursion_limit",
+            &RECURSION_LIMIT.to_string(),
+        )
+        .set_str("datafusion.execution.time_zone", "+00:00");
+    let mut builder = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_query_planner(Arc::new(CityQueryPlanner));
+    // Ours are registered after DataFusion's: a name both have is ours.
+    let scalar = builder.scalar_functions().get_or_insert_with(Vec::new);
+    scalar.extend(crate::gapfill::functions().into_iter().map(Arc::new));
+    // TimescaleDB's name for the same bucketing (origin 1970-01-01T00:00:00Z).
+    let date_bin = datafusion::functions::datetime::date_bin();
+    scalar.push(Arc::new(
+        date_bin.as_ref().clone().with_aliases(["time_bucket"]),
+    ));
+    builder
+        .aggregate_functions()
+        .get_or_insert_with(Vec::new)
+        .extend(crate::first_last::functions().into_iter().map(Arc::new));
+    let mut state = builder.build();
+    state.add_analyzer_rule(Arc::new(FirstLastByTime));
+    state.add_analyzer_rule(Arc::new(GapFillRule));
+    state
 }
 
 /// What [`QueryEngine::describe`] learns of a query.

@@ -3,7 +3,9 @@
 //! The read path, each step in its file:
 //!
 //! 1. `engine.rs` — parses the SQL, refuses anything not read-only, and opens a
-//!    DataFusion session over a snapshot of the database.
+//!    DataFusion session over a snapshot of the database (a copy of one base
+//!    state made once). `plan_cache.rs` keeps the optimized plans of statements
+//!    run before, so a repeated statement goes straight to physical planning.
 //! 2. `provider.rs` — each table is a `CityTable`; its scan turns pushed-down
 //!    filters into [`pruning::KeyBounds`] (`pruning.rs`), prunes segments by time and
 //!    by the catalog's tag bitmaps, turns each segment's bitmaps into a Parquet
@@ -29,6 +31,7 @@ pub mod first_last;
 pub mod gapfill;
 pub mod latest;
 pub mod memory;
+pub mod plan_cache;
 pub mod provider;
 pub mod pruning;
 pub mod rollup;

@@ -31,6 +31,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DFSchema, Result, ScalarValue};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, RowGroupAccess};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
@@ -346,7 +347,7 @@ impl TableProvider for CityTable {
 
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         if !plain.is_empty() {
-            parts.push(self.parquet_exec(plain, &read_cols, predicate.clone())?);
+            parts.push(self.parquet_exec(state, plain, &read_cols, predicate.clone())?);
         }
         let mut memory = match buffered {
             Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(
@@ -361,7 +362,12 @@ impl TableProvider for CityTable {
             let mut inputs: Vec<Arc<dyn ExecutionPlan>> = members
                 .iter()
                 .map(|&i| {
-                    self.parquet_exec(vec![chosen[i].file.clone()], &read_cols, predicate.clone())
+                    self.parquet_exec(
+                        state,
+                        vec![chosen[i].file.clone()],
+                        &read_cols,
+                        predicate.clone(),
+                    )
                 })
                 .collect::<Result<_>>()?;
             let mut ranges: Vec<(i64, i64)> = members
@@ -461,13 +467,21 @@ impl CityTable {
         Ok(Some(state.create_physical_expr(expr, &df_schema)?))
     }
 
+    /// Reads `files`. Their footers and page indexes come from the runtime's
+    /// metadata cache: a segment's path is never reused for other bytes, so what
+    /// was read once holds until the segment is gone.
     fn parquet_exec(
         &self,
+        state: &dyn Session,
         files: Vec<PartitionedFile>,
         read_cols: &[usize],
         predicate: Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut source = ParquetSource::new(self.arrow.clone());
+        let metadata = state.runtime_env().cache_manager.get_file_metadata_cache();
+        let mut source =
+            ParquetSource::new(self.arrow.clone()).with_parquet_file_reader_factory(Arc::new(
+                CachedParquetFileReaderFactory::new(self.store.clone(), metadata),
+            ));
         if let Some(p) = predicate {
             source = source.with_predicate(p);
         }

@@ -344,11 +344,12 @@ impl QueryEngine {
             .map_err(|e| QueryError::from_datafusion(e, &def.source))?;
         let plan = aggregate_plan(def, &schema, source, &[chunk])
             .map_err(|e| QueryError::from_datafusion(e, &def.name))?;
-        let batches = ctx
+        let df = ctx
             .execute_logical_plan(plan)
             .await
-            .map_err(|e| QueryError::from_datafusion(e, &def.name))?
-            .collect()
+            .map_err(|e| QueryError::from_datafusion(e, &def.name))?;
+        let batches = self
+            .collect(df)
             .await
             .map_err(|e| QueryError::from_datafusion(e, &def.name))?;
         // Exactly the table's types (the plan casts; nullability may differ).
