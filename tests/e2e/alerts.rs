@@ -525,6 +525,19 @@ fn stored_outbox(data: &std::path::Path) -> Option<Vec<u64>> {
     Some(ids.into_iter().collect())
 }
 
+/// How many active instances `alerts/state.json` holds, over all rules.
+fn stored_instances(data: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read_to_string(data.join("alerts/state.json")).ok()?;
+    let state: Value = serde_json::from_str(&text).ok()?;
+    let rules = state["instances"].as_object()?;
+    Some(
+        rules
+            .values()
+            .filter_map(|r| r["active"].as_object().map(|a| a.len()))
+            .sum(),
+    )
+}
+
 /// Active instances as "rule/device" -> (state, active_at).
 fn states(server: &Server) -> BTreeMap<String, (String, String)> {
     alerts(server, "")
@@ -582,6 +595,11 @@ fn a_restart_keeps_firing_and_pending_instances_without_new_messages() {
     // would (rightly, at least once) be sent again after the crash.
     wait_until("the stored outbox to be empty", WAIT, || {
         stored_outbox(&data).is_some_and(|ids| ids.is_empty())
+    });
+    // The store thread writes state.json after the evaluation that changed it:
+    // what is in memory has reached the disk once all three are in the file.
+    wait_until("state.json to hold the three instances", WAIT, || {
+        stored_instances(&data) == Some(3)
     });
 
     server.kill9();
