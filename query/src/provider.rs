@@ -18,6 +18,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use citytsdb_storage::catalog::SegmentMeta;
 use citytsdb_storage::index::{RowGroupAccess as SegmentAccess, SegmentIndex};
 use citytsdb_storage::merge::{align, key_columns, sort_dedup};
@@ -33,20 +34,28 @@ use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, RowGroupAccess};
+use datafusion::datasource::physical_plan::ParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown, TableType};
+use datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions;
+use datafusion::parquet::arrow::async_reader::AsyncFileReader;
+use datafusion::parquet::errors::Result as ParquetResult;
+use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 use datafusion::physical_expr::expressions::{BinaryExpr, Column as PhysicalColumn, Literal};
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
+use futures::future::BoxFuture;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use roaring::RoaringBitmap;
+use std::ops::Range;
 
 use crate::exec::{external, shared_windows, CityScanExec, DedupExec, ScanReport};
 use crate::pruning::KeyBounds;
@@ -478,10 +487,12 @@ impl CityTable {
         predicate: Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let metadata = state.runtime_env().cache_manager.get_file_metadata_cache();
-        let mut source =
-            ParquetSource::new(self.arrow.clone()).with_parquet_file_reader_factory(Arc::new(
-                CachedParquetFileReaderFactory::new(self.store.clone(), metadata),
-            ));
+        let mut source = ParquetSource::new(self.arrow.clone()).with_parquet_file_reader_factory(
+            Arc::new(SegmentReaders(CachedParquetFileReaderFactory::new(
+                self.store.clone(),
+                metadata,
+            ))),
+        );
         if let Some(p) = predicate {
             source = source.with_predicate(p);
         }
@@ -491,6 +502,57 @@ impl CityTable {
                 .with_projection_indices(Some(read_cols.to_vec()))?
                 .build();
         Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+/// Readers of segments whose cached metadata holds the page index.
+///
+/// The Parquet opener asks for the footer without the page index and loads the
+/// index itself when it prunes pages, every time: the cache then keeps only the
+/// footer, and each query parses every page index again. Asking for the page
+/// index with the footer caches both, and the opener finds it loaded.
+#[derive(Debug)]
+struct SegmentReaders(CachedParquetFileReaderFactory);
+
+impl ParquetFileReaderFactory for SegmentReaders {
+    fn create_reader(
+        &self,
+        partition_index: usize,
+        file: PartitionedFile,
+        metadata_size_hint: Option<usize>,
+        metrics: &ExecutionPlanMetricsSet,
+    ) -> Result<Box<dyn AsyncFileReader + Send>> {
+        let inner = self
+            .0
+            .create_reader(partition_index, file, metadata_size_hint, metrics)?;
+        Ok(Box::new(WithPageIndex(inner)))
+    }
+}
+
+/// A segment reader whose metadata always comes with the page index.
+struct WithPageIndex(Box<dyn AsyncFileReader + Send>);
+
+impl AsyncFileReader for WithPageIndex {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, ParquetResult<Bytes>> {
+        self.0.get_bytes(range)
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, ParquetResult<Vec<Bytes>>> {
+        self.0.get_byte_ranges(ranges)
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, ParquetResult<Arc<ParquetMetaData>>> {
+        let options = options
+            .cloned()
+            .unwrap_or_default()
+            .with_page_index_policy(PageIndexPolicy::Optional);
+        Box::pin(async move { self.0.get_metadata(Some(&options)).await })
     }
 }
 

@@ -127,15 +127,19 @@ pub fn push_rfc3339(out: &mut String, nanos: i128) {
     };
     let year = dt.year();
     if (0..=9999).contains(&year) {
-        let _ = write!(
-            out,
-            "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            dt.month(),
-            dt.day(),
-            dt.hour(),
-            dt.minute(),
-            dt.second()
-        );
+        // Digit by digit: a query answer prints one per row, and `write!` costs
+        // several times as much.
+        let two = |v: u32| [b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8];
+        let y = year as u32;
+        let (y1, y2) = (two(y / 100), two(y));
+        let (mo, d) = (two(dt.month()), two(dt.day()));
+        let (h, mi, sec) = (two(dt.hour()), two(dt.minute()), two(dt.second()));
+        let text = [
+            y1[0], y1[1], y2[0], y2[1], b'-', mo[0], mo[1], b'-', d[0], d[1], b'T', h[0], h[1],
+            b':', mi[0], mi[1], b':', sec[0], sec[1],
+        ];
+        // Every byte is an ASCII digit or separator.
+        out.push_str(std::str::from_utf8(&text).unwrap_or_default());
     } else {
         // ISO 8601 expanded years, as chrono writes them.
         let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
@@ -166,6 +170,41 @@ pub fn now_nanos() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_matches_chrono_at_every_digit() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut cases: Vec<i128> = vec![0, 1, -1, 999_999_999, -62_167_219_200_000_000_000];
+        // 9999-12-31T23:59:59.999999999Z and 0000-01-01T00:00:00Z.
+        cases.push(253_402_300_799_999_999_999);
+        for _ in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push((x as i64 / 2) as i128);
+        }
+        for nanos in cases {
+            let mut ours = String::new();
+            push_rfc3339(&mut ours, nanos);
+            let secs = nanos.div_euclid(1_000_000_000) as i64;
+            let frac = nanos.rem_euclid(1_000_000_000) as u32;
+            let dt = DateTime::from_timestamp(secs, frac).unwrap();
+            let theirs = dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            // chrono prints fractions in groups of three digits; ours trims zeros.
+            let trimmed = match theirs.split_once('.') {
+                Some((head, tail)) => {
+                    let digits = tail.trim_end_matches('Z').trim_end_matches('0');
+                    if digits.is_empty() {
+                        format!("{head}Z")
+                    } else {
+                        format!("{head}.{digits}Z")
+                    }
+                }
+                None => theirs,
+            };
+            assert_eq!(ours, trimmed, "{nanos}");
+        }
+    }
 
     #[test]
     fn sizes() {
