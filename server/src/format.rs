@@ -368,7 +368,7 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>, out: &mut St
     }
     macro_rules! int {
         ($t:ty) => {{
-            let _ = write!(out, "{}", c.as_primitive::<$t>().value(row));
+            out.push_str(itoa::Buffer::new().format(c.as_primitive::<$t>().value(row)));
             Kind::Raw
         }};
     }
@@ -451,14 +451,13 @@ fn text(s: &str, out: &mut String) -> Kind {
 }
 
 fn float(v: f64, out: &mut String) -> Kind {
-    // serde_json prints the shortest representation that reads back exactly.
-    match serde_json::Number::from_f64(v) {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-            Kind::Raw
-        }
-        None => Kind::Null,
+    // The shortest representation that reads back exactly, as serde_json prints it
+    // (with the same printer).
+    if !v.is_finite() {
+        return Kind::Null;
     }
+    out.push_str(zmij::Buffer::new().format_finite(v));
+    Kind::Raw
 }
 
 fn push_json_string(out: &mut String, s: &str) {

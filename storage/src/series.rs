@@ -68,6 +68,43 @@ pub struct SeriesTable {
     /// entries (a correction after a delete) rather than adding to them; an entry of
     /// no rows removes the series.
     pub replaces: bool,
+    /// The last [`SeriesTable::rows`] made, until the series change: latest-value
+    /// queries that come faster than writes build it once.
+    built: BuiltRows,
+}
+
+/// [`SeriesRows`] as last built, with the schema they were built in.
+#[derive(Default)]
+struct BuiltRows(std::sync::Mutex<Option<(SchemaRef, Arc<SeriesRows>)>>);
+
+impl BuiltRows {
+    fn get(&self, schema: &SchemaRef) -> Option<Arc<SeriesRows>> {
+        let built = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        built
+            .as_ref()
+            .filter(|(s, _)| s == schema)
+            .map(|(_, rows)| rows.clone())
+    }
+
+    fn set(&self, schema: SchemaRef, rows: Arc<SeriesRows>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((schema, rows));
+    }
+
+    fn clear(&mut self) {
+        *self.0.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl Clone for BuiltRows {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for BuiltRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BuiltRows")
+    }
 }
 
 /// A table's series as Arrow arrays, one row per series.
@@ -181,6 +218,7 @@ impl SeriesTable {
     /// Applies one written batch (any subset of the table's columns, rows in any
     /// order), in write order relative to earlier calls.
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.built.clear();
         let schema = batch.schema();
         let Some(times) = batch
             .column_by_name(TIME_COLUMN)
@@ -305,6 +343,7 @@ impl SeriesTable {
     /// each of `newer`'s series, counts add up, the first time is the earlier one,
     /// and the latest row follows the write rule, `newer` being the later write.
     pub fn absorb(&mut self, newer: &SeriesTable) {
+        self.built.clear();
         let maps = self.slot_maps(newer);
         let mut key = String::new();
         for n in &newer.series {
@@ -346,6 +385,7 @@ impl SeriesTable {
     /// Applies a correction (`newer.replaces`): each of `newer`'s series takes its
     /// entry whole, and a series whose entry has no rows is removed.
     pub fn replace_from(&mut self, newer: &SeriesTable) {
+        self.built.clear();
         let maps = self.slot_maps(newer);
         let mut key = String::new();
         for n in &newer.series {
@@ -403,6 +443,7 @@ impl SeriesTable {
     /// Takes each series' first time and row count from `from` (where it has the
     /// series), and marks the series from position `gone` on as having no rows.
     pub fn take_counts(&mut self, from: &SeriesTable, gone: usize) {
+        self.built.clear();
         for i in 0..self.series.len() {
             if i >= gone {
                 self.series[i].rows = 0;
@@ -431,6 +472,15 @@ impl SeriesTable {
     /// Every series as arrays in `schema`'s columns (columns it never saw are null).
     pub fn rows(&self, schema: &TableSchema) -> Result<SeriesRows> {
         let arrow = schema.arrow_schema();
+        if let Some(rows) = self.built.get(&arrow) {
+            return Ok(rows.as_ref().clone());
+        }
+        let rows = self.build_rows(schema, &arrow)?;
+        self.built.set(arrow, Arc::new(rows.clone()));
+        Ok(rows)
+    }
+
+    fn build_rows(&self, schema: &TableSchema, arrow: &SchemaRef) -> Result<SeriesRows> {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(arrow.fields().len());
         for (c, f) in schema.columns().iter().zip(arrow.fields()) {
             let array: ArrayRef = match c.kind {
@@ -476,7 +526,7 @@ impl SeriesTable {
             };
             columns.push(array);
         }
-        let latest = RecordBatch::try_new(arrow, columns)?;
+        let latest = RecordBatch::try_new(arrow.clone(), columns)?;
         Ok(SeriesRows {
             latest,
             first_time: self.series.iter().map(|s| s.first_time).collect(),
@@ -650,6 +700,40 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn built_rows_are_reused_until_the_series_change() {
+        let mut t = SeriesTable::default();
+        t.apply(&batch(&[("a", 20, Some(1.0), None)])).unwrap();
+        let first = t.rows(&schema()).unwrap();
+        let again = t.rows(&schema()).unwrap();
+        assert_eq!(first.latest, again.latest);
+        assert_eq!(first.latest.num_rows(), 1);
+        // Every change builds them again: a write, a merge, a correction.
+        t.apply(&batch(&[("b", 30, Some(2.0), None)])).unwrap();
+        assert_eq!(t.rows(&schema()).unwrap().latest.num_rows(), 2);
+        let mut newer = SeriesTable::default();
+        newer.apply(&batch(&[("c", 40, Some(3.0), None)])).unwrap();
+        t.absorb(&newer);
+        assert_eq!(t.rows(&schema()).unwrap().latest.num_rows(), 3);
+        // A correction: a's newest row went, b went altogether.
+        let mut fix = SeriesTable::default();
+        fix.apply(&batch(&[("a", 10, Some(1.5), None), ("b", 0, None, None)]))
+            .unwrap();
+        fix.take_counts(&t, 1);
+        fix.replaces = true;
+        t.replace_from(&fix);
+        assert_eq!(summary(&t), vec![("a".into(), 10, 1), ("c".into(), 40, 1)]);
+        // A schema with another column is built for that schema.
+        let mut wider = schema();
+        wider
+            .add_column("extra", ColumnKind::Field(FieldType::Float))
+            .unwrap();
+        assert_eq!(
+            t.rows(&wider).unwrap().latest.num_columns(),
+            wider.columns().len()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Timelike};
+use chrono::DateTime;
 
 /// A value that does not read as the unit it should be; the message says what
 /// was expected.
@@ -118,22 +118,17 @@ pub fn rfc3339(nanos: i128) -> String {
 pub fn push_rfc3339(out: &mut String, nanos: i128) {
     let secs = nanos.div_euclid(1_000_000_000);
     let frac = nanos.rem_euclid(1_000_000_000) as u32;
-    let Some(dt) = i64::try_from(secs)
-        .ok()
-        .and_then(|s| DateTime::from_timestamp(s, frac))
-    else {
-        let _ = write!(out, "{nanos}");
-        return;
-    };
-    let year = dt.year();
+    let days = secs.div_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
     if (0..=9999).contains(&year) {
-        // Digit by digit: a query answer prints one per row, and `write!` costs
-        // several times as much.
+        // Digit by digit: a query answer prints one per row, and chrono with
+        // `write!` costs several times as much.
+        let of_day = secs.rem_euclid(86_400) as u32;
         let two = |v: u32| [b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8];
         let y = year as u32;
         let (y1, y2) = (two(y / 100), two(y));
-        let (mo, d) = (two(dt.month()), two(dt.day()));
-        let (h, mi, sec) = (two(dt.hour()), two(dt.minute()), two(dt.second()));
+        let (mo, d) = (two(month), two(day));
+        let (h, mi, sec) = (two(of_day / 3600), two(of_day / 60 % 60), two(of_day % 60));
         let text = [
             y1[0], y1[1], y2[0], y2[1], b'-', mo[0], mo[1], b'-', d[0], d[1], b'T', h[0], h[1],
             b':', mi[0], mi[1], b':', sec[0], sec[1],
@@ -141,8 +136,19 @@ pub fn push_rfc3339(out: &mut String, nanos: i128) {
         // Every byte is an ASCII digit or separator.
         out.push_str(std::str::from_utf8(&text).unwrap_or_default());
     } else {
-        // ISO 8601 expanded years, as chrono writes them.
-        let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
+        match i64::try_from(secs)
+            .ok()
+            .and_then(|s| DateTime::from_timestamp(s, frac))
+        {
+            // ISO 8601 expanded years, as chrono writes them.
+            Some(dt) => {
+                let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
+            }
+            None => {
+                let _ = write!(out, "{nanos}");
+                return;
+            }
+        }
     }
     if frac > 0 {
         let mut digits = *b"000000000";
@@ -157,6 +163,21 @@ pub fn push_rfc3339(out: &mut String, nanos: i128) {
         out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
     }
     out.push('Z');
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since
+/// 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i128) -> (i128, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    (year, month, day)
 }
 
 /// Unix nanoseconds now (0 before 1970, `i64::MAX` after 2262).
