@@ -61,8 +61,9 @@ pub struct SeriesTable {
     tag_slots: Vec<String>,
     /// Field names by slot, in the order first seen.
     field_slots: Vec<String>,
-    /// Series key (see [`SeriesTable::key`]) -> index in `series`.
-    index: HashMap<Box<str>, usize>,
+    /// Series key (see [`SeriesTable::key`]) -> index in `series` (hashbrown's
+    /// default hasher, randomly seeded: SipHash was a tenth of a write's time).
+    index: datafusion::common::HashMap<Box<str>, usize>,
     series: Vec<Series>,
     /// Whether this registry, applied to an older one, replaces its series'
     /// entries (a correction after a delete) rather than adding to them; an entry of
@@ -206,7 +207,19 @@ impl SeriesTable {
         for v in &values[..used] {
             match v {
                 Some(v) => {
-                    out.push_str(&v.len().to_string());
+                    // The length's digits without a String per tag per row.
+                    let mut digits = [0u8; 20];
+                    let mut at = digits.len();
+                    let mut n = v.len();
+                    loop {
+                        at -= 1;
+                        digits[at] = b'0' + (n % 10) as u8;
+                        n /= 10;
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
                     out.push(':');
                     out.push_str(v);
                 }

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use chrono::DateTime;
+use chrono::{DateTime, Datelike, NaiveDate};
 
 /// A value that does not read as the unit it should be; the message says what
 /// was expected.
@@ -118,9 +118,13 @@ pub fn rfc3339(nanos: i128) -> String {
 pub fn push_rfc3339(out: &mut String, nanos: i128) {
     let secs = nanos.div_euclid(1_000_000_000);
     let frac = nanos.rem_euclid(1_000_000_000) as u32;
-    let days = secs.div_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    if (0..=9999).contains(&year) {
+    // 719,163 days lie between 0001-01-01 and 1970-01-01.
+    let date = i32::try_from(secs.div_euclid(86_400) + 719_163)
+        .ok()
+        .and_then(NaiveDate::from_num_days_from_ce_opt)
+        .filter(|d| (0..=9999).contains(&d.year()));
+    if let Some(date) = date {
+        let (year, month, day) = (date.year(), date.month(), date.day());
         // Digit by digit: a query answer prints one per row, and chrono with
         // `write!` costs several times as much.
         let of_day = secs.rem_euclid(86_400) as u32;
@@ -163,21 +167,6 @@ pub fn push_rfc3339(out: &mut String, nanos: i128) {
         out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
     }
     out.push('Z');
-}
-
-/// The proleptic Gregorian (year, month, day) of a count of days since
-/// 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i128) -> (i128, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i128::from(month <= 2);
-    (year, month, day)
 }
 
 /// Unix nanoseconds now (0 before 1970, `i64::MAX` after 2262).
