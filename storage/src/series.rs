@@ -208,18 +208,7 @@ impl SeriesTable {
             match v {
                 Some(v) => {
                     // The length's digits without a String per tag per row.
-                    let mut digits = [0u8; 20];
-                    let mut at = digits.len();
-                    let mut n = v.len();
-                    loop {
-                        at -= 1;
-                        digits[at] = b'0' + (n % 10) as u8;
-                        n /= 10;
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+                    out.push_str(itoa::Buffer::new().format(v.len()));
                     out.push(':');
                     out.push_str(v);
                 }
