@@ -77,25 +77,29 @@ enum Kind {
     Raw,
     /// Printed quoted in JSON.
     Text,
+    /// Printed quoted in JSON, and known to need no escaping (times, dates).
+    Plain,
 }
 
-/// One row's printed values, all in one buffer that every row reuses, so that
-/// printing allocates nothing per value.
+/// One column's printed values for every row of a batch, in one buffer. Printing
+/// a column at a time looks at its type once, not once per value, and allocates
+/// nothing per value.
 #[derive(Default)]
-struct RowText {
+struct ColumnText {
     text: String,
-    /// Each cell's kind and end offset in `text`.
+    /// Each value's kind and end offset in `text`.
     cells: Vec<(Kind, usize)>,
 }
 
-impl RowText {
-    fn cells(&self) -> impl Iterator<Item = (Kind, &str)> {
-        let mut start = 0;
-        self.cells.iter().map(move |&(kind, end)| {
-            let s = &self.text[start..end];
-            start = end;
-            (kind, s)
-        })
+impl ColumnText {
+    /// The printed value of `row`.
+    fn cell(&self, row: usize) -> (Kind, &str) {
+        let start = match row {
+            0 => 0,
+            _ => self.cells[row - 1].1,
+        };
+        let (kind, end) = self.cells[row];
+        (kind, &self.text[start..end])
     }
 }
 
@@ -217,48 +221,61 @@ impl Encoder {
         match self.format {
             Format::Json | Format::JsonLines => {
                 let json = self.format == Format::Json;
-                for_each_row(batch, |row| {
+                let columns = print_columns(batch)?;
+                let bytes: usize = columns.iter().map(|c| c.text.len()).sum::<usize>()
+                    + batch.num_rows() * (keys.iter().map(|k| k.len() + 3).sum::<usize>() + 3);
+                out.reserve(bytes);
+                for row in 0..batch.num_rows() {
                     if json && *rows_written > 0 {
                         out.push(',');
                     }
                     *rows_written += 1;
                     out.push('{');
-                    for (i, (key, (kind, value))) in keys.iter().zip(row.cells()).enumerate() {
+                    for (i, (key, column)) in keys.iter().zip(&columns).enumerate() {
                         if i > 0 {
                             out.push(',');
                         }
                         out.push_str(key);
-                        match kind {
-                            Kind::Null => out.push_str("null"),
-                            Kind::Raw => out.push_str(value),
-                            Kind::Text => push_json_string(&mut out, value),
+                        match column.cell(row) {
+                            (Kind::Null, _) => out.push_str("null"),
+                            (Kind::Raw, value) => out.push_str(value),
+                            (Kind::Plain, value) => {
+                                out.push('"');
+                                out.push_str(value);
+                                out.push('"');
+                            }
+                            (Kind::Text, value) => push_json_string(&mut out, value),
                         }
                     }
                     out.push('}');
                     if !json {
                         out.push('\n');
                     }
-                })?;
+                }
             }
             Format::Csv => {
-                for_each_row(batch, |row| {
-                    for (i, (_, value)) in row.cells().enumerate() {
+                let columns = print_columns(batch)?;
+                out.reserve(columns.iter().map(|c| c.text.len() + c.cells.len()).sum());
+                for row in 0..batch.num_rows() {
+                    for (i, column) in columns.iter().enumerate() {
                         if i > 0 {
                             out.push(',');
                         }
-                        push_csv_field(&mut out, value);
+                        push_csv_field(&mut out, column.cell(row).1);
                     }
                     out.push('\n');
-                })?;
+                }
             }
             Format::Pretty => {
-                for_each_row(batch, |row| {
+                let columns = print_columns(batch)?;
+                for row in 0..batch.num_rows() {
                     pretty_rows.push(
-                        row.cells()
-                            .map(|(_, value)| value.replace('\n', "\\n"))
+                        columns
+                            .iter()
+                            .map(|c| c.cell(row).1.replace('\n', "\\n"))
                             .collect(),
                     )
-                })?;
+                }
             }
             Format::Arrow | Format::Parquet => {}
         }
@@ -303,31 +320,23 @@ pub fn render(
     Ok(out)
 }
 
-fn for_each_row(batch: &RecordBatch, mut f: impl FnMut(&RowText)) -> Result<(), ArrowError> {
-    let columns: Vec<ArrayRef> = batch
+/// Every column of `batch`, printed.
+fn print_columns(batch: &RecordBatch) -> Result<Vec<ColumnText>, ArrowError> {
+    let options = FormatOptions::default();
+    batch
         .columns()
         .iter()
-        .map(normalize)
-        .collect::<Result<_, _>>()?;
-    let options = FormatOptions::default();
-    let formatters: Vec<Option<ArrayFormatter<'_>>> = columns
-        .iter()
-        .map(|c| match needs_formatter(c.data_type()) {
-            true => ArrayFormatter::try_new(c.as_ref(), &options).map(Some),
-            false => Ok(None),
+        .map(|c| {
+            let c = normalize(c)?;
+            let fmt = match needs_formatter(c.data_type()) {
+                true => Some(ArrayFormatter::try_new(c.as_ref(), &options)?),
+                false => None,
+            };
+            let mut text = ColumnText::default();
+            print_column(&c, fmt.as_ref(), &mut text);
+            Ok(text)
         })
-        .collect::<Result<_, _>>()?;
-    let mut row_text = RowText::default();
-    for row in 0..batch.num_rows() {
-        row_text.text.clear();
-        row_text.cells.clear();
-        for (c, fmt) in columns.iter().zip(&formatters) {
-            let kind = cell(c, row, fmt.as_ref(), &mut row_text.text);
-            row_text.cells.push((kind, row_text.text.len()));
-        }
-        f(&row_text);
-    }
-    Ok(())
+        .collect()
 }
 
 /// Dictionary columns print as their values.
@@ -361,26 +370,47 @@ fn needs_formatter(t: &DataType) -> bool {
     )
 }
 
-/// Prints the value at `row` of `c` onto `out`.
-fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>, out: &mut String) -> Kind {
-    if c.is_null(row) {
-        return Kind::Null;
-    }
-    macro_rules! int {
-        ($t:ty) => {{
-            out.push_str(itoa::Buffer::new().format(c.as_primitive::<$t>().value(row)));
-            Kind::Raw
+/// Prints every value of `c` onto `out`.
+fn print_column(c: &ArrayRef, fmt: Option<&ArrayFormatter<'_>>, out: &mut ColumnText) {
+    out.cells.reserve(c.len());
+    // One loop per type: `$value` is bound to each non-null value in turn.
+    macro_rules! each {
+        ($array:expr, |$value:ident, $text:ident| $print:expr) => {{
+            let array = $array;
+            for row in 0..array.len() {
+                let kind = if array.is_null(row) {
+                    Kind::Null
+                } else {
+                    let $value = array.value(row);
+                    let $text = &mut out.text;
+                    $print
+                };
+                out.cells.push((kind, out.text.len()));
+            }
         }};
     }
+    macro_rules! int {
+        ($t:ty) => {
+            each!(c.as_primitive::<$t>(), |v, text| {
+                text.push_str(itoa::Buffer::new().format(v));
+                Kind::Raw
+            })
+        };
+    }
+    macro_rules! time {
+        ($t:ty, $nanos_per:expr) => {
+            each!(c.as_primitive::<$t>(), |v, text| {
+                push_rfc3339(text, v as i128 * $nanos_per);
+                Kind::Plain
+            })
+        };
+    }
     match c.data_type() {
-        DataType::Boolean => {
-            out.push_str(if c.as_boolean().value(row) {
-                "true"
-            } else {
-                "false"
-            });
+        DataType::Null => out.cells.extend((0..c.len()).map(|_| (Kind::Null, 0))),
+        DataType::Boolean => each!(c.as_boolean(), |v, text| {
+            text.push_str(if v { "true" } else { "false" });
             Kind::Raw
-        }
+        }),
         DataType::Int8 => int!(Int8Type),
         DataType::Int16 => int!(Int16Type),
         DataType::Int32 => int!(Int32Type),
@@ -389,63 +419,54 @@ fn cell(c: &ArrayRef, row: usize, fmt: Option<&ArrayFormatter<'_>>, out: &mut St
         DataType::UInt16 => int!(UInt16Type),
         DataType::UInt32 => int!(UInt32Type),
         DataType::UInt64 => int!(UInt64Type),
-        DataType::Float32 => float(c.as_primitive::<Float32Type>().value(row) as f64, out),
-        DataType::Float64 => float(c.as_primitive::<Float64Type>().value(row), out),
-        DataType::Utf8 => text(c.as_string::<i32>().value(row), out),
-        DataType::LargeUtf8 => text(c.as_string::<i64>().value(row), out),
-        DataType::Utf8View => text(c.as_string_view().value(row), out),
-        DataType::Timestamp(unit, _) => {
-            let nanos = match unit {
-                TimeUnit::Second => {
-                    c.as_primitive::<TimestampSecondType>().value(row) as i128 * 1_000_000_000
-                }
-                TimeUnit::Millisecond => {
-                    c.as_primitive::<TimestampMillisecondType>().value(row) as i128 * 1_000_000
-                }
-                TimeUnit::Microsecond => {
-                    c.as_primitive::<TimestampMicrosecondType>().value(row) as i128 * 1_000
-                }
-                TimeUnit::Nanosecond => {
-                    c.as_primitive::<TimestampNanosecondType>().value(row) as i128
-                }
-            };
-            push_rfc3339(out, nanos);
-            Kind::Text
+        DataType::Float32 => each!(c.as_primitive::<Float32Type>(), |v, text| float(
+            v as f64, text
+        )),
+        DataType::Float64 => each!(c.as_primitive::<Float64Type>(), |v, text| float(v, text)),
+        DataType::Utf8 => each!(c.as_string::<i32>(), |v, text| string(v, text)),
+        DataType::LargeUtf8 => each!(c.as_string::<i64>(), |v, text| string(v, text)),
+        DataType::Utf8View => each!(c.as_string_view(), |v, text| string(v, text)),
+        DataType::Timestamp(TimeUnit::Second, _) => time!(TimestampSecondType, 1_000_000_000),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            time!(TimestampMillisecondType, 1_000_000)
         }
-        DataType::Date32 => {
-            let days = c.as_primitive::<Date32Type>().value(row);
+        DataType::Timestamp(TimeUnit::Microsecond, _) => time!(TimestampMicrosecondType, 1_000),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => time!(TimestampNanosecondType, 1),
+        DataType::Date32 => each!(c.as_primitive::<Date32Type>(), |days, text| {
             // 719,163 days lie between 0001-01-01 and 1970-01-01.
             match days
                 .checked_add(719_163)
                 .and_then(NaiveDate::from_num_days_from_ce_opt)
             {
                 Some(d) => {
-                    let _ = write!(out, "{}", d.format("%Y-%m-%d"));
+                    let _ = write!(text, "{}", d.format("%Y-%m-%d"));
                 }
                 None => {
-                    let _ = write!(out, "{days}");
+                    let _ = write!(text, "{days}");
                 }
             }
-            Kind::Text
+            Kind::Plain
+        }),
+        data_type => {
+            let kind = match data_type {
+                DataType::Decimal128(..) | DataType::Decimal256(..) => Kind::Raw,
+                _ => Kind::Text,
+            };
+            for row in 0..c.len() {
+                let kind = match fmt {
+                    Some(f) if !c.is_null(row) => {
+                        let _ = write!(out.text, "{}", f.value(row));
+                        kind
+                    }
+                    _ => Kind::Null,
+                };
+                out.cells.push((kind, out.text.len()));
+            }
         }
-        DataType::Decimal128(..) | DataType::Decimal256(..) => match fmt {
-            Some(f) => {
-                let _ = write!(out, "{}", f.value(row));
-                Kind::Raw
-            }
-            None => Kind::Null,
-        },
-        _ => match fmt {
-            Some(f) => {
-                let _ = write!(out, "{}", f.value(row));
-                Kind::Text
-            }
-            None => Kind::Null,
-        },
     }
 }
 
-fn text(s: &str, out: &mut String) -> Kind {
+fn string(s: &str, out: &mut String) -> Kind {
     out.push_str(s);
     Kind::Text
 }
@@ -584,6 +605,51 @@ mod tests {
             push_json_string(&mut out, s);
             assert_eq!(out, serde_json::to_string(s).unwrap());
         }
+    }
+
+    #[test]
+    fn every_column_type_prints_in_json() {
+        use datafusion::arrow::array::{
+            BooleanArray, Decimal128Array, DictionaryArray, Float32Array, ListArray, NullArray,
+            StringViewArray, TimestampSecondArray, UInt8Array,
+        };
+        use datafusion::arrow::datatypes::Int32Type as I32;
+        let dict: DictionaryArray<I32> = vec![Some("a"), None].into_iter().collect();
+        let list =
+            ListArray::from_iter_primitive::<I32, _, _>(vec![Some(vec![Some(1), Some(2)]), None]);
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("b", Arc::new(BooleanArray::from(vec![Some(true), None]))),
+            ("n", Arc::new(NullArray::new(2))),
+            ("u", Arc::new(UInt8Array::from(vec![255, 0]))),
+            ("f", Arc::new(Float32Array::from(vec![1.5, f32::NAN]))),
+            ("d", Arc::new(dict)),
+            ("v", Arc::new(StringViewArray::from(vec!["x\"y", "z"]))),
+            (
+                "s",
+                Arc::new(TimestampSecondArray::from(vec![Some(86_400), None])),
+            ),
+            (
+                "m",
+                Arc::new(
+                    Decimal128Array::from(vec![Some(12_345), None])
+                        .with_precision_and_scale(10, 2)
+                        .unwrap(),
+                ),
+            ),
+            ("l", Arc::new(list)),
+        ];
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let text = String::from_utf8(render(Format::JsonLines, &batch.schema(), &[batch]).unwrap())
+            .unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"b":true,"n":null,"u":255,"f":1.5,"d":"a","v":"x\"y","s":"1970-01-02T00:00:00Z","m":123.45,"l":"[1, 2]"}"#,
+                "\n",
+                r#"{"b":null,"n":null,"u":0,"f":null,"d":null,"v":"z","s":null,"m":null,"l":null}"#,
+                "\n"
+            )
+        );
     }
 
     #[test]
