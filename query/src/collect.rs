@@ -18,7 +18,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{exec_err, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
@@ -41,6 +41,12 @@ pub trait Transform: fmt::Debug + Clone + Send + Sync + 'static {
     /// The answer, from every input row in one batch (of the input's schema); its
     /// columns are taken under [`Transform::schema`].
     fn apply(&self, input: &RecordBatch) -> Result<RecordBatch>;
+
+    /// The order the answer's rows come in, if [`Transform::apply`] promises one
+    /// (a sort above then has nothing to do and goes).
+    fn ordering(&self, _input: &SchemaRef) -> Vec<PhysicalSortExpr> {
+        Vec::new()
+    }
 }
 
 /// Collects its input, then applies `T` to all of it; one output partition.
@@ -54,8 +60,14 @@ pub struct CollectExec<T: Transform> {
 impl<T: Transform> CollectExec<T> {
     /// `transform` over everything `input` produces.
     pub fn new(input: Arc<dyn ExecutionPlan>, transform: T) -> Self {
+        let schema = transform.schema(&input.schema());
+        let ordering = transform.ordering(&input.schema());
+        let equivalences = match ordering.is_empty() {
+            true => EquivalenceProperties::new(schema),
+            false => EquivalenceProperties::new_with_orderings(schema, [ordering]),
+        };
         let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(transform.schema(&input.schema())),
+            equivalences,
             Partitioning::UnknownPartitioning(1),
             EmissionType::Final,
             Boundedness::Bounded,

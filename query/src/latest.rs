@@ -26,8 +26,9 @@ use citytsdb_storage::schema::TIME_COLUMN;
 use citytsdb_storage::{ColumnKind, Engine, TableSchema};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::{Row, RowConverter, SortField};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::hash_map::Entry;
@@ -43,6 +44,8 @@ use datafusion::logical_expr::{
     UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::AnalyzerRule;
+use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::physical_expr::{PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
@@ -165,7 +168,9 @@ impl LatestFromCache {
 }
 
 /// `DISTINCT ON (k...) ... ORDER BY k..., time DESC` over at most one row per
-/// series, as [`LatestPerKey`] under a sort and the select list; any other
+/// series, as [`LatestPerKey`] under a sort and the select list (the sort has
+/// nothing left to do: [`LatestPerKeyExec`] answers in its order, and the
+/// physical optimizer removes it); any other
 /// ordering (a tie-break after `time`) stays a `DISTINCT ON`.
 fn without_distinct_on(on: DistinctOn) -> Result<LogicalPlan> {
     let k = on.on_expr.len();
@@ -188,10 +193,12 @@ fn without_distinct_on(on: DistinctOn) -> Result<LogicalPlan> {
     else {
         return Ok(LogicalPlan::Distinct(Distinct::On(on)));
     };
+    let key_order = sort[..k].iter().map(|s| (s.asc, s.nulls_first)).collect();
     let latest = LogicalPlan::Extension(Extension {
         node: Arc::new(LatestPerKey {
             input: on.input.clone(),
             keys,
+            key_order,
             time,
             nulls_first,
         }),
@@ -210,6 +217,8 @@ fn without_distinct_on(on: DistinctOn) -> Result<LogicalPlan> {
 pub struct LatestPerKey {
     input: Arc<LogicalPlan>,
     keys: Vec<Column>,
+    /// Each key's order in the answer: (ascending, nulls first).
+    key_order: Vec<(bool, bool)>,
     time: Column,
     nulls_first: bool,
 }
@@ -303,7 +312,14 @@ impl ExtensionPlanner for LatestPlanner {
             keys: latest
                 .keys
                 .iter()
-                .map(|c| schema.index_of_column(c))
+                .zip(&latest.key_order)
+                .map(|(c, &(asc, nulls_first))| {
+                    let options = SortOptions {
+                        descending: !asc,
+                        nulls_first,
+                    };
+                    Ok((schema.index_of_column(c)?, options))
+                })
                 .collect::<Result<_>>()?,
             time: schema.index_of_column(&latest.time)?,
             nulls_first: latest.nulls_first,
@@ -315,13 +331,14 @@ impl ExtensionPlanner for LatestPlanner {
 /// What [`LatestPerKeyExec`] does, by input column index.
 #[derive(Debug, Clone)]
 pub struct KeySpec {
-    keys: Vec<usize>,
+    /// The key columns and the order the answer is in.
+    keys: Vec<(usize, SortOptions)>,
     time: usize,
     nulls_first: bool,
 }
 
 /// Runs [`LatestPerKey`]: collects its (small) input and keeps the latest row of
-/// each key, in input order.
+/// each key, in the order of the keys.
 pub type LatestPerKeyExec = CollectExec<KeySpec>;
 
 impl Transform for KeySpec {
@@ -338,7 +355,7 @@ impl Transform for KeySpec {
             "keys=[{}] time={}",
             self.keys
                 .iter()
-                .map(|&i| name(i))
+                .map(|&(i, _)| name(i))
                 .collect::<Vec<_>>()
                 .join(", "),
             name(self.time)
@@ -348,22 +365,41 @@ impl Transform for KeySpec {
     fn apply(&self, input: &RecordBatch) -> Result<RecordBatch> {
         latest_per_key(input, self)
     }
+
+    fn ordering(&self, input: &SchemaRef) -> Vec<PhysicalSortExpr> {
+        // One row per key: in key order is also in (key, time) order.
+        let column = |i: usize| -> Arc<dyn PhysicalExpr> {
+            Arc::new(PhysicalColumn::new(input.field(i).name(), i))
+        };
+        let time = SortOptions {
+            descending: true,
+            nulls_first: self.nulls_first,
+        };
+        self.keys
+            .iter()
+            .map(|&(i, options)| PhysicalSortExpr::new(column(i), options))
+            .chain([PhysicalSortExpr::new(column(self.time), time)])
+            .collect()
+    }
 }
 
-/// The rows of `batch` that are the latest of their key, in input order.
+/// The rows of `batch` that are the latest of their key, in the order of the keys.
 fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
     let schema = batch.schema();
+    // Rows of the keys compare as the answer orders them.
     let converter = RowConverter::new(
         spec.keys
             .iter()
-            .map(|&i| SortField::new(schema.field(i).data_type().clone()))
+            .map(|&(i, options)| {
+                SortField::new_with_options(schema.field(i).data_type().clone(), options)
+            })
             .collect(),
     )?;
     let keys = converter.convert_columns(
         &spec
             .keys
             .iter()
-            .map(|&i| batch.column(i).clone())
+            .map(|&(i, _)| batch.column(i).clone())
             .collect::<Vec<_>>(),
     )?;
     let Some(times) = batch
@@ -396,9 +432,10 @@ fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
             }
         }
     }
-    let mut rows: Vec<u64> = best.into_values().map(|i| i as u64).collect();
-    rows.sort_unstable();
-    Ok(take_record_batch(batch, &UInt64Array::from(rows))?)
+    let mut rows: Vec<(Row<'_>, usize)> = best.into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let rows = UInt64Array::from_iter_values(rows.into_iter().map(|(_, i)| i as u64));
+    Ok(take_record_batch(batch, &rows)?)
 }
 
 /// `time > x` or `time >= x` (either way round) with `x` free of columns: a series
@@ -570,9 +607,9 @@ mod tests {
         .unwrap()
     }
 
-    fn kept(nulls_first: bool) -> Vec<(Option<String>, Option<i64>)> {
+    fn kept_in(nulls_first: bool, key_order: SortOptions) -> Vec<(Option<String>, Option<i64>)> {
         let spec = KeySpec {
-            keys: vec![0],
+            keys: vec![(0, key_order)],
             time: 1,
             nulls_first,
         };
@@ -589,17 +626,34 @@ mod tests {
             .collect()
     }
 
+    fn kept(nulls_first: bool) -> Vec<(Option<String>, Option<i64>)> {
+        kept_in(nulls_first, SortOptions::default())
+    }
+
     #[test]
-    fn keeps_the_latest_row_of_each_key_in_input_order() {
+    fn keeps_the_latest_row_of_each_key_in_key_order() {
         let s = |d: &str| Some(d.to_string());
-        // A tie keeps the first row; a null key is a key of its own.
+        // A null key is a key of its own.
         assert_eq!(
             kept(true),
             vec![
+                (None, Some(2)),
+                (s("a"), Some(20)),
+                (s("b"), Some(5)),
+                (s("c"), None),
+            ]
+        );
+        let descending = SortOptions {
+            descending: true,
+            nulls_first: false,
+        };
+        assert_eq!(
+            kept_in(true, descending),
+            vec![
+                (s("c"), None),
                 (s("b"), Some(5)),
                 (s("a"), Some(20)),
-                (s("c"), None),
-                (None, Some(2))
+                (None, Some(2)),
             ]
         );
     }
@@ -612,7 +666,7 @@ mod tests {
         // The only row of `c` is kept either way.
         assert_eq!(c, Some((Some("c".to_string()), None)));
         let spec = KeySpec {
-            keys: vec![0],
+            keys: vec![(0, SortOptions::default())],
             time: 1,
             nulls_first: false,
         };

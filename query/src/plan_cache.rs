@@ -11,7 +11,9 @@
 //!
 //! - every table it reads is one of the database's own tables (not a rollup's view,
 //!   whose plan depends on which buckets are dirty, nor a `system` or
-//!   `information_schema` table, which are made from the snapshot), and
+//!   `information_schema` table, which are made from the snapshot), or the latest
+//!   rows of one (`latest.rs`: it reads the series registry when the plan runs, so
+//!   it is kept as it is), and
 //! - it calls no function whose answer may change between runs (`now()`,
 //!   `random()`): the optimizer folds those into constants.
 //!
@@ -27,9 +29,12 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::DataFusionError;
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalTableSource, TableScan, Volatility};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalTableSource, TableScan, TableSource, Volatility,
+};
 use datafusion::prelude::SessionContext;
 
+use crate::latest::LatestTable;
 use crate::provider::CityTable;
 
 /// Statements kept, at most.
@@ -92,6 +97,9 @@ impl PlanCache {
             let LogicalPlan::TableScan(scan) = node else {
                 return Ok(Transformed::no(node));
             };
+            if is_latest(&scan.source) {
+                return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+            }
             let table = current.get(scan.table_name.table()).ok_or_else(|| {
                 DataFusionError::Internal(format!("{} was not looked up", scan.table_name))
             })?;
@@ -127,6 +135,9 @@ impl PlanCache {
             let LogicalPlan::TableScan(scan) = node else {
                 return Ok(Transformed::no(node));
             };
+            if is_latest(&scan.source) {
+                return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+            }
             let schema = scan.source.schema();
             Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
                 source: Arc::new(LogicalTableSource::new(schema)),
@@ -198,7 +209,7 @@ fn keepable(plan: &LogicalPlan, tables: &mut Vec<(String, SchemaRef)>) -> bool {
         if let LogicalPlan::TableScan(scan) = node {
             let Some(p) = source_as_provider(&scan.source)
                 .ok()
-                .filter(|p| p.is::<CityTable>())
+                .filter(|p| p.is::<CityTable>() || p.is::<LatestTable>())
             else {
                 ok = false;
                 return Ok(TreeNodeRecursion::Stop);
@@ -224,6 +235,11 @@ fn keepable(plan: &LogicalPlan, tables: &mut Vec<(String, SchemaRef)>) -> bool {
         })
     });
     walked.is_ok() && ok
+}
+
+/// Whether `source` reads a table's latest rows from the series registry.
+fn is_latest(source: &Arc<dyn TableSource>) -> bool {
+    source_as_provider(source).is_ok_and(|p| p.is::<LatestTable>())
 }
 
 /// Whether `e` calls a function whose answer may differ from one run to the next.
@@ -338,6 +354,48 @@ mod tests {
         // And the new plan is kept in turn.
         answer(&engine, sql).await;
         assert_eq!(hits(&engine), (1, 2));
+        storage.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_latest_rows_of_a_kept_plan_are_read_when_it_runs() {
+        let (_dir, storage, engine) = setup().await;
+        let sql = "SELECT DISTINCT ON (device) device, time, v FROM t ORDER BY device, time DESC";
+        let plan = answer(&engine, &format!("EXPLAIN {sql}")).await;
+        assert!(
+            plan.contains("LatestPerKeyExec") && !plan.contains("SortExec"),
+            "{plan}"
+        );
+        assert!(answer(&engine, sql)
+            .await
+            .contains("| d1     | 1970-01-01T00:00:01Z | 1.0 |"));
+        storage
+            .write("db", vec![("t".into(), rows(false, 2, 2.0))], false)
+            .await
+            .unwrap();
+        assert!(answer(&engine, sql)
+            .await
+            .contains("| d1     | 1970-01-01T00:00:02Z | 2.0 |"));
+        storage.flush().await.unwrap();
+        storage
+            .write("db", vec![("t".into(), rows(false, 3, 4.0))], false)
+            .await
+            .unwrap();
+        assert!(answer(&engine, sql)
+            .await
+            .contains("| d1     | 1970-01-01T00:00:03Z | 4.0 |"));
+        assert_eq!(hits(&engine), (2, 2), "EXPLAIN is a statement of its own");
+        // A new column plans the statement again, and `*` shows it.
+        let star = "SELECT DISTINCT ON (device) * FROM t ORDER BY device, time DESC";
+        answer(&engine, star).await;
+        storage.update_schemas("db", |s| s.insert("t".into(), schema(true)));
+        storage
+            .write("db", vec![("t".into(), rows(true, 4, 5.0))], false)
+            .await
+            .unwrap();
+        let after = answer(&engine, star).await;
+        assert!(after.contains("| w") && after.contains("50.0"), "{after}");
+        assert_eq!(hits(&engine), (2, 4));
         storage.shutdown().await.unwrap();
     }
 
