@@ -3,7 +3,6 @@
 //! Column order is stable: `time` first, then tags and fields in the order they were
 //! first written. A column never changes kind or type once it exists.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -101,7 +100,9 @@ pub struct ColumnDef {
 #[serde(from = "Vec<ColumnDef>", into = "Vec<ColumnDef>")]
 pub struct TableSchema {
     columns: Vec<ColumnDef>,
-    by_name: HashMap<String, usize>,
+    /// Column index by name: hashbrown's default hasher (every written tag and
+    /// field is looked up here).
+    by_name: datafusion::common::HashMap<String, usize>,
 }
 
 impl Default for TableSchema {
