@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use chrono::NaiveDate;
-use citytsdb_storage::units::push_rfc3339;
+use citytsdb_storage::units::Rfc3339Printer;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
@@ -398,12 +398,13 @@ fn print_column(c: &ArrayRef, fmt: Option<&ArrayFormatter<'_>>, out: &mut Column
         };
     }
     macro_rules! time {
-        ($t:ty, $nanos_per:expr) => {
+        ($t:ty, $nanos_per:expr) => {{
+            let mut printer = Rfc3339Printer::default();
             each!(c.as_primitive::<$t>(), |v, text| {
-                push_rfc3339(text, v as i128 * $nanos_per);
+                printer.push(text, v as i128 * $nanos_per);
                 Kind::Plain
             })
-        };
+        }};
     }
     match c.data_type() {
         DataType::Null => out.cells.extend((0..c.len()).map(|_| (Kind::Null, 0))),

@@ -116,57 +116,93 @@ pub fn rfc3339(nanos: i128) -> String {
 /// Appends [`rfc3339`] of `nanos` to `out`, without allocating for the common
 /// years 0 to 9999. A time chrono cannot represent is printed as its number.
 pub fn push_rfc3339(out: &mut String, nanos: i128) {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let frac = nanos.rem_euclid(1_000_000_000) as u32;
-    // 719,163 days lie between 0001-01-01 and 1970-01-01.
-    let date = i32::try_from(secs.div_euclid(86_400) + 719_163)
-        .ok()
-        .and_then(NaiveDate::from_num_days_from_ce_opt)
-        .filter(|d| (0..=9999).contains(&d.year()));
-    if let Some(date) = date {
-        let (year, month, day) = (date.year(), date.month(), date.day());
-        // Digit by digit: a query answer prints one per row, and chrono with
-        // `write!` costs several times as much.
-        let of_day = secs.rem_euclid(86_400) as u32;
-        let two = |v: u32| [b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8];
-        let y = year as u32;
-        let (y1, y2) = (two(y / 100), two(y));
-        let (mo, d) = (two(month), two(day));
-        let (h, mi, sec) = (two(of_day / 3600), two(of_day / 60 % 60), two(of_day % 60));
-        let text = [
-            y1[0], y1[1], y2[0], y2[1], b'-', mo[0], mo[1], b'-', d[0], d[1], b'T', h[0], h[1],
-            b':', mi[0], mi[1], b':', sec[0], sec[1],
-        ];
-        // Every byte is an ASCII digit or separator.
-        out.push_str(std::str::from_utf8(&text).unwrap_or_default());
-    } else {
-        match i64::try_from(secs)
+    Rfc3339Printer::default().push(out, nanos);
+}
+
+/// Prints times as [`push_rfc3339`] does, keeping the last date it printed: the
+/// times of one answer mostly share their day, and the date is most of the cost.
+#[derive(Debug, Default, Clone)]
+pub struct Rfc3339Printer {
+    /// The day (since 1970-01-01) whose `YYYY-MM-DDT` is in `date`.
+    day: Option<i128>,
+    date: [u8; 11],
+}
+
+impl Rfc3339Printer {
+    /// Appends [`rfc3339`] of `nanos` to `out`.
+    pub fn push(&mut self, out: &mut String, nanos: i128) {
+        let secs = nanos.div_euclid(1_000_000_000);
+        let frac = nanos.rem_euclid(1_000_000_000) as u32;
+        let day = secs.div_euclid(86_400);
+        if self.day != Some(day) && !self.set_day(day) {
+            // Outside years 0 to 9999.
+            match i64::try_from(secs)
+                .ok()
+                .and_then(|s| DateTime::from_timestamp(s, frac))
+            {
+                // ISO 8601 expanded years, as chrono writes them.
+                Some(dt) => {
+                    let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
+                }
+                None => {
+                    let _ = write!(out, "{nanos}");
+                    return;
+                }
+            }
+        } else {
+            // Digit by digit: a query answer prints one per row, and chrono with
+            // `write!` costs several times as much.
+            let of_day = secs.rem_euclid(86_400) as u32;
+            let (h, mi, sec) = (two(of_day / 3600), two(of_day / 60 % 60), two(of_day % 60));
+            let d = &self.date;
+            let text = [
+                d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], h[0], h[1],
+                b':', mi[0], mi[1], b':', sec[0], sec[1],
+            ];
+            // Every byte is an ASCII digit or separator.
+            out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+        }
+        if frac > 0 {
+            let mut digits = *b"000000000";
+            let mut rest = frac;
+            for d in digits.iter_mut().rev() {
+                *d = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            let used = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+            out.push('.');
+            // The digits are ASCII.
+            out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
+        }
+        out.push('Z');
+    }
+
+    /// Makes `day` the remembered one; false (and nothing remembered) when its
+    /// year is outside 0 to 9999.
+    fn set_day(&mut self, day: i128) -> bool {
+        self.day = None;
+        // 719,163 days lie between 0001-01-01 and 1970-01-01.
+        let Some(date) = i32::try_from(day + 719_163)
             .ok()
-            .and_then(|s| DateTime::from_timestamp(s, frac))
-        {
-            // ISO 8601 expanded years, as chrono writes them.
-            Some(dt) => {
-                let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
-            }
-            None => {
-                let _ = write!(out, "{nanos}");
-                return;
-            }
-        }
+            .and_then(NaiveDate::from_num_days_from_ce_opt)
+            .filter(|d| (0..=9999).contains(&d.year()))
+        else {
+            return false;
+        };
+        let y = date.year() as u32;
+        let (y1, y2) = (two(y / 100), two(y));
+        let (mo, d) = (two(date.month()), two(date.day()));
+        self.date = [
+            y1[0], y1[1], y2[0], y2[1], b'-', mo[0], mo[1], b'-', d[0], d[1], b'T',
+        ];
+        self.day = Some(day);
+        true
     }
-    if frac > 0 {
-        let mut digits = *b"000000000";
-        let mut rest = frac;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (rest % 10) as u8;
-            rest /= 10;
-        }
-        let used = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-        out.push('.');
-        // The digits are ASCII.
-        out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
-    }
-    out.push('Z');
+}
+
+/// The last two decimal digits of `v`.
+fn two(v: u32) -> [u8; 2] {
+    [b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8]
 }
 
 /// Unix nanoseconds now (0 before 1970, `i64::MAX` after 2262).
@@ -193,9 +229,18 @@ mod tests {
             x ^= x << 17;
             cases.push((x as i64 / 2) as i128);
         }
+        // One printer for every case (its remembered date must never leak into
+        // another day), and each case twice in a row (the second from memory).
+        let mut printer = Rfc3339Printer::default();
         for nanos in cases {
             let mut ours = String::new();
             push_rfc3339(&mut ours, nanos);
+            let mut again = String::new();
+            printer.push(&mut again, nanos);
+            assert_eq!(again, ours, "{nanos}, printed after the case before");
+            again.clear();
+            printer.push(&mut again, nanos);
+            assert_eq!(again, ours, "{nanos}, printed again");
             let secs = nanos.div_euclid(1_000_000_000) as i64;
             let frac = nanos.rem_euclid(1_000_000_000) as u32;
             let dt = DateTime::from_timestamp(secs, frac).unwrap();
