@@ -73,8 +73,8 @@ fn write(
     prop_assert!(schemas.len() <= limits.max_tables, "{:?}", schemas.keys());
     for (table, (schema, accepted)) in &v.tables {
         prop_assert!(schema.columns().len() <= limits.max_columns);
-        for line in accepted {
-            prop_assert_eq!(line.measurement.as_ref(), table.as_str());
+        for &i in accepted {
+            prop_assert_eq!(v.lines[i].1.measurement.as_ref(), table.as_str());
         }
     }
     let batches = build_batches(&v, 42)
