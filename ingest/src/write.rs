@@ -314,7 +314,7 @@ pub fn validate_with<'a>(
 /// Writes validated together count each other's new series only once applied, so
 /// concurrent writes may pass the limit by the new series each of them brings.
 pub fn validate_against<'a>(
-    lines: Vec<(&'a [u8], ParsedLine<'a>)>,
+    mut lines: Vec<(&'a [u8], ParsedLine<'a>)>,
     precision: Precision,
     schemas: &mut BTreeMap<String, TableSchema>,
     limits: &Limits,
@@ -336,9 +336,8 @@ pub fn validate_against<'a>(
             }
         }
     }
-    let mut lines = lines;
     for (index, (raw, line)) in lines.iter_mut().enumerate() {
-        let (raw, line): (&[u8], &mut ParsedLine<'a>) = (raw, line);
+        let raw: &[u8] = raw;
         if let Some(e) = over_limit(raw, line, limits) {
             out.rejected.push(e);
             continue;

@@ -287,6 +287,14 @@ mod tests {
         RecordBatch::try_new(schema(extra).arrow_schema(), columns).unwrap()
     }
 
+    /// Writes one row of `d1` (with column `w` when `extra`) at second `at`.
+    async fn write(storage: &Engine, extra: bool, at: i64, v: f64) {
+        storage
+            .write("db", vec![("t".into(), rows(extra, at, v))], false)
+            .await
+            .unwrap();
+    }
+
     async fn answer(engine: &QueryEngine, sql: &str) -> String {
         let out = engine.query("db", sql).await.unwrap();
         pretty_format_batches(&out.batches).unwrap().to_string()
@@ -305,10 +313,7 @@ mod tests {
             .await
             .unwrap();
         storage.update_schemas("db", |s| s.insert("t".into(), schema(false)));
-        storage
-            .write("db", vec![("t".into(), rows(false, 1, 1.0))], false)
-            .await
-            .unwrap();
+        write(&storage, false, 1, 1.0).await;
         let engine = QueryEngine::new(storage.clone(), Default::default()).unwrap();
         (dir, storage, engine)
     }
@@ -320,16 +325,10 @@ mod tests {
         assert!(answer(&engine, sql).await.contains("| 1 | 1.0 |"));
         assert_eq!(hits(&engine), (0, 1));
         // Rows written after the plan was kept, buffered and then flushed.
-        storage
-            .write("db", vec![("t".into(), rows(false, 2, 2.0))], false)
-            .await
-            .unwrap();
+        write(&storage, false, 2, 2.0).await;
         assert!(answer(&engine, sql).await.contains("| 2 | 3.0 |"));
         storage.flush().await.unwrap();
-        storage
-            .write("db", vec![("t".into(), rows(false, 3, 4.0))], false)
-            .await
-            .unwrap();
+        write(&storage, false, 3, 4.0).await;
         assert!(answer(&engine, sql).await.contains("| 3 | 7.0 |"));
         assert_eq!(hits(&engine), (2, 1));
         assert_eq!(engine.plan_cache().len(), 1);
@@ -343,10 +342,7 @@ mod tests {
         let before = answer(&engine, sql).await;
         assert!(!before.contains("| w"), "{before}");
         storage.update_schemas("db", |s| s.insert("t".into(), schema(true)));
-        storage
-            .write("db", vec![("t".into(), rows(true, 2, 2.0))], false)
-            .await
-            .unwrap();
+        write(&storage, true, 2, 2.0).await;
         let after = answer(&engine, sql).await;
         assert!(after.contains("| w"), "{after}");
         assert!(after.contains("20.0"), "{after}");
@@ -369,18 +365,12 @@ mod tests {
         assert!(answer(&engine, sql)
             .await
             .contains("| d1     | 1970-01-01T00:00:01Z | 1.0 |"));
-        storage
-            .write("db", vec![("t".into(), rows(false, 2, 2.0))], false)
-            .await
-            .unwrap();
+        write(&storage, false, 2, 2.0).await;
         assert!(answer(&engine, sql)
             .await
             .contains("| d1     | 1970-01-01T00:00:02Z | 2.0 |"));
         storage.flush().await.unwrap();
-        storage
-            .write("db", vec![("t".into(), rows(false, 3, 4.0))], false)
-            .await
-            .unwrap();
+        write(&storage, false, 3, 4.0).await;
         assert!(answer(&engine, sql)
             .await
             .contains("| d1     | 1970-01-01T00:00:03Z | 4.0 |"));
@@ -389,10 +379,7 @@ mod tests {
         let star = "SELECT DISTINCT ON (device) * FROM t ORDER BY device, time DESC";
         answer(&engine, star).await;
         storage.update_schemas("db", |s| s.insert("t".into(), schema(true)));
-        storage
-            .write("db", vec![("t".into(), rows(true, 4, 5.0))], false)
-            .await
-            .unwrap();
+        write(&storage, true, 4, 5.0).await;
         let after = answer(&engine, star).await;
         assert!(after.contains("| w") && after.contains("50.0"), "{after}");
         assert_eq!(hits(&engine), (2, 4));
