@@ -37,7 +37,7 @@ use crate::error::{Position, QueryError};
 use crate::first_last::FirstLastByTime;
 use crate::gapfill::{CityQueryPlanner, GapFillRule};
 use crate::latest::LatestFromCache;
-use crate::plan_cache::PlanCache;
+use crate::plan_cache::{Kept, PlanCache};
 use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
 use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
 
@@ -423,7 +423,13 @@ impl QueryEngine {
         let state = ctx.state();
         // A kept plan was checked when it was made, from this very text.
         let plan = match self.plans.get(db, sql, &ctx).await {
-            Some(plan) => plan,
+            Some(Kept::Physical(physical)) => {
+                let stream =
+                    datafusion::physical_plan::execute_stream(physical, self.task_context(&state))
+                        .map_err(err)?;
+                return Ok((ctx, stream));
+            }
+            Some(Kept::Logical(plan)) => plan,
             None => {
                 let rewritten = check_read_only(sql)?;
                 let text = rewritten.as_deref().unwrap_or(sql);
@@ -444,6 +450,7 @@ impl QueryEngine {
             .create_physical_plan(&plan, &state)
             .await
             .map_err(err)?;
+        self.plans.put_physical(db, sql, &physical);
         let stream = datafusion::physical_plan::execute_stream(physical, self.task_context(&state))
             .map_err(err)?;
         Ok((ctx, stream))

@@ -17,7 +17,7 @@
 //! each `ON` key, the row with the greatest time (a hash map over the few cached
 //! rows), and a sort and the select list finish the query.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -34,8 +34,8 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::hash_map::Entry;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{exec_err, plan_err, Column, DFSchemaRef, HashMap, Result};
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::provider_as_source;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
@@ -45,8 +45,14 @@ use datafusion::logical_expr::{
 };
 use datafusion::optimizer::AnalyzerRule;
 use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_expr::{PhysicalExpr, PhysicalSortExpr};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
+    PlanProperties, ReplaceChildrenOptions,
+};
 use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 
 use crate::collect::{CollectExec, Transform};
@@ -418,23 +424,45 @@ fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
         (false, true) => !spec.nulls_first,
         (true, true) => false,
     };
-    // DataFusion's map, with its fast hasher: the keys are short tag values.
-    let mut best: HashMap<_, usize> = HashMap::with_capacity(batch.num_rows());
-    for i in 0..batch.num_rows() {
-        match best.entry(keys.row(i)) {
-            Entry::Vacant(e) => {
-                e.insert(i);
+    let n = batch.num_rows();
+    // The registry's rows usually come in key order already (series are numbered
+    // as first seen, and devices are often first seen in order): then each key's
+    // rows are one run, and a linear pass finds the latest of each.
+    let picks: Vec<u64> = if (1..n).all(|i| keys.row(i - 1) <= keys.row(i)) {
+        let mut picks = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let (mut pick, mut i) = (start, start + 1);
+            while i < n && keys.row(i) == keys.row(start) {
+                if later(i, pick) {
+                    pick = i;
+                }
+                i += 1;
             }
-            Entry::Occupied(mut e) => {
-                if later(i, *e.get()) {
+            picks.push(pick as u64);
+            start = i;
+        }
+        picks
+    } else {
+        // DataFusion's map, with its fast hasher: the keys are short tag values.
+        let mut best: HashMap<_, usize> = HashMap::with_capacity(n);
+        for i in 0..n {
+            match best.entry(keys.row(i)) {
+                Entry::Vacant(e) => {
                     e.insert(i);
+                }
+                Entry::Occupied(mut e) => {
+                    if later(i, *e.get()) {
+                        e.insert(i);
+                    }
                 }
             }
         }
-    }
-    let mut rows: Vec<(Row<'_>, usize)> = best.into_iter().collect();
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let rows = UInt64Array::from_iter_values(rows.into_iter().map(|(_, i)| i as u64));
+        let mut rows: Vec<(Row<'_>, usize)> = best.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.into_iter().map(|(_, i)| i as u64).collect()
+    };
+    let rows = UInt64Array::from(picks);
     Ok(take_record_batch(batch, &rows)?)
 }
 
@@ -522,6 +550,68 @@ impl TableProvider for LatestTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        let source = Arc::new(LatestRowsExec::new(
+            self.storage.clone(),
+            self.db.clone(),
+            self.table.clone(),
+            self.arrow.clone(),
+            projection.cloned(),
+        )?);
+        let report = ScanReport {
+            table: self.table.clone(),
+            cached_series: Some(
+                self.storage
+                    .with_series(&self.db, &self.table, |s| s.map_or(0, |s| s.len())),
+            ),
+            ..Default::default()
+        };
+        Ok(Arc::new(CityScanExec::new(report, source)))
+    }
+}
+
+/// A table's latest rows, one per series, read from the series registry when the
+/// plan runs (not when it is planned): a plan holding it can run again and again
+/// (`plan_cache.rs` keeps such plans whole) and always reads the rows of the moment.
+pub struct LatestRowsExec {
+    storage: Engine,
+    db: String,
+    table: String,
+    /// The table's columns as the query's snapshot has them.
+    arrow: SchemaRef,
+    projection: Option<Vec<usize>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl LatestRowsExec {
+    fn new(
+        storage: Engine,
+        db: String,
+        table: String,
+        arrow: SchemaRef,
+        projection: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(arrow.project(p)?),
+            None => arrow.clone(),
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Ok(Self {
+            storage,
+            db,
+            table,
+            arrow,
+            projection,
+            properties,
+        })
+    }
+
+    /// The latest rows now, in the snapshot's columns, projected.
+    fn rows(&self) -> Result<RecordBatch> {
         let rows = match self.storage.series_rows(&self.db, &self.table) {
             Some(r) => r.map_err(external)?,
             None => citytsdb_storage::series::SeriesTable::default()
@@ -532,34 +622,105 @@ impl TableProvider for LatestTable {
                 .map_err(external)?,
         };
         // The registry may know columns added after the query's snapshot: keep the
-        // snapshot's.
-        let names: BTreeSet<&str> = self
-            .arrow
-            .fields()
-            .iter()
-            .map(|f| f.name().as_str())
-            .collect();
-        let keep: Vec<usize> = rows
-            .latest
-            .schema()
-            .fields()
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| names.contains(f.name().as_str()))
-            .map(|(i, _)| i)
-            .collect();
-        let batch = rows.latest.project(&keep)?;
-        let report = ScanReport {
-            table: self.table.clone(),
-            cached_series: Some(batch.num_rows()),
-            ..Default::default()
+        // snapshot's, in its order.
+        let latest = rows.latest.schema();
+        let wanted: Vec<usize> = match &self.projection {
+            Some(p) => p.clone(),
+            None => (0..self.arrow.fields().len()).collect(),
         };
-        let source = MemorySourceConfig::try_new_exec(
-            &[vec![batch]],
-            self.arrow.clone(),
-            projection.cloned(),
-        )?;
-        Ok(Arc::new(CityScanExec::new(report, source)))
+        let mut keep = Vec::with_capacity(wanted.len());
+        for i in wanted {
+            let f = self.arrow.field(i);
+            match latest.index_of(f.name()) {
+                Ok(at) => keep.push(at),
+                Err(_) => {
+                    return exec_err!(
+                        "the series registry of {} has no column {}",
+                        self.table,
+                        f.name()
+                    )
+                }
+            }
+        }
+        let batch = rows.latest.project(&keep)?;
+        Ok(RecordBatch::try_new(
+            self.schema(),
+            batch.columns().to_vec(),
+        )?)
+    }
+}
+
+impl fmt::Debug for LatestRowsExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LatestRowsExec")
+            .field("db", &self.db)
+            .field("table", &self.table)
+            .field("projection", &self.projection)
+            .finish()
+    }
+}
+
+impl DisplayAs for LatestRowsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LatestRowsExec: table={}", self.table)
+    }
+}
+
+impl ExecutionPlan for LatestRowsExec {
+    fn name(&self) -> &str {
+        "LatestRowsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if !children.is_empty() {
+            return plan_err!("LatestRowsExec has no inputs");
+        }
+        Ok(self)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return exec_err!("LatestRowsExec has one partition, asked for {partition}");
+        }
+        let batch = self.rows()?;
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema(),
+            futures::stream::once(async move { Ok(batch) }),
+        )))
     }
 }
 
@@ -628,6 +789,37 @@ mod tests {
 
     fn kept(nulls_first: bool) -> Vec<(Option<String>, Option<i64>)> {
         kept_in(nulls_first, SortOptions::default())
+    }
+
+    #[test]
+    fn rows_already_in_key_order_keep_the_same_rows() {
+        // The same rows in key order (as the registry usually holds them) take the
+        // linear path and must keep what the map keeps.
+        let b = batch();
+        for order in [
+            SortOptions::default(),
+            SortOptions {
+                descending: true,
+                nulls_first: false,
+            },
+        ] {
+            let by_key =
+                datafusion::arrow::compute::sort_to_indices(b.column(0), Some(order), None)
+                    .unwrap();
+            let sorted = take_record_batch(&b, &by_key).unwrap();
+            for nulls_first in [true, false] {
+                let spec = KeySpec {
+                    keys: vec![(0, order)],
+                    time: 1,
+                    nulls_first,
+                };
+                assert_eq!(
+                    latest_per_key(&sorted, &spec).unwrap(),
+                    latest_per_key(&b, &spec).unwrap(),
+                    "key order {order:?}, nulls first {nulls_first}"
+                );
+            }
+        }
     }
 
     #[test]

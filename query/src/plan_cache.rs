@@ -20,6 +20,11 @@
 //! A kept plan is used only while every table it reads has the schema it was
 //! planned with: a new column or a new table type plans the statement afresh
 //! (and replaces the entry).
+//!
+//! A plan that reads only latest rows (`latest.rs`) is kept whole, physical plan
+//! included, when every node of it may run again (`RERUNNABLE`): its rows come
+//! from the registry when it runs, so nothing in it depends on the snapshot, and
+//! the latest readings of a dashboard skip physical planning too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -32,6 +37,7 @@ use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::logical_expr::{
     Expr, LogicalPlan, LogicalTableSource, TableScan, TableSource, Volatility,
 };
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 
 use crate::latest::LatestTable;
@@ -51,6 +57,8 @@ pub struct PlanCache {
     pub hits: AtomicU64,
     /// Runs that planned their statement (it was not kept, or its schemas changed).
     pub misses: AtomicU64,
+    /// Of the hits, runs that used a kept physical plan as it was.
+    pub whole: AtomicU64,
 }
 
 #[derive(Default)]
@@ -63,14 +71,48 @@ struct Entry {
     plan: Arc<LogicalPlan>,
     /// The schema of each table the plan reads, as planned.
     tables: Vec<(String, SchemaRef)>,
+    /// Whether every table the plan reads is read from the series registry.
+    latest_only: bool,
+    /// The physical plan, once planned, when it can be run again as it is.
+    physical: Option<Arc<dyn ExecutionPlan>>,
     used: u64,
+}
+
+/// A kept plan.
+#[derive(Debug)]
+pub enum Kept {
+    /// Ready to run.
+    Physical(Arc<dyn ExecutionPlan>),
+    /// Ready for physical planning.
+    Logical(LogicalPlan),
+}
+
+/// Physical plan nodes that hold no state from one run to the next, so a plan made
+/// of them only can be run again (DataFusion's repartitioning and `TopK` sorts
+/// keep state across runs).
+const RERUNNABLE: &[&str] = &[
+    "ProjectionExec",
+    "FilterExec",
+    "CoalesceBatchesExec",
+    "CoalescePartitionsExec",
+    "CooperativeExec",
+    "GlobalLimitExec",
+    "LocalLimitExec",
+    "LatestPerKeyExec",
+    "LastValueCacheExec",
+    "LatestRowsExec",
+];
+
+/// Whether every node of `plan` is [`RERUNNABLE`].
+fn rerunnable(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    RERUNNABLE.contains(&plan.name()) && plan.children().into_iter().all(rerunnable)
 }
 
 impl PlanCache {
     /// The kept plan of `sql` over `db`, rebound to the tables of `ctx`, if there
     /// is one and every table it reads still has the schema it was planned with.
-    pub async fn get(&self, db: &str, sql: &str, ctx: &SessionContext) -> Option<LogicalPlan> {
-        let (plan, tables) = {
+    pub async fn get(&self, db: &str, sql: &str, ctx: &SessionContext) -> Option<Kept> {
+        let (plan, tables, physical) = {
             let mut entries = lock(&self.entries);
             entries.tick += 1;
             let tick = entries.tick;
@@ -80,7 +122,11 @@ impl PlanCache {
                 return None;
             };
             entry.used = tick;
-            (entry.plan.clone(), entry.tables.clone())
+            (
+                entry.plan.clone(),
+                entry.tables.clone(),
+                entry.physical.clone(),
+            )
         };
         let mut current = HashMap::with_capacity(tables.len());
         for (name, schema) in &tables {
@@ -92,6 +138,11 @@ impl PlanCache {
                 }
             };
             current.insert(name.clone(), table);
+        }
+        if let Some(physical) = physical {
+            self.hits.fetch_add(1, Relaxed);
+            self.whole.fetch_add(1, Relaxed);
+            return Some(Kept::Physical(physical));
         }
         let rebound = plan.as_ref().clone().transform_up_with_subqueries(|node| {
             let LogicalPlan::TableScan(scan) = node else {
@@ -111,7 +162,7 @@ impl PlanCache {
         match rebound {
             Ok(t) => {
                 self.hits.fetch_add(1, Relaxed);
-                Some(t.data)
+                Some(Kept::Logical(t.data))
             }
             Err(_) => {
                 self.misses.fetch_add(1, Relaxed);
@@ -129,6 +180,13 @@ impl PlanCache {
         let Some(tables) = reusable(logical, optimized) else {
             return;
         };
+        let mut latest_only = true;
+        let _ = optimized.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                latest_only &= is_latest(&scan.source);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
         // Kept without its tables: they hold the snapshot they were made from,
         // and with it the segments it reads (from the collector).
         let Ok(stripped) = optimized.clone().transform_up_with_subqueries(|node| {
@@ -166,9 +224,24 @@ impl PlanCache {
             Entry {
                 plan: Arc::new(stripped.data),
                 tables,
+                latest_only,
+                physical: None,
                 used,
             },
         );
+    }
+
+    /// Keeps `physical`, the physical plan of the kept plan of `sql` over `db`,
+    /// when that plan reads only latest rows and `physical` can run again as it is.
+    pub fn put_physical(&self, db: &str, sql: &str, physical: &Arc<dyn ExecutionPlan>) {
+        let mut entries = lock(&self.entries);
+        let key = (db.to_string(), sql.to_string());
+        let Some(entry) = entries.map.get_mut(&key) else {
+            return;
+        };
+        if entry.latest_only && entry.physical.is_none() && rerunnable(physical) {
+            entry.physical = Some(physical.clone());
+        }
     }
 
     /// Statements kept now.
@@ -375,6 +448,18 @@ mod tests {
             .await
             .contains("| d1     | 1970-01-01T00:00:03Z | 4.0 |"));
         assert_eq!(hits(&engine), (2, 2), "EXPLAIN is a statement of its own");
+        // The first run kept its physical plan too; the later ones ran it again.
+        assert_eq!(engine.plan_cache().whole.load(Relaxed), 2, "{plan}");
+        // Runs of one kept plan at once each read the rows whole.
+        let runs = (0..8).map(|_| answer(&engine, sql));
+        for out in futures::future::join_all(runs).await {
+            assert!(
+                out.contains("| d1     | 1970-01-01T00:00:03Z | 4.0 |"),
+                "{out}"
+            );
+        }
+        assert_eq!(engine.plan_cache().whole.load(Relaxed), 10);
+        assert_eq!(hits(&engine), (10, 2));
         // A new column plans the statement again, and `*` shows it.
         let star = "SELECT DISTINCT ON (device) * FROM t ORDER BY device, time DESC";
         answer(&engine, star).await;
@@ -382,7 +467,7 @@ mod tests {
         write(&storage, true, 4, 5.0).await;
         let after = answer(&engine, star).await;
         assert!(after.contains("| w") && after.contains("50.0"), "{after}");
-        assert_eq!(hits(&engine), (2, 4));
+        assert_eq!(hits(&engine), (10, 4));
         storage.shutdown().await.unwrap();
     }
 
