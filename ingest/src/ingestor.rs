@@ -23,7 +23,10 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::line_protocol::LineError;
-use crate::write::{build_batches, parse_body, validate_against, KnownSeries, Limits, Precision};
+use crate::write::{
+    build_batches, parse_body_into, return_lines, spare_lines, validate_against, KnownSeries,
+    Limits, Precision,
+};
 
 /// Told of every write once it is durable, with its batches (one per table, as
 /// written). Must not block: it runs on the writer's task.
@@ -328,7 +331,7 @@ impl Ingestor {
                 max: self.limits.max_lines,
             });
         }
-        let mut parsed = parse_body(body);
+        let mut parsed = parse_body_into(body, spare_lines());
         let mut rejected = parsed.rejected;
         // A rollup's rows are computed by the store, never written.
         if let Some(rollups) = self.storage.catalog().rollups(db).filter(|r| !r.is_empty()) {
@@ -357,7 +360,9 @@ impl Ingestor {
         });
         rejected.extend(validated.rejected.iter().cloned());
         rejected.sort_by_key(|e| e.line);
-        let tables = build_batches(&validated, now_ns).map_err(IngestError::Batches)?;
+        let tables = build_batches(&validated, now_ns);
+        return_lines(validated.lines);
+        let tables = tables.map_err(IngestError::Batches)?;
         Ok(Prepared {
             tables,
             rejected,

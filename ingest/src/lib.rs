@@ -33,6 +33,7 @@ pub use ingestor::{
 };
 pub use line_protocol::{FieldValue, LineError, ParsedLine};
 pub use write::{
-    build_batches, parse_body, validate, validate_against, validate_with, KnownSeries, Limits,
-    NoSeries, ParsedBody, Precision, ValidatedWrite,
+    build_batches, parse_body, parse_body_into, return_lines, spare_lines, validate,
+    validate_against, validate_with, KnownSeries, Limits, Line, NoSeries, ParsedBody, Precision,
+    ValidatedWrite,
 };
