@@ -270,6 +270,31 @@ pub fn render(app: &AppState) -> String {
     );
     o.sample("query_duration_seconds_sum", "", secs(&q.nanos));
     o.sample("query_duration_seconds_count", "", n(&q.queries));
+    let plans = app.query.plan_cache();
+    o.one(
+        "plan_cache_hits_total",
+        "counter",
+        "Statements run from a kept plan (dashboards and rules repeat theirs).",
+        n(&plans.hits),
+    );
+    o.one(
+        "plan_cache_whole_hits_total",
+        "counter",
+        "Of those, runs of a kept physical plan as it was (latest readings).",
+        n(&plans.whole),
+    );
+    o.one(
+        "plan_cache_misses_total",
+        "counter",
+        "Statements planned afresh (new, not kept, or their tables' schemas changed).",
+        n(&plans.misses),
+    );
+    o.one(
+        "plan_cache_entries",
+        "gauge",
+        "Statements whose plans are kept.",
+        plans.len() as f64,
+    );
 
     let s = &app.storage;
     o.one(

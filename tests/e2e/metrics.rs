@@ -80,6 +80,11 @@ fn metrics_are_served_and_scraped_by_prometheus() {
     assert_eq!(get("citytsdb_rejected_lines_total"), 1.0);
     assert!(get("citytsdb_write_bytes_total") > 100.0);
     assert!(get("citytsdb_queries_total") >= 3.0);
+    // The same statement thrice: planned once, then run from its kept plan.
+    assert!(get("citytsdb_plan_cache_hits_total") >= 2.0);
+    assert!(get("citytsdb_plan_cache_misses_total") >= 1.0);
+    assert!(get("citytsdb_plan_cache_entries") >= 1.0);
+    assert!(get("citytsdb_plan_cache_whole_hits_total") <= get("citytsdb_plan_cache_hits_total"));
     assert_eq!(
         get("citytsdb_query_duration_seconds_count"),
         get("citytsdb_queries_total")
