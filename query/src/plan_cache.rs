@@ -234,12 +234,17 @@ impl PlanCache {
     /// Keeps `physical`, the physical plan of the kept plan of `sql` over `db`,
     /// when that plan reads only latest rows and `physical` can run again as it is.
     pub fn put_physical(&self, db: &str, sql: &str, physical: &Arc<dyn ExecutionPlan>) {
+        // Checked first: most plans (every table scan's) are not rerunnable, and
+        // then the query pays neither the lock nor the key.
+        if !rerunnable(physical) {
+            return;
+        }
         let mut entries = lock(&self.entries);
         let key = (db.to_string(), sql.to_string());
         let Some(entry) = entries.map.get_mut(&key) else {
             return;
         };
-        if entry.latest_only && entry.physical.is_none() && rerunnable(physical) {
+        if entry.latest_only && entry.physical.is_none() {
             entry.physical = Some(physical.clone());
         }
     }
