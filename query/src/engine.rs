@@ -648,7 +648,9 @@ fn base_state(runtime: Arc<RuntimeEnv>) -> SessionState {
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
-        .with_query_planner(Arc::new(CityQueryPlanner));
+        .with_query_planner(Arc::new(CityQueryPlanner))
+        // After DataFusion's rules, which plan the aggregates it replaces.
+        .with_physical_optimizer_rule(Arc::new(crate::run_agg::RunAggregateRule));
     // Ours are registered after DataFusion's: a name both have is ours.
     let scalar = builder.scalar_functions().get_or_insert_with(Vec::new);
     scalar.extend(crate::gapfill::functions().into_iter().map(Arc::new));
@@ -867,3 +869,5 @@ mod fuzz;
 mod merge_tests;
 #[cfg(test)]
 mod pin_tests;
+#[cfg(test)]
+mod run_agg_tests;

@@ -35,6 +35,7 @@ pub mod plan_cache;
 pub mod provider;
 pub mod pruning;
 pub mod rollup;
+pub mod run_agg;
 pub mod system;
 
 pub use batch::BatchQuery;
