@@ -495,3 +495,150 @@ impl RunGroups {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Float64Array;
+    use datafusion::arrow::datatypes::{Field, Float64Type, Int64Type, Schema};
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::execution::memory_pool::GreedyMemoryPool;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    use datafusion::functions_aggregate::count::count_udaf;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_plan::aggregates::PhysicalGroupBy;
+    use datafusion::physical_plan::expressions::col;
+    use std::collections::BTreeMap;
+
+    const SERIES: usize = 2_000;
+    const RUN: usize = 10;
+
+    /// Every series (`a`, `b`: null, empty or text) twice over, in runs of half
+    /// of `RUN` rows, value the series number, in batches of 997 rows (so runs
+    /// straddle batches).
+    fn input() -> (SchemaRef, Arc<dyn ExecutionPlan>) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Utf8, false),
+            Field::new("b", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, false),
+        ]));
+        let b = |s: usize| match s % 3 {
+            0 => None,
+            1 => Some(String::new()),
+            _ => Some(format!("b{}", s % 7)),
+        };
+        let rows: Vec<usize> = (0..2)
+            .flat_map(|_| (0..SERIES).flat_map(|s| std::iter::repeat_n(s, RUN / 2)))
+            .collect();
+        let batches = rows
+            .chunks(997)
+            .map(|chunk| {
+                RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(StringArray::from_iter_values(
+                            chunk.iter().map(|s| format!("a{s}")),
+                        )),
+                        Arc::new(StringArray::from_iter(chunk.iter().map(|&s| b(s)))),
+                        Arc::new(Float64Array::from_iter_values(
+                            chunk.iter().map(|&s| s as f64),
+                        )),
+                    ],
+                )
+                .unwrap()
+            })
+            .collect();
+        let plan = MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&schema), None).unwrap();
+        (schema, plan)
+    }
+
+    /// The partial stage's output rows, merged by key: (count, sum) per series.
+    async fn run(
+        pool_bytes: usize,
+    ) -> (usize, usize, BTreeMap<(String, Option<String>), (i64, f64)>) {
+        let (schema, plan) = input();
+        let group_by = PhysicalGroupBy::new_single(vec![
+            (col("a", &schema).unwrap(), "a".to_owned()),
+            (col("b", &schema).unwrap(), "b".to_owned()),
+        ]);
+        let aggregate = |udaf, name: &str| {
+            Arc::new(
+                AggregateExprBuilder::new(udaf, vec![col("v", &schema).unwrap()])
+                    .schema(Arc::clone(&schema))
+                    .alias(name)
+                    .build()
+                    .unwrap(),
+            )
+        };
+        let agg = AggregateExec::try_new(
+            AggregateMode::Partial,
+            group_by,
+            vec![aggregate(count_udaf(), "n"), aggregate(sum_udaf(), "total")],
+            vec![None, None],
+            plan,
+            Arc::clone(&schema),
+        )
+        .unwrap();
+        let exec = Arc::new(RunAggregateExec::new(Arc::new(agg)));
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(pool_bytes)))
+            .build_arc()
+            .unwrap();
+        let ctx = Arc::new(TaskContext::default().with_runtime(runtime));
+        let batches: Vec<RecordBatch> = exec.execute(0, ctx).unwrap().try_collect().await.unwrap();
+        let mut merged = BTreeMap::new();
+        let mut rows = 0;
+        for batch in &batches {
+            assert_eq!(batch.schema(), exec.schema());
+            let a = batch.column(0).as_string::<i32>();
+            let b = batch.column(1).as_string::<i32>();
+            let n = batch.column(2).as_primitive::<Int64Type>();
+            let total = batch.column(3).as_primitive::<Float64Type>();
+            for r in 0..batch.num_rows() {
+                let key = (
+                    a.value(r).to_owned(),
+                    b.is_valid(r).then(|| b.value(r).to_owned()),
+                );
+                let e = merged.entry(key).or_insert((0, 0.0));
+                e.0 += n.value(r);
+                e.1 += total.value(r);
+                rows += 1;
+            }
+        }
+        let early = exec
+            .metrics()
+            .unwrap()
+            .sum_by_name("early_emits")
+            .map_or(0, |m| m.as_usize());
+        (rows, early, merged)
+    }
+
+    fn want() -> BTreeMap<(String, Option<String>), (i64, f64)> {
+        (0..SERIES)
+            .map(|s| {
+                let b = match s % 3 {
+                    0 => None,
+                    1 => Some(String::new()),
+                    _ => Some(format!("b{}", s % 7)),
+                };
+                ((format!("a{s}"), b), (RUN as i64, (s * RUN) as f64))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn runs_give_each_group_once_with_room() {
+        let (rows, early, merged) = run(64 << 20).await;
+        assert_eq!((rows, early), (SERIES, 0));
+        assert_eq!(merged, want());
+    }
+
+    #[tokio::test]
+    async fn a_small_pool_makes_it_give_groups_early_and_start_over() {
+        let (rows, early, merged) = run(32 << 10).await;
+        assert!(early > 0, "no early emission");
+        assert!(rows > SERIES, "{rows} rows");
+        assert_eq!(merged, want(), "the partial rows add up to every group's");
+    }
+}
