@@ -23,6 +23,7 @@
 
 pub mod batch;
 pub mod collect;
+pub mod decimal;
 pub mod delete;
 pub mod engine;
 pub mod error;

@@ -500,6 +500,7 @@ impl CityTable {
             FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
                 .with_file_group(FileGroup::new(files))
                 .with_projection_indices(Some(read_cols.to_vec()))?
+                .with_expr_adapter(Some(Arc::new(crate::decimal::SegmentExprAdapterFactory)))
                 .build();
         Ok(DataSourceExec::from_data_source(config))
     }
