@@ -203,13 +203,12 @@ mod tests {
                 got.as_primitive::<Float64Type>(),
                 want.as_primitive::<Float64Type>(),
             );
-            for i in 0..got.len() {
+            for (i, value) in values.iter().enumerate() {
                 if want.is_valid(i) {
                     assert_eq!(
                         got.value(i).to_bits(),
                         want.value(i).to_bits(),
-                        "{:?} at scale {scale}",
-                        values[i]
+                        "{value:?} at scale {scale}"
                     );
                 }
             }
