@@ -863,6 +863,24 @@ fn first_token_position(sql: &str) -> Option<Position> {
     None
 }
 
+/// A storage engine over an in-memory object store (its WAL in a temporary
+/// directory, kept alive by the returned guard) with table `t` of database `db`.
+#[cfg(test)]
+async fn test_store(
+    t: citytsdb_storage::TableSchema,
+) -> (tempfile::TempDir, citytsdb_storage::Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let storage = citytsdb_storage::Engine::open(citytsdb_storage::EngineConfig::new(
+        dir.path().to_path_buf(),
+        store,
+    ))
+    .await
+    .unwrap();
+    storage.update_schemas("db", |s| s.insert("t".into(), t));
+    (dir, storage)
+}
+
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]

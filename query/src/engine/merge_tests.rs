@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use citytsdb_storage::{ColumnKind, Engine, EngineConfig, FieldType, TableSchema};
+use citytsdb_storage::{ColumnKind, FieldType, TableSchema};
 use datafusion::arrow::array::{AsArray, Float64Array, StringArray, TimestampNanosecondArray};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -41,12 +41,7 @@ fn rows(times: std::ops::Range<i64>, value: impl Fn(i64) -> f64) -> RecordBatch 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merging_the_buffer_with_a_segment_holds_only_the_seconds_they_share() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-    let storage = Engine::open(EngineConfig::new(dir.path().to_path_buf(), store))
-        .await
-        .unwrap();
-    storage.update_schemas("db", |s| s.insert("t".into(), schema()));
+    let (_dir, storage) = super::test_store(schema()).await;
     // A flushed day of 80,000 seconds, then buffered rows over its last 100
     // seconds (new values) and 100 seconds past it.
     const N: i64 = 80_000;

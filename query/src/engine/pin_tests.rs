@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use citytsdb_storage::{ColumnKind, Engine, EngineConfig, FieldType, TableSchema};
+use citytsdb_storage::{ColumnKind, FieldType, TableSchema};
 use datafusion::arrow::array::{Float64Array, StringArray, TimestampNanosecondArray};
 use datafusion::arrow::record_batch::RecordBatch;
 
@@ -37,12 +37,7 @@ fn rows(from: usize, n: usize) -> RecordBatch {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_query_pins_the_segments_it_reads_until_it_is_done() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-    let storage = Engine::open(EngineConfig::new(dir.path().to_path_buf(), store))
-        .await
-        .unwrap();
-    storage.update_schemas("db", |s| s.insert("t".into(), schema()));
+    let (_dir, storage) = super::test_store(schema()).await;
     // Three flushes of one day: three segments that compaction merges into one.
     const N: usize = 40_000;
     for part in 0..3 {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use citytsdb_storage::{ColumnKind, Engine, EngineConfig, FieldType, TableSchema};
+use citytsdb_storage::{ColumnKind, FieldType, TableSchema};
 use datafusion::arrow::array::{
     Array, AsArray, Float64Array, StringArray, TimestampNanosecondArray,
 };
@@ -102,12 +102,7 @@ async fn plan(engine: &QueryEngine, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grouping_by_tags_in_runs_gives_every_group_its_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-    let storage = Engine::open(EngineConfig::new(dir.path().to_path_buf(), store))
-        .await
-        .unwrap();
-    storage.update_schemas("db", |s| s.insert("t".into(), schema()));
+    let (_dir, storage) = super::test_store(schema()).await;
     // Two flushed segments (one day, written in two parts) and buffered rows.
     const SECONDS: i64 = 90;
     let write = |batch| storage.write("db", vec![("t".into(), batch)], false);
