@@ -222,18 +222,7 @@ impl ExecutionPlan for RunAggregateExec {
         }
     }
 
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(
-                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
-            ),
-        )
-    }
+    crate::exec::with_new_children_by_replace!();
 
     fn execute(
         &self,
@@ -337,13 +326,13 @@ fn accumulators(
 fn encode(columns: &[&StringArray], row: usize, out: &mut Vec<u8>) {
     out.clear();
     for c in columns {
-        if c.is_null(row) {
-            out.push(0);
-        } else {
-            let v = c.value(row).as_bytes();
-            out.push(1);
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            out.extend_from_slice(v);
+        match raw(c, row) {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                out.extend_from_slice(v);
+            }
         }
     }
 }
