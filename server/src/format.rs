@@ -5,15 +5,19 @@
 //! shortest exact form.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use chrono::NaiveDate;
 use citytsdb_storage::units::Rfc3339Printer;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Float64Array, Int64Array,
+    LargeStringArray, StringArray, StringViewArray, UInt64Array,
+};
+use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type,
-    SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+    DataType, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::ipc::writer::StreamWriter;
@@ -69,38 +73,16 @@ impl Format {
     }
 }
 
-/// What kind of value a printed cell holds.
+/// How a cell is printed.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Null,
-    /// Printed bare in JSON (numbers, booleans).
-    Raw,
-    /// Printed quoted in JSON.
-    Text,
-    /// Printed quoted in JSON, and known to need no escaping (times, dates).
-    Plain,
-}
-
-/// One column's printed values for every row of a batch, in one buffer. Printing
-/// a column at a time looks at its type once, not once per value, and allocates
-/// nothing per value.
-#[derive(Default)]
-struct ColumnText {
-    text: String,
-    /// Each value's kind and end offset in `text`.
-    cells: Vec<(Kind, usize)>,
-}
-
-impl ColumnText {
-    /// The printed value of `row`.
-    fn cell(&self, row: usize) -> (Kind, &str) {
-        let start = match row {
-            0 => 0,
-            _ => self.cells[row - 1].1,
-        };
-        let (kind, end) = self.cells[row];
-        (kind, &self.text[start..end])
-    }
+enum Style {
+    /// A JSON value: text and times quoted and escaped, NULL as `null`.
+    Json,
+    /// A CSV field: quoted when it holds a comma, a quote or a line break; NULL
+    /// empty.
+    Csv,
+    /// Bare text, for the aligned table; NULL empty.
+    Bare,
 }
 
 /// Writes an answer in one format batch by batch, so a long answer streams out
@@ -109,8 +91,8 @@ impl ColumnText {
 pub struct Encoder {
     format: Format,
     names: Vec<String>,
-    /// Each column's `"name":`, escaped once.
-    json_keys: Vec<String>,
+    /// Each column's `"name":`, escaped once, after the `{` or `,` before it.
+    json_keys: Vec<Vec<u8>>,
     rows_written: usize,
     /// Bytes the Arrow and Parquet writers have produced and not yet handed out.
     sink: SharedBuf,
@@ -155,10 +137,11 @@ impl Encoder {
         let sink = SharedBuf::default();
         let json_keys = names
             .iter()
-            .map(|n| {
-                let mut key = String::new();
+            .enumerate()
+            .map(|(i, n)| {
+                let mut key = vec![if i == 0 { b'{' } else { b',' }];
                 push_json_string(&mut key, n);
-                key.push(':');
+                key.push(b':');
                 key
             })
             .collect();
@@ -176,15 +159,15 @@ impl Encoder {
             Format::Json => b"[".to_vec(),
             Format::JsonLines | Format::Pretty => Vec::new(),
             Format::Csv => {
-                let mut header = String::new();
+                let mut header = Vec::new();
                 for (i, n) in enc.names.iter().enumerate() {
                     if i > 0 {
-                        header.push(',');
+                        header.push(b',');
                     }
                     push_csv_field(&mut header, n);
                 }
-                header.push('\n');
-                header.into_bytes()
+                header.push(b'\n');
+                header
             }
             Format::Arrow => {
                 enc.arrow = Some(StreamWriter::try_new(sink, schema)?);
@@ -214,72 +197,68 @@ impl Encoder {
             w.write(batch).map_err(parquet_error)?;
             return Ok(self.sink.take());
         }
-        let mut out = String::new();
-        let keys = &self.json_keys;
-        let rows_written = &mut self.rows_written;
-        let pretty_rows = &mut self.pretty_rows;
-        match self.format {
-            Format::Json | Format::JsonLines => {
-                let json = self.format == Format::Json;
-                let columns = print_columns(batch)?;
-                let bytes: usize = columns.iter().map(|c| c.text.len()).sum::<usize>()
-                    + batch.num_rows() * (keys.iter().map(|k| k.len() + 3).sum::<usize>() + 3);
-                out.reserve(bytes);
-                for row in 0..batch.num_rows() {
-                    if json && *rows_written > 0 {
-                        out.push(',');
+        let rows = batch.num_rows();
+        let arrays = batch
+            .columns()
+            .iter()
+            .map(normalize)
+            .collect::<Result<Vec<_>, _>>()?;
+        let style = match self.format {
+            Format::Json | Format::JsonLines => Style::Json,
+            Format::Csv => Style::Csv,
+            _ => Style::Bare,
+        };
+        let options = FormatOptions::default();
+        let mut columns = arrays
+            .iter()
+            .map(|a| Cells::new(a, style, &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::new();
+        let mut scratch = String::new();
+        for row in 0..rows {
+            match self.format {
+                Format::Json | Format::JsonLines => {
+                    if self.format == Format::Json && self.rows_written > 0 {
+                        out.push(b',');
                     }
-                    *rows_written += 1;
-                    out.push('{');
-                    for (i, (key, column)) in keys.iter().zip(&columns).enumerate() {
+                    for (key, column) in self.json_keys.iter().zip(&mut columns) {
+                        out.extend_from_slice(key);
+                        column.write(row, style, &mut out, &mut scratch);
+                    }
+                    out.push(b'}');
+                    if self.format == Format::JsonLines {
+                        out.push(b'\n');
+                    }
+                }
+                Format::Csv => {
+                    for (i, column) in columns.iter_mut().enumerate() {
                         if i > 0 {
-                            out.push(',');
+                            out.push(b',');
                         }
-                        out.push_str(key);
-                        match column.cell(row) {
-                            (Kind::Null, _) => out.push_str("null"),
-                            (Kind::Raw, value) => out.push_str(value),
-                            (Kind::Plain, value) => {
-                                out.push('"');
-                                out.push_str(value);
-                                out.push('"');
-                            }
-                            (Kind::Text, value) => push_json_string(&mut out, value),
-                        }
+                        column.write(row, style, &mut out, &mut scratch);
                     }
-                    out.push('}');
-                    if !json {
-                        out.push('\n');
-                    }
+                    out.push(b'\n');
+                }
+                _ => {
+                    let cells = columns
+                        .iter_mut()
+                        .map(|column| {
+                            let mut cell = Vec::new();
+                            column.write(row, style, &mut cell, &mut scratch);
+                            String::from_utf8_lossy(&cell).replace('\n', "\\n")
+                        })
+                        .collect();
+                    self.pretty_rows.push(cells);
                 }
             }
-            Format::Csv => {
-                let columns = print_columns(batch)?;
-                out.reserve(columns.iter().map(|c| c.text.len() + c.cells.len()).sum());
-                for row in 0..batch.num_rows() {
-                    for (i, column) in columns.iter().enumerate() {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        push_csv_field(&mut out, column.cell(row).1);
-                    }
-                    out.push('\n');
-                }
+            self.rows_written += 1;
+            if row == 0 {
+                // Rows of one answer print to about the same length: one
+                // allocation for the batch, not a doubling series of copies.
+                out.reserve(out.len() * rows.saturating_sub(1) * 9 / 8);
             }
-            Format::Pretty => {
-                let columns = print_columns(batch)?;
-                for row in 0..batch.num_rows() {
-                    pretty_rows.push(
-                        columns
-                            .iter()
-                            .map(|c| c.cell(row).1.replace('\n', "\\n"))
-                            .collect(),
-                    )
-                }
-            }
-            Format::Arrow | Format::Parquet => {}
         }
-        Ok(out.into_bytes())
+        Ok(out)
     }
 
     /// The answer's last bytes.
@@ -320,186 +299,250 @@ pub fn render(
     Ok(out)
 }
 
-/// Every column of `batch`, printed.
-fn print_columns(batch: &RecordBatch) -> Result<Vec<ColumnText>, ArrowError> {
-    let options = FormatOptions::default();
-    batch
-        .columns()
-        .iter()
-        .map(|c| {
-            let c = normalize(c)?;
-            let fmt = match needs_formatter(c.data_type()) {
-                true => Some(ArrayFormatter::try_new(c.as_ref(), &options)?),
-                false => None,
-            };
-            let mut text = ColumnText::default();
-            print_column(&c, fmt.as_ref(), &mut text);
-            Ok(text)
-        })
-        .collect()
-}
-
-/// Dictionary columns print as their values.
+/// Dictionary columns print as their values; integers and floats are widened
+/// to 64 bits, so one printer serves each family.
 fn normalize(c: &ArrayRef) -> Result<ArrayRef, ArrowError> {
     match c.data_type() {
-        DataType::Dictionary(_, value) => cast(c, value),
+        DataType::Dictionary(_, value) => normalize(&cast(c, value)?),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => cast(c, &DataType::Int64),
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => cast(c, &DataType::UInt64),
+        DataType::Float32 => cast(c, &DataType::Float64),
         _ => Ok(c.clone()),
     }
 }
 
-fn needs_formatter(t: &DataType) -> bool {
-    !matches!(
-        t,
-        DataType::Null
-            | DataType::Boolean
-            | DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::UInt8
-            | DataType::UInt16
-            | DataType::UInt32
-            | DataType::UInt64
-            | DataType::Float32
-            | DataType::Float64
-            | DataType::Utf8
-            | DataType::LargeUtf8
-            | DataType::Utf8View
-            | DataType::Timestamp(_, _)
-            | DataType::Date32
-    )
+/// A text column.
+enum Text<'a> {
+    Utf8(&'a StringArray),
+    Large(&'a LargeStringArray),
+    View(&'a StringViewArray),
 }
 
-/// Prints every value of `c` onto `out`.
-fn print_column(c: &ArrayRef, fmt: Option<&ArrayFormatter<'_>>, out: &mut ColumnText) {
-    out.cells.reserve(c.len());
-    // One loop per type: `$value` is bound to each non-null value in turn.
-    macro_rules! each {
-        ($array:expr, |$value:ident, $text:ident| $print:expr) => {{
-            let array = $array;
-            for row in 0..array.len() {
-                let kind = if array.is_null(row) {
-                    Kind::Null
-                } else {
-                    let $value = array.value(row);
-                    let $text = &mut out.text;
-                    $print
-                };
-                out.cells.push((kind, out.text.len()));
+/// One column of a batch, looked at once and then printed a cell at a time, row
+/// by row, straight into the answer.
+enum Cells<'a> {
+    Null,
+    Bool(&'a BooleanArray),
+    Int(&'a Int64Array),
+    UInt(&'a UInt64Array),
+    Float(&'a Float64Array),
+    Text {
+        array: Text<'a>,
+        /// No value of the column needs quoting or escaping in the style: each
+        /// is copied as it is.
+        clean: bool,
+    },
+    Time {
+        values: &'a [i64],
+        nulls: Option<&'a NullBuffer>,
+        nanos_per: i64,
+        printer: Rfc3339Printer,
+    },
+    Date(&'a Date32Array),
+    /// Any other type, through arrow's display; `raw` ones are JSON numbers.
+    Other {
+        array: &'a dyn Array,
+        display: ArrayFormatter<'a>,
+        raw: bool,
+    },
+}
+
+impl<'a> Cells<'a> {
+    fn new(c: &'a ArrayRef, style: Style, options: &'a FormatOptions) -> Result<Self, ArrowError> {
+        macro_rules! time {
+            ($t:ty, $nanos_per:expr) => {{
+                let a = c.as_primitive::<$t>();
+                Cells::Time {
+                    values: a.values(),
+                    nulls: a.nulls(),
+                    nanos_per: $nanos_per,
+                    printer: Rfc3339Printer::default(),
+                }
+            }};
+        }
+        Ok(match c.data_type() {
+            DataType::Null => Cells::Null,
+            DataType::Boolean => Cells::Bool(c.as_boolean()),
+            DataType::Int64 => Cells::Int(c.as_primitive()),
+            DataType::UInt64 => Cells::UInt(c.as_primitive()),
+            DataType::Float64 => Cells::Float(c.as_primitive()),
+            DataType::Utf8 => {
+                let a = c.as_string::<i32>();
+                let offsets = a.value_offsets();
+                let used = &a.value_data()[offsets[0] as usize..offsets[a.len()] as usize];
+                Cells::Text {
+                    array: Text::Utf8(a),
+                    clean: clean(used, style),
+                }
             }
-        }};
+            DataType::LargeUtf8 => {
+                let a = c.as_string::<i64>();
+                let offsets = a.value_offsets();
+                let used = &a.value_data()[offsets[0] as usize..offsets[a.len()] as usize];
+                Cells::Text {
+                    array: Text::Large(a),
+                    clean: clean(used, style),
+                }
+            }
+            DataType::Utf8View => Cells::Text {
+                array: Text::View(c.as_string_view()),
+                clean: false,
+            },
+            DataType::Timestamp(TimeUnit::Second, _) => time!(TimestampSecondType, 1_000_000_000),
+            DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                time!(TimestampMillisecondType, 1_000_000)
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                time!(TimestampMicrosecondType, 1_000)
+            }
+            DataType::Timestamp(TimeUnit::Nanosecond, _) => time!(TimestampNanosecondType, 1),
+            DataType::Date32 => Cells::Date(c.as_primitive()),
+            data_type => Cells::Other {
+                array: c.as_ref(),
+                display: ArrayFormatter::try_new(c.as_ref(), options)?,
+                raw: matches!(
+                    data_type,
+                    DataType::Decimal128(..) | DataType::Decimal256(..)
+                ),
+            },
+        })
     }
-    macro_rules! int {
-        ($t:ty) => {
-            each!(c.as_primitive::<$t>(), |v, text| {
-                text.push_str(itoa::Buffer::new().format(v));
-                Kind::Raw
-            })
+
+    /// Appends the cell of `row` to `out`; `scratch` is room for text on its way.
+    fn write(&mut self, row: usize, style: Style, out: &mut Vec<u8>, scratch: &mut String) {
+        let null = |out: &mut Vec<u8>| {
+            if style == Style::Json {
+                out.extend_from_slice(b"null");
+            }
         };
-    }
-    macro_rules! time {
-        ($t:ty, $nanos_per:expr) => {{
-            let mut printer = Rfc3339Printer::default();
-            each!(c.as_primitive::<$t>(), |v, text| {
-                printer.push(text, v as i128 * $nanos_per);
-                Kind::Plain
-            })
-        }};
-    }
-    match c.data_type() {
-        DataType::Null => out.cells.extend((0..c.len()).map(|_| (Kind::Null, 0))),
-        DataType::Boolean => each!(c.as_boolean(), |v, text| {
-            text.push_str(if v { "true" } else { "false" });
-            Kind::Raw
-        }),
-        DataType::Int8 => int!(Int8Type),
-        DataType::Int16 => int!(Int16Type),
-        DataType::Int32 => int!(Int32Type),
-        DataType::Int64 => int!(Int64Type),
-        DataType::UInt8 => int!(UInt8Type),
-        DataType::UInt16 => int!(UInt16Type),
-        DataType::UInt32 => int!(UInt32Type),
-        DataType::UInt64 => int!(UInt64Type),
-        DataType::Float32 => each!(c.as_primitive::<Float32Type>(), |v, text| float(
-            v as f64, text
-        )),
-        DataType::Float64 => each!(c.as_primitive::<Float64Type>(), |v, text| float(v, text)),
-        DataType::Utf8 => each!(c.as_string::<i32>(), |v, text| string(v, text)),
-        DataType::LargeUtf8 => each!(c.as_string::<i64>(), |v, text| string(v, text)),
-        DataType::Utf8View => each!(c.as_string_view(), |v, text| string(v, text)),
-        DataType::Timestamp(TimeUnit::Second, _) => time!(TimestampSecondType, 1_000_000_000),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            time!(TimestampMillisecondType, 1_000_000)
-        }
-        DataType::Timestamp(TimeUnit::Microsecond, _) => time!(TimestampMicrosecondType, 1_000),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => time!(TimestampNanosecondType, 1),
-        DataType::Date32 => each!(c.as_primitive::<Date32Type>(), |days, text| {
-            // 719,163 days lie between 0001-01-01 and 1970-01-01.
-            match days
-                .checked_add(719_163)
-                .and_then(NaiveDate::from_num_days_from_ce_opt)
-            {
-                Some(d) => {
-                    let _ = write!(text, "{}", d.format("%Y-%m-%d"));
-                }
-                None => {
-                    let _ = write!(text, "{days}");
+        match self {
+            Cells::Null => null(out),
+            Cells::Bool(a) if a.is_null(row) => null(out),
+            Cells::Bool(a) => out.extend_from_slice(match a.value(row) {
+                true => b"true",
+                false => b"false",
+            }),
+            Cells::Int(a) if a.is_null(row) => null(out),
+            Cells::Int(a) => {
+                out.extend_from_slice(itoa::Buffer::new().format(a.value(row)).as_bytes())
+            }
+            Cells::UInt(a) if a.is_null(row) => null(out),
+            Cells::UInt(a) => {
+                out.extend_from_slice(itoa::Buffer::new().format(a.value(row)).as_bytes())
+            }
+            Cells::Float(a) => {
+                let v = a.value(row);
+                // NaN and the infinities have no JSON number: NULL.
+                if a.is_null(row) || !v.is_finite() {
+                    null(out)
+                } else {
+                    // The shortest form that reads back exactly, as serde_json
+                    // prints it (with the same printer).
+                    out.extend_from_slice(zmij::Buffer::new().format_finite(v).as_bytes())
                 }
             }
-            Kind::Plain
-        }),
-        data_type => {
-            let kind = match data_type {
-                DataType::Decimal128(..) | DataType::Decimal256(..) => Kind::Raw,
-                _ => Kind::Text,
-            };
-            for row in 0..c.len() {
-                let kind = match fmt {
-                    Some(f) if !c.is_null(row) => {
-                        let _ = write!(out.text, "{}", f.value(row));
-                        kind
-                    }
-                    _ => Kind::Null,
+            Cells::Text { array, clean } => {
+                let value = match array {
+                    Text::Utf8(a) => (!a.is_null(row)).then(|| a.value(row)),
+                    Text::Large(a) => (!a.is_null(row)).then(|| a.value(row)),
+                    Text::View(a) => (!a.is_null(row)).then(|| a.value(row)),
                 };
-                out.cells.push((kind, out.text.len()));
+                match (value, style, *clean) {
+                    (None, ..) => null(out),
+                    (Some(v), Style::Json, true) => {
+                        out.push(b'"');
+                        out.extend_from_slice(v.as_bytes());
+                        out.push(b'"');
+                    }
+                    (Some(v), Style::Json, false) => push_json_string(out, v),
+                    (Some(v), Style::Csv, false) => push_csv_field(out, v),
+                    (Some(v), _, _) => out.extend_from_slice(v.as_bytes()),
+                }
+            }
+            Cells::Time {
+                values,
+                nulls,
+                nanos_per,
+                printer,
+            } => {
+                if nulls.is_some_and(|n| n.is_null(row)) {
+                    return null(out);
+                }
+                let nanos = match values[row].checked_mul(*nanos_per) {
+                    Some(n) => n as i128,
+                    None => values[row] as i128 * *nanos_per as i128,
+                };
+                quoted(out, style, |out| printer.write(out, nanos));
+            }
+            Cells::Date(a) if a.is_null(row) => null(out),
+            Cells::Date(a) => {
+                let days = a.value(row);
+                quoted(out, style, |out| {
+                    // 719,163 days lie between 0001-01-01 and 1970-01-01.
+                    let _ = match days
+                        .checked_add(719_163)
+                        .and_then(NaiveDate::from_num_days_from_ce_opt)
+                    {
+                        Some(d) => write!(out, "{}", d.format("%Y-%m-%d")),
+                        None => write!(out, "{days}"),
+                    };
+                })
+            }
+            Cells::Other { array, .. } if array.is_null(row) => null(out),
+            Cells::Other { display, raw, .. } => {
+                scratch.clear();
+                let _ = write!(scratch, "{}", display.value(row));
+                match style {
+                    Style::Json if !*raw => push_json_string(out, scratch),
+                    Style::Csv => push_csv_field(out, scratch),
+                    _ => out.extend_from_slice(scratch.as_bytes()),
+                }
             }
         }
     }
 }
 
-fn string(s: &str, out: &mut String) -> Kind {
-    out.push_str(s);
-    Kind::Text
-}
-
-fn float(v: f64, out: &mut String) -> Kind {
-    // The shortest representation that reads back exactly, as serde_json prints it
-    // (with the same printer).
-    if !v.is_finite() {
-        return Kind::Null;
-    }
-    out.push_str(zmij::Buffer::new().format_finite(v));
-    Kind::Raw
-}
-
-fn push_json_string(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        // serde_json's escaping never fails for a &str.
-        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
+/// Whether `text` (a column's values, end to end) holds no byte that needs
+/// quoting or escaping in `style`.
+fn clean(text: &[u8], style: Style) -> bool {
+    match style {
+        Style::Json => text.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\'),
+        Style::Csv => !text
+            .iter()
+            .any(|&b| matches!(b, b',' | b'"' | b'\n' | b'\r')),
+        Style::Bare => true,
     }
 }
 
-fn push_csv_field(out: &mut String, s: &str) {
-    if s.contains([',', '"', '\n', '\r']) {
-        out.push('"');
-        out.push_str(&s.replace('"', "\"\""));
-        out.push('"');
+/// What `print` writes, in quotes for JSON. Times and dates need no escaping.
+fn quoted(out: &mut Vec<u8>, style: Style, print: impl FnOnce(&mut Vec<u8>)) {
+    if style == Style::Json {
+        out.push(b'"');
+        print(out);
+        out.push(b'"');
     } else {
-        out.push_str(s);
+        print(out);
+    }
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    if clean(s.as_bytes(), Style::Json) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // serde_json's escaping never fails for a &str into a Vec.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+fn push_csv_field(out: &mut Vec<u8>, s: &str) {
+    if clean(s.as_bytes(), Style::Csv) {
+        out.extend_from_slice(s.as_bytes());
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.replace('"', "\"\"").as_bytes());
+        out.push(b'"');
     }
 }
 
@@ -602,9 +645,12 @@ mod tests {
             "\u{1}",
             "del\u{7f}",
         ] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_json_string(&mut out, s);
-            assert_eq!(out, serde_json::to_string(s).unwrap());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap()
+            );
         }
     }
 
@@ -650,6 +696,79 @@ mod tests {
                 r#"{"b":null,"n":null,"u":0,"f":null,"d":null,"v":"z","s":null,"m":null,"l":null}"#,
                 "\n"
             )
+        );
+    }
+
+    #[test]
+    fn text_columns_escape_wherever_a_value_needs_it() {
+        // A slice of a column (its values start past offset 0) whose clean part
+        // is printed as is and whose other values are escaped, over two batches.
+        let values = vec![
+            Some("a\"b"),
+            Some("金水区"),
+            None,
+            Some("x,y"),
+            Some("tab\there"),
+            Some(""),
+        ];
+        let batch = RecordBatch::try_from_iter(vec![
+            ("s", Arc::new(StringArray::from(values.clone())) as ArrayRef),
+            ("n", Arc::new(Int64Array::from_iter(0..6)) as ArrayRef),
+        ])
+        .unwrap();
+        let parts = [batch.slice(1, 2), batch.slice(3, 3)];
+        let json = render(Format::Json, &batch.schema(), &parts).unwrap();
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
+        let expected: Vec<serde_json::Value> = values[1..]
+            .iter()
+            .zip(1..)
+            .map(|(s, n)| serde_json::json!({"s": s, "n": n}))
+            .collect();
+        assert_eq!(rows, expected);
+        // The clean slice alone: no value needed escaping, printed as is.
+        let clean = render(Format::JsonLines, &batch.schema(), &[batch.slice(1, 2)]).unwrap();
+        assert_eq!(
+            String::from_utf8(clean).unwrap(),
+            "{\"s\":\"金水区\",\"n\":1}\n{\"s\":null,\"n\":2}\n"
+        );
+        let csv = render(Format::Csv, &batch.schema(), &parts).unwrap();
+        assert_eq!(
+            String::from_utf8(csv).unwrap(),
+            "s,n\n金水区,1\n,2\n\"x,y\",3\ntab\there,4\n,5\n"
+        );
+    }
+
+    #[test]
+    fn times_print_in_every_unit_and_past_nanosecond_range() {
+        use datafusion::arrow::array::{TimestampMillisecondArray, TimestampSecondArray};
+        let batch = RecordBatch::try_from_iter(vec![
+            (
+                "s",
+                Arc::new(TimestampSecondArray::from(vec![
+                    Some(-1),
+                    Some(253_402_300_799),
+                    None,
+                ])) as ArrayRef,
+            ),
+            (
+                "ms",
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    Some(1_764_547_200_001),
+                    Some(10_000_000_000_000),
+                    // Past what chrono holds: the nanoseconds, as a number.
+                    Some(i64::MIN),
+                ])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let csv =
+            String::from_utf8(render(Format::Csv, &batch.schema(), &[batch]).unwrap()).unwrap();
+        assert_eq!(
+            csv,
+            "s,ms\n\
+             1969-12-31T23:59:59Z,2025-12-01T00:00:00.001Z\n\
+             9999-12-31T23:59:59Z,2286-11-20T17:46:40Z\n\
+             ,-9223372036854775808000000\n"
         );
     }
 

@@ -2,7 +2,7 @@
 //! `2025-12-01T00:00:00Z`. The one place each is parsed and printed, for flags,
 //! config files, rules and answers alike.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate};
@@ -124,23 +124,39 @@ pub fn push_rfc3339(out: &mut String, nanos: i128) {
 #[derive(Debug, Default, Clone)]
 pub struct Rfc3339Printer {
     /// The day (since 1970-01-01) whose `YYYY-MM-DDT` is in `date`.
-    day: Option<i128>,
+    day: Option<i64>,
     date: [u8; 11],
 }
 
 impl Rfc3339Printer {
     /// Appends [`rfc3339`] of `nanos` to `out`.
     pub fn push(&mut self, out: &mut String, nanos: i128) {
-        let secs = nanos.div_euclid(1_000_000_000);
-        let frac = nanos.rem_euclid(1_000_000_000) as u32;
+        let mut text = Vec::with_capacity(40);
+        self.write(&mut text, nanos);
+        // Every byte written is ASCII, or chrono's and Rust's own formatting.
+        out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+    }
+
+    /// Appends the UTF-8 bytes of [`rfc3339`] of `nanos` to `out`: an answer's
+    /// encoder prints one time per row, and this is its path.
+    pub fn write(&mut self, out: &mut Vec<u8>, nanos: i128) {
+        const NANOS: i64 = 1_000_000_000;
+        // 64-bit arithmetic where it fits (every time an i64 of nanoseconds can
+        // hold): 128-bit division is a software routine.
+        let (secs, frac) = match i64::try_from(nanos) {
+            Ok(n) => (n.div_euclid(NANOS), n.rem_euclid(NANOS) as u32),
+            Err(_) => match i64::try_from(nanos.div_euclid(NANOS as i128)) {
+                Ok(s) => (s, nanos.rem_euclid(NANOS as i128) as u32),
+                Err(_) => {
+                    let _ = write!(out, "{nanos}");
+                    return;
+                }
+            },
+        };
         let day = secs.div_euclid(86_400);
         if self.day != Some(day) && !self.set_day(day) {
-            // Outside years 0 to 9999.
-            match i64::try_from(secs)
-                .ok()
-                .and_then(|s| DateTime::from_timestamp(s, frac))
-            {
-                // ISO 8601 expanded years, as chrono writes them.
+            // Outside years 0 to 9999: ISO 8601 expanded years, as chrono writes them.
+            match DateTime::from_timestamp(secs, frac) {
                 Some(dt) => {
                     let _ = write!(out, "{}", dt.format("%Y-%m-%dT%H:%M:%S"));
                 }
@@ -150,39 +166,31 @@ impl Rfc3339Printer {
                 }
             }
         } else {
-            // Digit by digit: a query answer prints one per row, and chrono with
-            // `write!` costs several times as much.
+            // Digit by digit: chrono with `write!` costs several times as much.
             let of_day = secs.rem_euclid(86_400) as u32;
             let (h, mi, sec) = (two(of_day / 3600), two(of_day / 60 % 60), two(of_day % 60));
-            let d = &self.date;
-            let text = [
-                d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], h[0], h[1],
-                b':', mi[0], mi[1], b':', sec[0], sec[1],
-            ];
-            // Every byte is an ASCII digit or separator.
-            out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+            out.extend_from_slice(&self.date);
+            out.extend_from_slice(&[h[0], h[1], b':', mi[0], mi[1], b':', sec[0], sec[1]]);
         }
         if frac > 0 {
-            let mut digits = *b"000000000";
+            let mut digits = *b".000000000";
             let mut rest = frac;
-            for d in digits.iter_mut().rev() {
+            for d in digits[1..].iter_mut().rev() {
                 *d = b'0' + (rest % 10) as u8;
                 rest /= 10;
             }
-            let used = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-            out.push('.');
-            // The digits are ASCII.
-            out.push_str(std::str::from_utf8(&digits[..used]).unwrap_or_default());
+            let zeros = digits.iter().rev().take_while(|&&d| d == b'0').count();
+            out.extend_from_slice(&digits[..10 - zeros]);
         }
-        out.push('Z');
+        out.push(b'Z');
     }
 
     /// Makes `day` the remembered one; false (and nothing remembered) when its
     /// year is outside 0 to 9999.
-    fn set_day(&mut self, day: i128) -> bool {
+    fn set_day(&mut self, day: i64) -> bool {
         self.day = None;
         // 719,163 days lie between 0001-01-01 and 1970-01-01.
-        let Some(date) = i32::try_from(day + 719_163)
+        let Some(date) = i32::try_from(day.saturating_add(719_163))
             .ok()
             .and_then(NaiveDate::from_num_days_from_ce_opt)
             .filter(|d| (0..=9999).contains(&d.year()))
@@ -216,6 +224,7 @@ pub fn now_nanos() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fmt::Write as _;
 
     #[test]
     fn rfc3339_matches_chrono_at_every_digit() {
@@ -337,6 +346,10 @@ mod tests {
             i64::MIN as i128,
             i64::MAX as i128,
             i128::MAX,
+            i128::MIN,
+            // Past an i64 of nanoseconds, within an i64 of seconds.
+            i64::MAX as i128 * 1_000,
+            i64::MIN as i128 * 1_000_000_000 + 7,
         ];
         for _ in 0..10_000 {
             x ^= x << 13;
