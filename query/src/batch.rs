@@ -63,11 +63,12 @@ impl QueryEngine {
             .create_physical_plan()
             .await
             .map_err(err)?;
+        let task = self.task_context(&ctx.state(), &plan);
         Ok(BatchQuery {
             sql: sql.to_string(),
             input,
             plan,
-            task: self.task_context(&ctx.state()),
+            task,
             engine: self.clone(),
         })
     }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use citytsdb_storage::Engine;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList};
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+};
 use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
@@ -22,6 +24,7 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::TaskContext;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::DataFrame;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
@@ -410,24 +413,28 @@ impl QueryEngine {
     }
 
     /// Plans one read-only statement against `db` and starts executing it on the
-    /// calling runtime. Keep the session until the stream is done: its snapshot
-    /// pins the catalog version whose segments the stream reads.
+    /// calling runtime. Keep the session state until the stream is done: its
+    /// snapshot pins the catalog version whose segments the stream reads.
     async fn query_stream(
         &self,
         db: &str,
         sql: &str,
-    ) -> Result<(SessionContext, SendableRecordBatchStream), QueryError> {
+    ) -> Result<(SessionState, SendableRecordBatchStream), QueryError> {
         let err = |e| QueryError::from_datafusion(e, sql);
-        let ctx = self.context(db)?;
+        let snapshot = self
+            .storage
+            .snapshot(db)
+            .ok_or_else(|| QueryError::DatabaseNotFound(db.to_string()))?;
+        let mut state = self.state_of(db, snapshot, true)?;
         // Marks the start of execution: `now()` is this moment.
-        let state = ctx.state();
+        state.mark_start_execution();
         // A kept plan was checked when it was made, from this very text.
-        let plan = match self.plans.get(db, sql, &ctx).await {
+        let plan = match self.plans.get(db, sql, &state).await {
             Some(Kept::Physical(physical)) => {
+                let task = self.task_context(&state, &physical);
                 let stream =
-                    datafusion::physical_plan::execute_stream(physical, self.task_context(&state))
-                        .map_err(err)?;
-                return Ok((ctx, stream));
+                    datafusion::physical_plan::execute_stream(physical, task).map_err(err)?;
+                return Ok((state, stream));
             }
             Some(Kept::Logical(plan)) => plan,
             None => {
@@ -451,9 +458,9 @@ impl QueryEngine {
             .await
             .map_err(err)?;
         self.plans.put_physical(db, sql, &physical);
-        let stream = datafusion::physical_plan::execute_stream(physical, self.task_context(&state))
-            .map_err(err)?;
-        Ok((ctx, stream))
+        let task = self.task_context(&state, &physical);
+        let stream = datafusion::physical_plan::execute_stream(physical, task).map_err(err)?;
+        Ok((state, stream))
     }
 
     /// A session with our configuration, functions and rules, and no tables yet:
@@ -464,10 +471,14 @@ impl QueryEngine {
         SessionContext::new_with_state(state)
     }
 
-    /// A task context for running one query's plan planned in `state`: a memory
-    /// pool of its own (`QueryLimits::memory_bytes`) that also draws on the pool
-    /// all queries share; caches, spill files and stores are the engine's.
-    pub(crate) fn task_context(&self, state: &SessionState) -> Arc<TaskContext> {
+    /// A task context for running `plan`, planned in `state`: a memory pool of its
+    /// own (`QueryLimits::memory_bytes`) that also draws on the pool all queries
+    /// share; caches, spill files and stores are the engine's.
+    pub(crate) fn task_context(
+        &self,
+        state: &SessionState,
+        plan: &Arc<dyn ExecutionPlan>,
+    ) -> Arc<TaskContext> {
         let runtime = Arc::new(RuntimeEnv {
             memory_pool: Arc::new(TrackConsumersPool::new(
                 crate::memory::SharedPool::new(
@@ -480,7 +491,24 @@ impl QueryEngine {
             cache_manager: self.runtime.cache_manager.clone(),
             object_store_registry: self.runtime.object_store_registry.clone(),
         });
-        Arc::new(TaskContext::from(state).with_runtime(runtime))
+        // A physical plan holds its functions: only information_schema's
+        // `routines` and `parameters`, streamed tables, list them from the task
+        // context. Copying DataFusion's ~300 functions by name for every query
+        // costs more than a small query's scan.
+        let context = match streams_a_table(plan) {
+            true => TaskContext::from(state),
+            false => TaskContext::new(
+                None,
+                state.session_id().to_string(),
+                state.config().clone(),
+                Default::default(),
+                Default::default(),
+                Default::default(),
+                Default::default(),
+                runtime.clone(),
+            ),
+        };
+        Arc::new(context.with_runtime(runtime))
     }
 
     /// Plans `df`, runs it in a task context of its own and collects the answer.
@@ -490,7 +518,8 @@ impl QueryEngine {
     ) -> datafusion::common::Result<Vec<RecordBatch>> {
         let (state, plan) = df.into_parts();
         let physical = state.create_physical_plan(&plan).await?;
-        datafusion::physical_plan::collect(physical, self.task_context(&state)).await
+        let task = self.task_context(&state, &physical);
+        datafusion::physical_plan::collect(physical, task).await
     }
 
     fn context(&self, db: &str) -> Result<SessionContext, QueryError> {
@@ -519,7 +548,20 @@ impl QueryEngine {
         snapshot: citytsdb_storage::DbSnapshot,
         views: bool,
     ) -> Result<SessionContext, QueryError> {
-        let ctx = self.session();
+        Ok(SessionContext::new_with_state(
+            self.state_of(db, snapshot, views)?,
+        ))
+    }
+
+    /// The session state of [`Self::context_of`]: the base state copied once, with
+    /// the catalog of `snapshot` and the latest-rows rule of `db`.
+    fn state_of(
+        &self,
+        db: &str,
+        snapshot: citytsdb_storage::DbSnapshot,
+        views: bool,
+    ) -> Result<SessionState, QueryError> {
+        let mut state = self.base.as_ref().clone();
         let catalog = MemoryCatalogProvider::new();
         let snapshot = Arc::new(snapshot);
         let schema = DatabaseSchema::new(
@@ -535,7 +577,9 @@ impl QueryEngine {
         catalog
             .register_schema(SYSTEM_SCHEMA, Arc::new(system))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
-        ctx.register_catalog(CATALOG, Arc::new(catalog));
+        let catalogs = MemoryCatalogProviderList::new();
+        catalogs.register_catalog(CATALOG.to_string(), Arc::new(catalog));
+        state.register_catalog_list(Arc::new(catalogs));
         // A rollup's latest rows are not what the series registry holds.
         let tables = snapshot
             .schemas
@@ -543,13 +587,13 @@ impl QueryEngine {
             .filter(|(t, _)| snapshot.rollup(t).is_none())
             .map(|(t, s)| (t.clone(), s.clone()))
             .collect();
-        ctx.add_analyzer_rule(Arc::new(LatestFromCache::new(
+        state.add_analyzer_rule(Arc::new(LatestFromCache::new(
             self.storage.clone(),
             db,
             tables,
             CATALOG,
         )));
-        Ok(ctx)
+        Ok(state)
     }
 
     /// Runs `DELETE FROM table WHERE predicate` (checked by
@@ -628,6 +672,12 @@ impl QueryEngine {
             filter_table,
         })
     }
+}
+
+/// Whether `plan` reads a streamed table (`StreamingTableExec`), as
+/// information_schema's tables are read.
+fn streams_a_table(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.name() == "StreamingTableExec" || plan.children().into_iter().any(streams_a_table)
 }
 
 /// The session state every query's starts from: our configuration, DataFusion's
@@ -889,3 +939,5 @@ mod merge_tests;
 mod pin_tests;
 #[cfg(test)]
 mod run_agg_tests;
+#[cfg(test)]
+mod session_tests;

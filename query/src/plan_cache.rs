@@ -31,14 +31,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::DataFusionError;
+use datafusion::common::{DataFusionError, TableReference};
 use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{
     Expr, LogicalPlan, LogicalTableSource, TableScan, TableSource, Volatility,
 };
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::prelude::SessionContext;
 
 use crate::latest::LatestTable;
 use crate::provider::CityTable;
@@ -103,15 +104,24 @@ const RERUNNABLE: &[&str] = &[
     "LatestRowsExec",
 ];
 
+/// The table `name` (a table reference as SQL would write it) resolves to in
+/// `state`, as `SessionContext::table_provider` finds it.
+async fn table_provider(state: &SessionState, name: &str) -> Option<Arc<dyn TableProvider>> {
+    let reference = TableReference::from(name);
+    let table = reference.table().to_string();
+    let schema = state.schema_for_ref(reference).ok()?;
+    schema.table(&table).await.ok().flatten()
+}
+
 /// Whether every node of `plan` is [`RERUNNABLE`].
 fn rerunnable(plan: &Arc<dyn ExecutionPlan>) -> bool {
     RERUNNABLE.contains(&plan.name()) && plan.children().into_iter().all(rerunnable)
 }
 
 impl PlanCache {
-    /// The kept plan of `sql` over `db`, rebound to the tables of `ctx`, if there
+    /// The kept plan of `sql` over `db`, rebound to the tables of `state`, if there
     /// is one and every table it reads still has the schema it was planned with.
-    pub async fn get(&self, db: &str, sql: &str, ctx: &SessionContext) -> Option<Kept> {
+    pub async fn get(&self, db: &str, sql: &str, state: &SessionState) -> Option<Kept> {
         let (plan, tables, physical) = {
             let mut entries = lock(&self.entries);
             entries.tick += 1;
@@ -130,8 +140,8 @@ impl PlanCache {
         };
         let mut current = HashMap::with_capacity(tables.len());
         for (name, schema) in &tables {
-            let table = match ctx.table_provider(name.as_str()).await {
-                Ok(t) if t.is::<CityTable>() && &t.schema() == schema => t,
+            let table = match table_provider(state, name).await {
+                Some(t) if t.is::<CityTable>() && &t.schema() == schema => t,
                 _ => {
                     self.misses.fetch_add(1, Relaxed);
                     return None;
