@@ -429,14 +429,9 @@ fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
     // cheaper than comparing the rows and, for tag values, mostly decides; then
     // whole; then by position. A sort, not a hash map: the answer is wanted in
     // key order anyway.
-    let head = |i: usize| {
-        let bytes = keys.row(i).data();
-        let mut head = [0u8; 16];
-        let len = bytes.len().min(16);
-        head[..len].copy_from_slice(&bytes[..len]);
-        u128::from_be_bytes(head)
-    };
-    let mut order: Vec<(u128, usize)> = (0..n).map(|i| (head(i), i)).collect();
+    let mut order: Vec<(u128, usize)> = (0..n)
+        .map(|i| (leading_16(keys.row(i).data()), i))
+        .collect();
     order.sort_unstable_by(|a, b| {
         a.0.cmp(&b.0)
             .then_with(|| keys.row(a.1).cmp(&keys.row(b.1)))
@@ -458,6 +453,16 @@ fn latest_per_key(batch: &RecordBatch, spec: &KeySpec) -> Result<RecordBatch> {
     }
     let rows = UInt64Array::from(picks);
     Ok(take_record_batch(batch, &rows)?)
+}
+
+/// The first 16 bytes of `bytes` (zeros past its end) as one number, which orders
+/// byte strings as they compare, except that it cannot tell apart those equal in
+/// their first 16 bytes: a sort key to try before the whole strings.
+pub(crate) fn leading_16(bytes: &[u8]) -> u128 {
+    let mut head = [0u8; 16];
+    let len = bytes.len().min(16);
+    head[..len].copy_from_slice(&bytes[..len]);
+    u128::from_be_bytes(head)
 }
 
 /// `time > x` or `time >= x` (either way round) with `x` free of columns: a series

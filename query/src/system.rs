@@ -9,7 +9,6 @@
 //! - `system.rules`, `system.alerts`, `system.alert_events`: the alert engine's
 //!   rules, active instances and state changes, from [`AlertSource`].
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,14 +17,15 @@ use async_trait::async_trait;
 use citytsdb_storage::units::format_duration;
 use citytsdb_storage::{ColumnKind, DbSnapshot, Engine};
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, TimestampNanosecondArray,
-    UInt64Array,
+    Array, ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, StringBuilder,
+    TimestampNanosecondArray, UInt64Array,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
 use datafusion::common::Result;
 
 use crate::exec::external;
+use crate::latest::leading_16;
 
 /// Name of the schema holding the system tables.
 pub const SYSTEM_SCHEMA: &str = "system";
@@ -308,6 +308,7 @@ impl SystemSchema {
 
     fn devices(&self) -> Result<RecordBatch> {
         let mut out = DeviceColumns::default();
+        let mut json = Vec::new();
         for (name, schema) in &self.snapshot.schemas {
             if schema.kind("device") != Some(ColumnKind::Tag) {
                 continue;
@@ -334,54 +335,78 @@ impl SystemSchema {
                 .ok_or_else(|| {
                     external(citytsdb_storage::StorageError::Internal("no device".into()))
                 })?;
-            // Device -> its series, merged: span and count over all of them, tags
-            // and district from the one that reported last.
-            let mut devices: BTreeMap<&str, (i64, i64, u64, usize)> = BTreeMap::new();
-            for i in 0..latest.num_rows() {
-                if device_col.is_null(i) {
-                    continue;
+            // The tags as a JSON object, keys in order as serde_json's map has them.
+            let mut tag_order = tags.clone();
+            tag_order.sort_by_key(|(t, _)| *t);
+            let district = tags.iter().find(|(t, _)| *t == "district").map(|(_, a)| *a);
+            // Each device's series side by side (devices in order, each one's
+            // series in registry order), merged: span and count over all of them,
+            // tags and district from the one that reported last.
+            let mut order: Vec<(u128, usize)> = (0..latest.num_rows())
+                .filter(|&i| device_col.is_valid(i))
+                .map(|i| (leading_16(device_col.value(i).as_bytes()), i))
+                .collect();
+            order.sort_unstable_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then_with(|| device_col.value(a.1).cmp(device_col.value(b.1)))
+                    .then(a.1.cmp(&b.1))
+            });
+            let mut start = 0;
+            while start < order.len() {
+                let device = device_col.value(order[start].1);
+                let (mut first, mut last, mut count, mut pick) = (i64::MAX, i64::MIN, 0, 0);
+                let mut end = start;
+                while end < order.len() && device_col.value(order[end].1) == device {
+                    let i = order[end].1;
+                    first = first.min(rows.first_time[i]);
+                    // Ties go to the later series, as registry order has them.
+                    if times.value(i) >= last {
+                        last = times.value(i);
+                        pick = i;
+                    }
+                    count += rows.rows[i];
+                    end += 1;
                 }
-                let (first, last) = (rows.first_time[i], times.value(i));
-                let e = devices
-                    .entry(device_col.value(i))
-                    .or_insert((first, last, 0, i));
-                e.0 = e.0.min(first);
-                if last > e.1 || (last == e.1 && i > e.3) {
-                    e.1 = last;
-                    e.3 = i;
+                start = end;
+                json.clear();
+                json.push(b'{');
+                for (t, a) in tag_order.iter().filter(|(_, a)| a.is_valid(pick)) {
+                    if json.len() > 1 {
+                        json.push(b',');
+                    }
+                    // Writing a &str into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut json, t);
+                    json.push(b':');
+                    let _ = serde_json::to_writer(&mut json, a.value(pick));
                 }
-                e.2 += rows.rows[i];
-            }
-            for (device, (first, last, count, i)) in devices {
-                let tag_json: serde_json::Map<String, serde_json::Value> = tags
-                    .iter()
-                    .filter(|(_, a)| a.is_valid(i))
-                    .map(|(t, a)| (t.to_string(), a.value(i).into()))
-                    .collect();
-                out.table.push(name.clone());
-                out.device.push(device.to_string());
-                out.district.push(
-                    tags.iter()
-                        .find(|(t, _)| *t == "district")
-                        .and_then(|(_, a)| a.is_valid(i).then(|| a.value(i).to_string())),
-                );
-                out.first.push(Some(first));
-                out.last.push(Some(last));
+                json.push(b'}');
+                out.table.append_value(name);
+                out.device.append_value(device);
+                out.district
+                    .append_option(district.and_then(|a| a.is_valid(pick).then(|| a.value(pick))));
+                out.first.push(first);
+                out.last.push(last);
                 out.rows.push(count);
-                out.tags
-                    .push(serde_json::Value::Object(tag_json).to_string());
+                out.tags.append_value(
+                    // serde_json writes UTF-8.
+                    String::from_utf8_lossy(&json),
+                );
             }
         }
+        let mut out = out;
+        let stamps = |t: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampNanosecondArray::from(t).with_timezone("UTC"))
+        };
         batch(
             devices_schema(),
             vec![
-                Arc::new(StringArray::from(out.table)),
-                Arc::new(StringArray::from(out.device)),
-                Arc::new(StringArray::from(out.district)),
-                timestamps(out.first),
-                timestamps(out.last),
+                Arc::new(out.table.finish()),
+                Arc::new(out.device.finish()),
+                Arc::new(out.district.finish()),
+                stamps(out.first),
+                stamps(out.last),
                 Arc::new(UInt64Array::from(out.rows)),
-                Arc::new(StringArray::from(out.tags)),
+                Arc::new(out.tags.finish()),
             ],
         )
     }
@@ -389,13 +414,13 @@ impl SystemSchema {
 
 #[derive(Default)]
 struct DeviceColumns {
-    table: Vec<String>,
-    device: Vec<String>,
-    district: Vec<Option<String>>,
-    first: Vec<Option<i64>>,
-    last: Vec<Option<i64>>,
+    table: StringBuilder,
+    device: StringBuilder,
+    district: StringBuilder,
+    first: Vec<i64>,
+    last: Vec<i64>,
     rows: Vec<u64>,
-    tags: Vec<String>,
+    tags: StringBuilder,
 }
 
 fn timestamps(values: Vec<Option<i64>>) -> ArrayRef {
