@@ -9,21 +9,34 @@ faster). Start the two servers first, e.g.
     citytsdb serve --data-dir storeA --http-bind 127.0.0.1:18080   # old build
     citytsdb serve --data-dir storeB --http-bind 127.0.0.1:18081   # new build
     python3 benches/ab_queries.py --old 18080 --new 18081 --rounds 5
+
+The store is `citytsdb gen --devices 10000 --days N --start 2026-01-01T00:00:00Z`
+imported with `--precision s`; `--day` picks q1's day (the default suits N = 7).
 """
 import argparse
+import datetime as dt
 import http.client
 import time
 import urllib.parse
 
-QUERIES = {
-    "top 10 covers by max tilt": "SELECT device, district, max(tilt_deg) AS tilt FROM manhole "
-    "GROUP BY device, district ORDER BY tilt DESC, device LIMIT 10",
-    "one device's day (q1)": "SELECT * FROM manhole WHERE device = 'mh-05001' "
-    "AND time >= '2026-01-04T00:00:00Z' AND time < '2026-01-05T00:00:00Z'",
-    "district x hour (q2)": "SELECT date_bin(INTERVAL '1 hour', time) AS hour, avg(water_level_cm) AS level "
-    "FROM manhole WHERE district = '金水区' GROUP BY hour ORDER BY hour",
-    "count and max of two float fields": "SELECT count(*), max(tilt_deg), max(water_level_cm) FROM manhole",
-}
+def queries(day: str) -> dict[str, str]:
+    """The queries, with one device's day on `day` (YYYY-MM-DD) and the silent
+    devices as of ten minutes before that day's end."""
+    start = dt.date.fromisoformat(day)
+    end = start + dt.timedelta(days=1)
+    return {
+        "top 10 covers by max tilt": "SELECT device, district, max(tilt_deg) AS tilt FROM manhole "
+        "GROUP BY device, district ORDER BY tilt DESC, device LIMIT 10",
+        "one device's day (q1)": "SELECT * FROM manhole WHERE device = 'mh-05001' "
+        f"AND time >= '{start}T00:00:00Z' AND time < '{end}T00:00:00Z'",
+        "district x hour (q2)": "SELECT date_bin(INTERVAL '1 hour', time) AS hour, avg(water_level_cm) AS level "
+        "FROM manhole WHERE district = '金水区' GROUP BY hour ORDER BY hour",
+        "latest reading of every cover (q3, manhole)": "SELECT DISTINCT ON (device) device, district, time, "
+        "tilt_deg, water_level_cm, battery_pct, cover_open FROM manhole ORDER BY device, time DESC",
+        "silent devices (q5)": "SELECT device, district, last_time FROM system.devices "
+        f"WHERE last_time < '{start}T23:50:00Z' ORDER BY device",
+        "count and max of two float fields": "SELECT count(*), max(tilt_deg), max(water_level_cm) FROM manhole",
+    }
 
 
 def query(conn: http.client.HTTPConnection, db: str, sql: str) -> bytes:
@@ -42,7 +55,9 @@ def main() -> None:
     ap.add_argument("--db", default="city")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=3)
+    ap.add_argument("--day", default="2026-01-04", help="the day of q1 and the silent devices' cutoff")
     args = ap.parse_args()
+    QUERIES = queries(args.day)
     conns = {p: http.client.HTTPConnection("127.0.0.1", p, timeout=60) for p in (args.old, args.new)}
     for name, sql in QUERIES.items():
         if query(conns[args.old], args.db, sql) != query(conns[args.new], args.db, sql):
