@@ -10,8 +10,8 @@ use std::io::Write as _;
 use chrono::NaiveDate;
 use citytsdb_storage::units::Rfc3339Printer;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Float64Array, Int64Array,
-    LargeStringArray, StringArray, StringViewArray, UInt64Array,
+    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Float64Array, GenericStringArray,
+    Int64Array, LargeStringArray, OffsetSizeTrait, StringArray, StringViewArray, UInt64Array,
 };
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::cast;
@@ -366,24 +366,14 @@ impl<'a> Cells<'a> {
             DataType::Int64 => Cells::Int(c.as_primitive()),
             DataType::UInt64 => Cells::UInt(c.as_primitive()),
             DataType::Float64 => Cells::Float(c.as_primitive()),
-            DataType::Utf8 => {
-                let a = c.as_string::<i32>();
-                let offsets = a.value_offsets();
-                let used = &a.value_data()[offsets[0] as usize..offsets[a.len()] as usize];
-                Cells::Text {
-                    array: Text::Utf8(a),
-                    clean: clean(used, style),
-                }
-            }
-            DataType::LargeUtf8 => {
-                let a = c.as_string::<i64>();
-                let offsets = a.value_offsets();
-                let used = &a.value_data()[offsets[0] as usize..offsets[a.len()] as usize];
-                Cells::Text {
-                    array: Text::Large(a),
-                    clean: clean(used, style),
-                }
-            }
+            DataType::Utf8 => Cells::Text {
+                array: Text::Utf8(c.as_string()),
+                clean: clean(used_bytes(c.as_string::<i32>()), style),
+            },
+            DataType::LargeUtf8 => Cells::Text {
+                array: Text::Large(c.as_string()),
+                clean: clean(used_bytes(c.as_string::<i64>()), style),
+            },
             DataType::Utf8View => Cells::Text {
                 array: Text::View(c.as_string_view()),
                 clean: false,
@@ -500,6 +490,12 @@ impl<'a> Cells<'a> {
             }
         }
     }
+}
+
+/// The bytes of every value of `a`, end to end.
+fn used_bytes<O: OffsetSizeTrait>(a: &GenericStringArray<O>) -> &[u8] {
+    let offsets = a.value_offsets();
+    &a.value_data()[offsets[0].as_usize()..offsets[a.len()].as_usize()]
 }
 
 /// Whether `text` (a column's values, end to end) holds no byte that needs
