@@ -73,6 +73,9 @@ impl Format {
     }
 }
 
+/// The most a batch's text reserves ahead on a guess from its first row.
+const RESERVE_CAP: usize = 8 << 20;
+
 /// How a cell is printed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Style {
@@ -253,9 +256,12 @@ impl Encoder {
             }
             self.rows_written += 1;
             if row == 0 {
-                // Rows of one answer print to about the same length: one
-                // allocation for the batch, not a doubling series of copies.
-                out.reserve(out.len() * rows.saturating_sub(1) * 9 / 8);
+                // Rows of one answer mostly print to about the same length: one
+                // allocation for the batch, not a doubling series of copies. At
+                // most RESERVE_CAP on a guess, so that one long first row (a
+                // large text value) does not ask for that much per row.
+                let guess = out.len().saturating_mul(rows.saturating_sub(1)) / 8 * 9;
+                out.reserve(guess.min(RESERVE_CAP));
             }
         }
         Ok(out)
@@ -732,6 +738,21 @@ mod tests {
             String::from_utf8(csv).unwrap(),
             "s,n\n金水区,1\n,2\n\"x,y\",3\ntab\there,4\n,5\n"
         );
+    }
+
+    #[test]
+    fn a_long_first_row_does_not_reserve_for_every_row() {
+        // 4 MiB in the first row and 100,000 short rows: reserving the first
+        // row's length for each would ask for ~400 GB.
+        let mut values = vec!["x".repeat(4 << 20)];
+        values.extend((0..100_000).map(|i| i.to_string()));
+        let batch = RecordBatch::try_from_iter(vec![(
+            "s",
+            Arc::new(StringArray::from(values)) as ArrayRef,
+        )])
+        .unwrap();
+        let out = render(Format::JsonLines, &batch.schema(), &[batch]).unwrap();
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 100_001);
     }
 
     #[test]
