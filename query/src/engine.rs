@@ -496,7 +496,7 @@ impl QueryEngine {
         // context. Copying DataFusion's ~300 functions by name for every query
         // costs more than a small query's scan.
         let context = match streams_a_table(plan) {
-            true => TaskContext::from(state),
+            true => TaskContext::from(state).with_runtime(runtime),
             false => TaskContext::new(
                 None,
                 state.session_id().to_string(),
@@ -505,10 +505,10 @@ impl QueryEngine {
                 Default::default(),
                 Default::default(),
                 Default::default(),
-                runtime.clone(),
+                runtime,
             ),
         };
-        Arc::new(context.with_runtime(runtime))
+        Arc::new(context)
     }
 
     /// Plans `df`, runs it in a task context of its own and collects the answer.
