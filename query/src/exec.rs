@@ -100,6 +100,22 @@ impl CityScanExec {
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
+
+    /// Whether it reads the table's sources (not the latest rows of the series
+    /// registry).
+    pub fn is_table_scan(&self) -> bool {
+        self.report.cached_series.is_none()
+    }
+
+    /// The plan that reads the sources.
+    pub fn input(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.input
+    }
+
+    /// The same scan, its sources read by `input`.
+    pub fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> Self {
+        Self::new(self.report.clone(), input)
+    }
 }
 
 /// A scan's output, timed.

@@ -37,6 +37,7 @@ pub mod provider;
 pub mod pruning;
 pub mod rollup;
 pub mod run_agg;
+pub mod string_views;
 pub mod system;
 
 pub use batch::BatchQuery;

@@ -17,6 +17,11 @@
 //! `FILTER`, `DISTINCT` or `ORDER BY` in its aggregates, and every aggregate able to
 //! update by group index, over a table scan through nothing that reorders rows.
 //!
+//! Where the scan can, it gives the keys as string views
+//! ([`RunAggregateExec::with_string_views`], `string_views.rs`): they decode
+//! faster from Parquet's dictionaries, and two rows' short keys compare as two
+//! 128-bit numbers.
+//!
 //! Memory: the groups' keys and accumulators are counted against the query's memory
 //! pool; when the pool refuses more, the groups so far are emitted and the stage
 //! starts over, which a partial stage may do (the final stage merges them).
@@ -24,7 +29,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder, StringViewArray,
+};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, HashMap, Result};
@@ -34,6 +41,7 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::utils::collect_columns;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::aggregates::{
@@ -73,9 +81,8 @@ impl PhysicalOptimizerRule for RunAggregateRule {
                 return Ok(Transformed::no(node));
             }
             let agg = Arc::new(agg.clone());
-            Ok(Transformed::yes(
-                Arc::new(RunAggregateExec::new(agg)) as Arc<dyn ExecutionPlan>
-            ))
+            let run = RunAggregateExec::new(agg).with_string_views()?;
+            Ok(Transformed::yes(Arc::new(run) as Arc<dyn ExecutionPlan>))
         })
         .data()
     }
@@ -149,6 +156,10 @@ fn reads_scan_in_order(plan: &Arc<dyn ExecutionPlan>) -> bool {
 #[derive(Debug)]
 pub struct RunAggregateExec {
     agg: Arc<AggregateExec>,
+    /// What it reads: the aggregate's input, or that input with the key columns
+    /// `views` read as string views.
+    input: Arc<dyn ExecutionPlan>,
+    views: Vec<String>,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -156,10 +167,53 @@ impl RunAggregateExec {
     /// Stands in for `agg`, which [`RunAggregateRule`] has found suitable.
     pub fn new(agg: Arc<AggregateExec>) -> Self {
         Self {
+            input: Arc::clone(agg.input()),
             agg,
+            views: Vec::new(),
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
+
+    /// The same stage reading its keys as string views, where the table scan
+    /// below can decode them so (`string_views.rs`) and no aggregate reads them;
+    /// as it is otherwise.
+    pub fn with_string_views(self) -> Result<Self> {
+        let schema = self.agg.input().schema();
+        let arguments = aggregate_expressions(self.agg.aggr_expr(), self.agg.mode(), 0)?;
+        let read: Vec<usize> = arguments
+            .iter()
+            .flatten()
+            .flat_map(collect_columns)
+            .map(|c| c.index())
+            .collect();
+        let names: Vec<String> = key_columns(&self.agg)
+            .into_iter()
+            .filter(|k| !read.contains(k))
+            .map(|k| schema.field(k).name().clone())
+            .collect();
+        if names.is_empty() {
+            return Ok(self);
+        }
+        Ok(
+            match crate::string_views::string_views(self.agg.input(), &names)? {
+                Some(input) => Self {
+                    input,
+                    views: names,
+                    ..self
+                },
+                None => self,
+            },
+        )
+    }
+}
+
+/// The input columns `agg` groups by.
+fn key_columns(agg: &AggregateExec) -> Vec<usize> {
+    agg.group_expr()
+        .expr()
+        .iter()
+        .filter_map(|(e, _)| e.downcast_ref::<Column>().map(Column::index))
+        .collect()
 }
 
 impl DisplayAs for RunAggregateExec {
@@ -177,7 +231,11 @@ impl DisplayAs for RunAggregateExec {
             "RunAggregateExec: mode=Partial, gby=[{}], aggr=[{}]",
             keys.join(", "),
             aggs.join(", ")
-        )
+        )?;
+        if !self.views.is_empty() {
+            write!(f, ", string_views=[{}]", self.views.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -199,7 +257,7 @@ impl ExecutionPlan for RunAggregateExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![self.agg.input()]
+        vec![&self.input]
     }
 
     fn apply_expressions(
@@ -214,6 +272,18 @@ impl ExecutionPlan for RunAggregateExec {
         children: Vec<Arc<dyn ExecutionPlan>>,
         options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        // The same input rearranged (string views and all) keeps the stage as it
+        // is.
+        if let [child] = &children[..] {
+            if !self.views.is_empty() && child.schema() == self.input.schema() {
+                return Ok(Arc::new(Self {
+                    agg: Arc::clone(&self.agg),
+                    input: Arc::clone(child),
+                    views: self.views.clone(),
+                    metrics: ExecutionPlanMetricsSet::new(),
+                }));
+            }
+        }
         // New children may no longer suit it: then DataFusion's aggregate runs.
         let agg = Arc::clone(&self.agg).replace_children(children, options)?;
         match agg.downcast_ref::<AggregateExec>() {
@@ -229,15 +299,9 @@ impl ExecutionPlan for RunAggregateExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let input = self.agg.input().execute(partition, Arc::clone(&context))?;
+        let input = self.input.execute(partition, Arc::clone(&context))?;
         let schema = self.agg.schema();
-        let keys: Vec<usize> = self
-            .agg
-            .group_expr()
-            .expr()
-            .iter()
-            .filter_map(|(e, _)| e.downcast_ref::<Column>().map(Column::index))
-            .collect();
+        let keys = key_columns(&self.agg);
         let arguments = aggregate_expressions(self.agg.aggr_expr(), self.agg.mode(), 0)?;
         let aggregates = self.agg.aggr_expr().to_vec();
         let reservation = MemoryConsumer::new(format!("RunAggregateExec[{partition}]"))
@@ -284,6 +348,9 @@ impl ExecutionPlan for RunAggregateExec {
     }
 }
 
+/// One row's keys: each value's bytes, or `None` for null.
+type RowKeys = Box<[Option<Box<[u8]>>]>;
+
 /// The groups of one partition.
 struct RunGroups {
     /// Input columns of the keys.
@@ -299,7 +366,7 @@ struct RunGroups {
     key_values: Vec<StringBuilder>,
     scratch: Vec<u8>,
     /// The group of the last row seen, carried across batches.
-    current: Option<(Box<[Option<String>]>, usize)>,
+    current: Option<(RowKeys, usize)>,
     group_indices: Vec<usize>,
     reservation: MemoryReservation,
     schema: SchemaRef,
@@ -322,11 +389,77 @@ fn accumulators(
         .collect()
 }
 
+/// A key column of the input: plain strings, or string views, as a table scan
+/// gives them to this stage when it can ([`RunAggregateExec::with_string_views`]).
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    Plain(&'a StringArray),
+    Views(&'a StringViewArray),
+}
+
+impl<'a> Keys<'a> {
+    fn of(c: &'a ArrayRef) -> Option<Self> {
+        match c.data_type() {
+            DataType::Utf8 => Some(Keys::Plain(c.as_string::<i32>())),
+            DataType::Utf8View => Some(Keys::Views(c.as_string_view())),
+            _ => None,
+        }
+    }
+
+    /// Row `row`'s value, or `None` when null.
+    #[inline]
+    fn value(self, row: usize) -> Option<&'a str> {
+        match self {
+            Keys::Plain(c) => c.is_valid(row).then(|| c.value(row)),
+            Keys::Views(c) => c.is_valid(row).then(|| c.value(row)),
+        }
+    }
+
+    /// Row `row`'s bytes, or `None` when null: for plain strings straight from
+    /// the offsets, as this runs for every row.
+    #[inline]
+    fn raw(self, row: usize) -> Option<&'a [u8]> {
+        match self {
+            Keys::Plain(c) => raw(c, row),
+            Keys::Views(_) => self.value(row).map(str::as_bytes),
+        }
+    }
+
+    /// Whether rows `a` and `b` hold the same value. Two views that are equal
+    /// hold the same bytes (a short value is inside its view, a long one is the
+    /// same place in the same buffer); unequal views differ unless both are long,
+    /// of one length and one prefix, and then the bytes say.
+    #[inline]
+    fn same(self, a: usize, b: usize) -> bool {
+        match self {
+            Keys::Plain(c) => raw(c, a) == raw(c, b),
+            Keys::Views(c) => {
+                let (valid_a, valid_b) = (c.is_valid(a), c.is_valid(b));
+                if !valid_a || !valid_b {
+                    return valid_a == valid_b;
+                }
+                let (x, y) = (c.views()[a], c.views()[b]);
+                if x == y {
+                    return true;
+                }
+                // The low 32 bits are the length, the next 32 the first bytes.
+                let long_alike = x as u32 == y as u32
+                    && x as u32 > INLINE_VIEW_BYTES
+                    && (x >> 32) as u32 == (y >> 32) as u32;
+                long_alike && c.value(a) == c.value(b)
+            }
+        }
+    }
+}
+
+/// The longest value a string view holds inside itself.
+const INLINE_VIEW_BYTES: u32 = 12;
+
 /// `row`'s keys, each a length-prefixed value or a null marker, into `out`.
-fn encode(columns: &[&StringArray], row: usize, out: &mut Vec<u8>) {
+fn encode(columns: &[Keys<'_>], row: usize, out: &mut Vec<u8>) {
     out.clear();
     for c in columns {
-        match raw(c, row) {
+        match c.raw(row) {
             None => out.push(0),
             Some(v) => {
                 out.push(1);
@@ -350,8 +483,8 @@ fn raw(c: &StringArray, row: usize) -> Option<&[u8]> {
 
 /// Whether rows `a` and `b` of `columns` hold the same keys.
 #[inline]
-fn same_keys(columns: &[&StringArray], a: usize, b: usize) -> bool {
-    columns.iter().all(|c| raw(c, a) == raw(c, b))
+fn same_keys(columns: &[Keys<'_>], a: usize, b: usize) -> bool {
+    columns.iter().all(|c| c.same(a, b))
 }
 
 impl RunGroups {
@@ -368,14 +501,14 @@ impl RunGroups {
             .keys
             .iter()
             .map(|&k| {
-                batch.column(k).as_string_opt::<i32>().ok_or_else(|| {
+                Keys::of(batch.column(k)).ok_or_else(|| {
                     DataFusionError::Internal(format!(
-                        "RunAggregateExec: key column {k} is {}, not Utf8",
+                        "RunAggregateExec: key column {k} is {}, not Utf8 or Utf8View",
                         batch.column(k).data_type()
                     ))
                 })
             })
-            .collect::<Result<Vec<&StringArray>>>()?;
+            .collect::<Result<Vec<Keys<'_>>>>()?;
         if self.key_values.is_empty() {
             self.key_values = columns.iter().map(|_| StringBuilder::new()).collect();
         }
@@ -386,7 +519,7 @@ impl RunGroups {
             let same = columns
                 .iter()
                 .zip(keys.iter())
-                .all(|(c, k)| raw(c, 0) == k.as_deref().map(str::as_bytes));
+                .all(|(c, k)| c.raw(0) == k.as_deref());
             same.then_some(*g)
         });
         let mut group = match continued {
@@ -400,9 +533,9 @@ impl RunGroups {
             }
             self.group_indices.push(group);
         }
-        let last: Box<[Option<String>]> = columns
+        let last: RowKeys = columns
             .iter()
-            .map(|c| c.is_valid(rows - 1).then(|| c.value(rows - 1).to_owned()))
+            .map(|c| c.raw(rows - 1).map(Box::from))
             .collect();
         self.current = Some((last, group));
 
@@ -420,7 +553,7 @@ impl RunGroups {
     }
 
     /// The group of `row`'s keys, made when new.
-    fn lookup(&mut self, columns: &[&StringArray], row: usize) -> usize {
+    fn lookup(&mut self, columns: &[Keys<'_>], row: usize) -> usize {
         encode(columns, row, &mut self.scratch);
         if let Some(&g) = self.index.get(self.scratch.as_slice()) {
             return g;
@@ -430,11 +563,7 @@ impl RunGroups {
         // The key twice (index and builders) and the index's slot.
         self.held += 2 * self.scratch.len() + std::mem::size_of::<(Box<[u8]>, usize)>() + 8;
         for (builder, c) in self.key_values.iter_mut().zip(columns) {
-            if c.is_valid(row) {
-                builder.append_value(c.value(row));
-            } else {
-                builder.append_null();
-            }
+            builder.append_option(c.value(row));
         }
         g
     }
@@ -503,10 +632,19 @@ mod tests {
     const SERIES: usize = 2_000;
     const RUN: usize = 10;
 
+    /// Series `s`'s `a`: short, or longer than a string view holds inside
+    /// itself, of one length and first bytes for every series.
+    fn a(s: usize, long: bool) -> String {
+        match long {
+            false => format!("a{s}"),
+            true => format!("a-series-with-a-long-name-{s:05}"),
+        }
+    }
+
     /// Every series (`a`, `b`: null, empty or text) twice over, in runs of half
     /// of `RUN` rows, value the series number, in batches of 997 rows (so runs
     /// straddle batches).
-    fn input() -> (SchemaRef, Arc<dyn ExecutionPlan>) {
+    fn input(long: bool) -> (SchemaRef, Arc<dyn ExecutionPlan>) {
         let schema = Arc::new(Schema::new(vec![
             Field::new("a", DataType::Utf8, false),
             Field::new("b", DataType::Utf8, true),
@@ -527,7 +665,7 @@ mod tests {
                     Arc::clone(&schema),
                     vec![
                         Arc::new(StringArray::from_iter_values(
-                            chunk.iter().map(|s| format!("a{s}")),
+                            chunk.iter().map(|&s| a(s, long)),
                         )),
                         Arc::new(StringArray::from_iter(chunk.iter().map(|&s| b(s)))),
                         Arc::new(Float64Array::from_iter_values(
@@ -545,8 +683,10 @@ mod tests {
     /// The partial stage's output rows, merged by key: (count, sum) per series.
     async fn run(
         pool_bytes: usize,
+        long: bool,
+        views: bool,
     ) -> (usize, usize, BTreeMap<(String, Option<String>), (i64, f64)>) {
-        let (schema, plan) = input();
+        let (schema, plan) = input(long);
         let group_by = PhysicalGroupBy::new_single(vec![
             (col("a", &schema).unwrap(), "a".to_owned()),
             (col("b", &schema).unwrap(), "b".to_owned()),
@@ -569,7 +709,18 @@ mod tests {
             Arc::clone(&schema),
         )
         .unwrap();
-        let exec = Arc::new(RunAggregateExec::new(Arc::new(agg)));
+        let mut exec = RunAggregateExec::new(Arc::new(agg));
+        if views {
+            // The keys as a table scan gives them when it decodes views.
+            let names = vec!["a".to_owned(), "b".to_owned()];
+            exec.input = crate::string_views::cast(&exec.input, &names).unwrap();
+            assert_eq!(
+                exec.input.schema().field(0).data_type(),
+                &DataType::Utf8View
+            );
+            exec.views = names;
+        }
+        let exec = Arc::new(exec);
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(GreedyMemoryPool::new(pool_bytes)))
             .build_arc()
@@ -603,7 +754,7 @@ mod tests {
         (rows, early, merged)
     }
 
-    fn want() -> BTreeMap<(String, Option<String>), (i64, f64)> {
+    fn want(long: bool) -> BTreeMap<(String, Option<String>), (i64, f64)> {
         (0..SERIES)
             .map(|s| {
                 let b = match s % 3 {
@@ -611,23 +762,31 @@ mod tests {
                     1 => Some(String::new()),
                     _ => Some(format!("b{}", s % 7)),
                 };
-                ((format!("a{s}"), b), (RUN as i64, (s * RUN) as f64))
+                ((a(s, long), b), (RUN as i64, (s * RUN) as f64))
             })
             .collect()
     }
 
     #[tokio::test]
     async fn runs_give_each_group_once_with_room() {
-        let (rows, early, merged) = run(64 << 20).await;
-        assert_eq!((rows, early), (SERIES, 0));
-        assert_eq!(merged, want());
+        for (long, views) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (rows, early, merged) = run(64 << 20, long, views).await;
+            assert_eq!((rows, early), (SERIES, 0), "long {long}, views {views}");
+            assert_eq!(merged, want(long), "long {long}, views {views}");
+        }
     }
 
     #[tokio::test]
     async fn a_small_pool_makes_it_give_groups_early_and_start_over() {
-        let (rows, early, merged) = run(32 << 10).await;
-        assert!(early > 0, "no early emission");
-        assert!(rows > SERIES, "{rows} rows");
-        assert_eq!(merged, want(), "the partial rows add up to every group's");
+        for views in [false, true] {
+            let (rows, early, merged) = run(32 << 10, true, views).await;
+            assert!(early > 0, "no early emission");
+            assert!(rows > SERIES, "{rows} rows");
+            assert_eq!(
+                merged,
+                want(true),
+                "the partial rows add up to every group's"
+            );
+        }
     }
 }

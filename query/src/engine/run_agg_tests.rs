@@ -125,7 +125,9 @@ async fn grouping_by_tags_in_runs_gives_every_group_its_rows() {
         let sql = "SELECT device, district, count(*) AS n, sum(v) AS total, max(v) AS top, \
                    avg(v) AS mean FROM t GROUP BY device, district";
         let text = plan(&engine, sql).await;
-        assert!(text.contains("RunAggregateExec"), "{text}");
+        // The segments decode the keys as string views, the buffered rows are
+        // cast to them.
+        assert!(text.contains("string_views=[device, district]"), "{text}");
         let out = engine.query("db", sql).await.unwrap();
         let want = expected(SECONDS, |d| (format!("d{d:04}"), district(d)));
         let mut got = BTreeMap::new();
@@ -160,7 +162,8 @@ async fn grouping_by_tags_in_runs_gives_every_group_its_rows() {
         // The keys the other way round, under a filter: a district and a device.
         let sql = "SELECT district, device, count(*) AS n, sum(v) AS total, max(v) AS top \
                    FROM t WHERE v >= 0 GROUP BY district, device";
-        assert!(plan(&engine, sql).await.contains("RunAggregateExec"));
+        let text = plan(&engine, sql).await;
+        assert!(text.contains("string_views=[district, device]"), "{text}");
         let out = engine.query("db", sql).await.unwrap();
         let mut got = BTreeMap::new();
         for b in &out.batches {
@@ -199,5 +202,101 @@ async fn grouping_by_tags_in_runs_gives_every_group_its_rows() {
             "{sql}"
         );
     }
+    storage.shutdown().await.unwrap();
+}
+
+/// (count, max) by (device, district) from an answer's columns 0 to 3.
+fn groups(batches: &[RecordBatch]) -> BTreeMap<(String, Option<String>), (i64, f64)> {
+    let mut got = BTreeMap::new();
+    for b in batches {
+        let devices = column_strings(b, 0);
+        let districts = column_strings(b, 1);
+        for r in 0..b.num_rows() {
+            let row = (
+                b.column(2).as_primitive::<Int64Type>().value(r),
+                b.column(3).as_primitive::<Float64Type>().value(r),
+            );
+            let key = (devices[r].clone().unwrap(), districts[r].clone());
+            assert!(got.insert(key, row).is_none(), "a group twice");
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_views_only_where_nothing_else_reads_the_keys() {
+    let (_dir, storage) = super::test_store(schema()).await;
+    // A segment of its own, two that share seconds 60 to 69 (their rows merge),
+    // and buffered rows.
+    let write = |batch| storage.write("db", vec![("t".into(), batch)], false);
+    for seconds in [0..30, 40..70, 60..80] {
+        write(rows(seconds)).await.unwrap();
+        storage.flush().await.unwrap();
+    }
+    write(rows(90..100)).await.unwrap();
+    let engine = QueryEngine::new(storage.clone(), QueryLimits::default()).unwrap();
+    let mut want: BTreeMap<(String, Option<String>), (i64, f64)> = BTreeMap::new();
+    for t in (0..30).chain(40..80).chain(90..100) {
+        for d in 0..DEVICES {
+            let e = want
+                .entry((format!("d{d:04}"), district(d)))
+                .or_insert((0, f64::MIN));
+            e.0 += 1;
+            e.1 = e.1.max(value(d, t));
+        }
+    }
+    let from = |first: &str| -> BTreeMap<_, _> {
+        want.iter()
+            .filter(|((d, _), _)| d.as_str() >= first)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+
+    // The lone segment decodes views; the merged ones and the buffered rows are
+    // cast to them. The answer is the same.
+    let sql = "SELECT device, district, count(*), max(v) FROM t GROUP BY device, district";
+    let text = plan(&engine, sql).await;
+    assert!(text.contains("DedupExec"), "{text}");
+    assert!(text.contains("string_views=[device, district]"), "{text}");
+    assert_eq!(
+        groups(&engine.query("db", sql).await.unwrap().batches),
+        want
+    );
+
+    // A filter on a key reaches the Parquet reader typed for plain strings: no
+    // views, and the same answer.
+    let sql = "SELECT device, district, count(*), max(v) FROM t WHERE device >= 'd0300' \
+               GROUP BY device, district";
+    let text = plan(&engine, sql).await;
+    assert!(text.contains("RunAggregateExec"), "{text}");
+    assert!(!text.contains("string_views"), "{text}");
+    assert_eq!(
+        groups(&engine.query("db", sql).await.unwrap().batches),
+        from("d0300")
+    );
+
+    // An aggregate that reads a key gets it as a plain string: only the other
+    // key is a view.
+    let sql = "SELECT device, district, count(*), max(v), max(device) FROM t \
+               GROUP BY device, district";
+    let text = plan(&engine, sql).await;
+    assert!(text.contains("string_views=[district]"), "{text}");
+    let out = engine.query("db", sql).await.unwrap();
+    for b in &out.batches {
+        assert_eq!(column_strings(b, 0), column_strings(b, 4));
+    }
+    assert_eq!(groups(&out.batches), want);
+
+    // A key computed from a tag is not the tag: no views.
+    let sql = "SELECT device, upper(district) AS z, count(*), max(v) FROM t \
+               GROUP BY device, upper(district)";
+    let text = plan(&engine, sql).await;
+    assert!(!text.contains("string_views"), "{text}");
+    let got = groups(&engine.query("db", sql).await.unwrap().batches);
+    let upper: BTreeMap<_, _> = want
+        .iter()
+        .map(|((d, z), v)| ((d.clone(), z.as_ref().map(|z| z.to_uppercase())), *v))
+        .collect();
+    assert_eq!(got, upper);
     storage.shutdown().await.unwrap();
 }
