@@ -139,16 +139,21 @@ fn reads_scan_in_order(plan: &Arc<dyn ExecutionPlan>) -> bool {
         }
         let keeps_order = node.downcast_ref::<FilterExec>().is_some()
             || node.downcast_ref::<ProjectionExec>().is_some()
-            || node
-                .downcast_ref::<RepartitionExec>()
-                .is_some_and(|r| matches!(r.partitioning(), Partitioning::RoundRobinBatch(_)))
-            || node.name() == "CooperativeExec";
+            || passes_batches_on(node);
         let children = node.children();
         if !keeps_order || children.len() != 1 {
             return false;
         }
         node = children[0];
     }
+}
+
+/// Whether `node` hands its input's batches on whole and unchanged (a round-robin
+/// repartition, DataFusion's cooperative yielding).
+pub(crate) fn passes_batches_on(node: &Arc<dyn ExecutionPlan>) -> bool {
+    node.downcast_ref::<RepartitionExec>()
+        .is_some_and(|r| matches!(r.partitioning(), Partitioning::RoundRobinBatch(_)))
+        || node.name() == "CooperativeExec"
 }
 
 /// A partial aggregate over string keys that looks groups up once per run of equal

@@ -28,13 +28,11 @@ use datafusion::physical_expr::utils::collect_columns;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
-use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::union::UnionExec;
-use datafusion::physical_plan::{
-    ChildrenPropertiesMode, ExecutionPlan, Partitioning, ReplaceChildrenOptions,
-};
+use datafusion::physical_plan::{ChildrenPropertiesMode, ExecutionPlan, ReplaceChildrenOptions};
 
 use crate::exec::CityScanExec;
+use crate::run_agg::passes_batches_on;
 
 /// `plan`, a table scan under nodes that keep its rows and pass the columns
 /// `names` through, with those columns as `Utf8View`; `None` when it is not such a
@@ -50,20 +48,10 @@ pub fn string_views(
             false => Ok(None),
         };
     }
-    let in_order = plan
-        .downcast_ref::<RepartitionExec>()
-        .is_some_and(|r| matches!(r.partitioning(), Partitioning::RoundRobinBatch(_)))
-        || plan.name() == "CooperativeExec";
-    if !in_order && !passes_through(plan, names) {
+    if !passes_batches_on(plan) && !passes_through(plan, names) {
         return Ok(None);
     }
-    let [child] = plan.children()[..] else {
-        return Ok(None);
-    };
-    match string_views(child, names)? {
-        Some(child) => replace_child(plan, child).map(Some),
-        None => Ok(None),
-    }
+    over_child(plan, |child| string_views(child, names))
 }
 
 /// The sources under a table scan's root with `names` as views: each Parquet read
@@ -81,7 +69,7 @@ fn sources(
                     decoded = true;
                     parts.push(p);
                 }
-                Source::Cast(p) => parts.push(p),
+                Source::Other => parts.push(cast(part, names)?),
                 Source::Keep => return Ok(None),
             }
         }
@@ -90,16 +78,26 @@ fn sources(
             false => Ok(None),
         };
     }
-    if let Source::Decoded(p) = source(plan, names)? {
-        return Ok(Some(p));
+    match source(plan, names)? {
+        Source::Decoded(p) => Ok(Some(p)),
+        Source::Keep => Ok(None),
+        Source::Other if passes_through(plan, names) => {
+            over_child(plan, |child| sources(child, names))
+        }
+        Source::Other => Ok(None),
     }
-    if !passes_through(plan, names) {
-        return Ok(None);
-    }
+}
+
+/// `plan` over what `rewrite` makes of its one child; `None` when it has not one
+/// child or `rewrite` gives `None`.
+fn over_child(
+    plan: &Arc<dyn ExecutionPlan>,
+    rewrite: impl FnOnce(&Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>>,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     let [child] = plan.children()[..] else {
         return Ok(None);
     };
-    match sources(child, names)? {
+    match rewrite(child)? {
         Some(child) => replace_child(plan, child).map(Some),
         None => Ok(None),
     }
@@ -109,8 +107,8 @@ fn sources(
 enum Source {
     /// A Parquet read that now decodes the columns as views.
     Decoded(Arc<dyn ExecutionPlan>),
-    /// Another source, its output cast.
-    Cast(Arc<dyn ExecutionPlan>),
+    /// Not a Parquet read: in a union of sources, its output is cast.
+    Other,
     /// A Parquet read that must keep plain strings: no views for this scan.
     Keep,
 }
@@ -122,7 +120,7 @@ fn source(plan: &Arc<dyn ExecutionPlan>, names: &[String]) -> Result<Source> {
         Some((config, parquet))
     });
     let Some((config, parquet)) = parquet else {
-        return cast(plan, names).map(Source::Cast);
+        return Ok(Source::Other);
     };
     let predicate = parquet.filter();
     if predicate.as_ref().is_some_and(|p| mentions(p, names)) {
