@@ -19,12 +19,12 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use citytsdb_storage::schema::TIME_COLUMN;
 use citytsdb_storage::{ColumnKind, Engine, TableSchema};
-use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::array::{Array, ArrayData, AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
@@ -328,6 +328,7 @@ impl ExtensionPlanner for LatestPlanner {
                 .collect::<Result<_>>()?,
             time: schema.index_of_column(&latest.time)?,
             nulls_first: latest.nulls_first,
+            memo: reads_only_latest_rows(input).then(Default::default),
         };
         Ok(Some(Arc::new(LatestPerKeyExec::new(input.clone(), spec))))
     }
@@ -340,6 +341,57 @@ pub struct KeySpec {
     keys: Vec<(usize, SortOptions)>,
     time: usize,
     nulls_first: bool,
+    /// Where the input is the series registry's latest rows: the last answer.
+    memo: Option<Arc<Memo>>,
+}
+
+/// Whether every source under `plan` is the series registry's latest rows.
+fn reads_only_latest_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let children = plan.children();
+    match children.is_empty() {
+        true => plan.downcast_ref::<LatestRowsExec>().is_some(),
+        false => children.into_iter().all(reads_only_latest_rows),
+    }
+}
+
+/// The last answer of a [`LatestPerKeyExec`] over the series registry, and the
+/// input it came from. The registry hands out the same arrays until its series
+/// change (`SeriesTable::rows`), so a plan run again between writes (the plan
+/// cache keeps such plans whole) answers without another pass over every series:
+/// the inputs are compared by their buffers' addresses, which stay taken while the
+/// memo holds them. It holds no more than the registry's own rows and one answer.
+#[derive(Default)]
+pub struct Memo {
+    last: Mutex<Option<(Vec<ArrayData>, RecordBatch)>>,
+    /// Answers given from the memo.
+    hits: std::sync::atomic::AtomicU64,
+}
+
+impl Memo {
+    fn get(&self, input: &RecordBatch) -> Option<RecordBatch> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, answer) = last.as_ref()?;
+        let same = seen.len() == input.num_columns()
+            && seen
+                .iter()
+                .zip(input.columns())
+                .all(|(a, b)| a.ptr_eq(&b.to_data()));
+        if same {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        same.then(|| answer.clone())
+    }
+
+    fn set(&self, input: &RecordBatch, answer: &RecordBatch) {
+        let seen = input.columns().iter().map(|c| c.to_data()).collect();
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((seen, answer.clone()));
+    }
+}
+
+impl fmt::Debug for Memo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Memo")
+    }
 }
 
 /// Runs [`LatestPerKey`]: collects its (small) input and keeps the latest row of
@@ -364,11 +416,24 @@ impl Transform for KeySpec {
                 .collect::<Vec<_>>()
                 .join(", "),
             name(self.time)
-        )
+        )?;
+        // The answer is kept for the next run over the same registry rows.
+        if self.memo.is_some() {
+            f.write_str(" memo=registry")?;
+        }
+        Ok(())
     }
 
     fn apply(&self, input: &RecordBatch) -> Result<RecordBatch> {
-        latest_per_key(input, self)
+        let Some(memo) = &self.memo else {
+            return latest_per_key(input, self);
+        };
+        if let Some(answer) = memo.get(input) {
+            return Ok(answer);
+        }
+        let answer = latest_per_key(input, self)?;
+        memo.set(input, &answer);
+        Ok(answer)
     }
 
     fn ordering(&self, input: &SchemaRef) -> Vec<PhysicalSortExpr> {
@@ -763,6 +828,7 @@ mod tests {
             keys: vec![(0, key_order)],
             time: 1,
             nulls_first,
+            memo: None,
         };
         let out = latest_per_key(&batch(), &spec).unwrap();
         let devices = out.column(0).as_string::<i32>();
@@ -802,6 +868,7 @@ mod tests {
                     keys: vec![(0, order)],
                     time: 1,
                     nulls_first,
+                    memo: None,
                 };
                 assert_eq!(
                     latest_per_key(&sorted, &spec).unwrap(),
@@ -810,6 +877,73 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_memo_answers_again_only_for_the_same_arrays() {
+        let memo = Arc::new(Memo::default());
+        let spec = KeySpec {
+            keys: vec![(0, SortOptions::default())],
+            time: 1,
+            nulls_first: false,
+            memo: Some(memo.clone()),
+        };
+        let hits = || memo.hits.load(std::sync::atomic::Ordering::Relaxed);
+        let b = batch();
+        let expected = latest_per_key(&b, &spec).unwrap();
+        assert_eq!(spec.apply(&b).unwrap(), expected);
+        assert_eq!(hits(), 0);
+        // The same arrays, in a batch of their own: the memo's answer.
+        let again = RecordBatch::try_new(b.schema(), b.columns().to_vec()).unwrap();
+        assert_eq!(spec.apply(&again).unwrap(), expected);
+        assert_eq!(hits(), 1);
+        // Equal values in other buffers, a shorter slice of the same buffers and
+        // other values: each computed afresh.
+        let deep = RecordBatch::try_new(
+            b.schema(),
+            b.columns()
+                .iter()
+                .map(|c| {
+                    // Two arrays concatenate into new buffers.
+                    let none = c.slice(0, 0);
+                    datafusion::arrow::compute::concat(&[c.as_ref(), none.as_ref()]).unwrap()
+                })
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(spec.apply(&deep).unwrap(), expected);
+        assert_eq!(hits(), 1);
+        let shorter = b.slice(0, 4);
+        assert_eq!(
+            spec.apply(&shorter).unwrap(),
+            latest_per_key(&shorter, &spec).unwrap()
+        );
+        assert_eq!(hits(), 1);
+        let later = RecordBatch::try_new(
+            b.schema(),
+            vec![
+                b.column(0).clone(),
+                Arc::new(
+                    TimestampNanosecondArray::from(vec![
+                        Some(10),
+                        Some(50),
+                        Some(20),
+                        Some(5),
+                        Some(1),
+                        None,
+                        Some(2),
+                    ])
+                    .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .unwrap();
+        let answer = spec.apply(&later).unwrap();
+        assert_eq!(answer, latest_per_key(&later, &spec).unwrap());
+        assert_ne!(answer, expected);
+        // And the newest input is the one remembered.
+        assert_eq!(spec.apply(&later).unwrap(), answer);
+        assert_eq!(hits(), 2);
     }
 
     #[test]
@@ -851,6 +985,7 @@ mod tests {
             keys: vec![(0, SortOptions::default())],
             time: 1,
             nulls_first: false,
+            memo: None,
         };
         let b = batch().slice(4, 3);
         // Keys: null (t=1), c (null), null (t=2): the null key keeps t=2 either way.
@@ -907,6 +1042,7 @@ mod tests {
             keys: vec![(0, SortOptions::default())],
             time: 1,
             nulls_first: false,
+            memo: None,
         };
         let out = latest_per_key(&batch, &spec).unwrap();
         let d = out.column(0).as_string::<i32>();

@@ -447,7 +447,8 @@ mod tests {
         let sql = "SELECT DISTINCT ON (device) device, time, v FROM t ORDER BY device, time DESC";
         let plan = answer(&engine, &format!("EXPLAIN {sql}")).await;
         assert!(
-            plan.contains("LatestPerKeyExec") && !plan.contains("SortExec"),
+            plan.contains("LatestPerKeyExec: keys=[device] time=time memo=registry")
+                && !plan.contains("SortExec"),
             "{plan}"
         );
         assert!(answer(&engine, sql)
