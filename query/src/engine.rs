@@ -941,3 +941,5 @@ mod pin_tests;
 mod run_agg_tests;
 #[cfg(test)]
 mod session_tests;
+#[cfg(test)]
+mod split_tests;
