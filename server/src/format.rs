@@ -190,6 +190,28 @@ impl Encoder {
         Ok((enc, head))
     }
 
+    /// For the formats that print row by row (JSON, JSON lines, CSV): an encoder
+    /// for rows `rows` further on in the same answer, to print them on another
+    /// thread while this one prints those before (then [`Encoder::skip`] them
+    /// here). `None` for the formats whose writers carry state from row to row.
+    pub fn ahead(&self, rows: usize) -> Option<Encoder> {
+        matches!(self.format, Format::Json | Format::JsonLines | Format::Csv).then(|| Encoder {
+            format: self.format,
+            names: self.names.clone(),
+            json_keys: self.json_keys.clone(),
+            rows_written: self.rows_written + rows,
+            sink: SharedBuf::default(),
+            arrow: None,
+            parquet: None,
+            pretty_rows: Vec::new(),
+        })
+    }
+
+    /// Counts `rows` printed by encoders from [`Encoder::ahead`].
+    pub fn skip(&mut self, rows: usize) {
+        self.rows_written += rows;
+    }
+
     /// The bytes of one more batch of rows.
     pub fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
         if let Some(w) = &mut self.arrow {
