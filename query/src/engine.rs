@@ -42,7 +42,7 @@ use crate::gapfill::{CityQueryPlanner, GapFillRule};
 use crate::latest::LatestFromCache;
 use crate::plan_cache::{Kept, PlanCache};
 use crate::provider::{DatabaseSchema, IndexCache, STORE_URL};
-use crate::system::{AlertSource, SystemSchema, SYSTEM_SCHEMA};
+use crate::system::{AlertSource, DevicesMemo, SystemSchema, SYSTEM_SCHEMA};
 
 /// The catalog name DataFusion sees; the database's tables are in its `public` schema.
 pub(crate) const CATALOG: &str = "citytsdb";
@@ -209,6 +209,8 @@ pub struct QueryEngine {
     metrics: Arc<QueryMetrics>,
     /// Held by a rollup refresh and a rollup's removal: one at a time.
     pub(crate) rollup_lock: Arc<tokio::sync::Mutex<()>>,
+    /// `system.devices` as last built for each database.
+    devices: Arc<DevicesMemo>,
 }
 
 /// The threads queries run on, apart from the ones serving requests: a query that
@@ -283,6 +285,7 @@ impl QueryEngine {
             alerts: None,
             metrics: Arc::default(),
             rollup_lock: Arc::default(),
+            devices: Arc::default(),
         })
     }
 
@@ -573,7 +576,8 @@ impl QueryEngine {
         catalog
             .register_schema("public", Arc::new(schema))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
-        let system = SystemSchema::new(self.storage.clone(), snapshot.clone(), self.alerts.clone());
+        let system = SystemSchema::new(self.storage.clone(), snapshot.clone(), self.alerts.clone())
+            .with_devices_memo(self.devices.clone());
         catalog
             .register_schema(SYSTEM_SCHEMA, Arc::new(system))
             .map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -943,3 +947,5 @@ mod run_agg_tests;
 mod session_tests;
 #[cfg(test)]
 mod split_tests;
+#[cfg(test)]
+mod system_tests;

@@ -9,15 +9,17 @@
 //! - `system.rules`, `system.alerts`, `system.alert_events`: the alert engine's
 //!   rules, active instances and state changes, from [`AlertSource`].
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use citytsdb_storage::series::SeriesRows;
 use citytsdb_storage::units::format_duration;
-use citytsdb_storage::{ColumnKind, DbSnapshot, Engine};
+use citytsdb_storage::{ColumnKind, DbSnapshot, Engine, TableSchema};
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, StringBuilder,
+    Array, ArrayData, ArrayRef, AsArray, Date32Array, RecordBatch, StringArray, StringBuilder,
     TimestampNanosecondArray, UInt64Array,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -162,6 +164,50 @@ pub struct SystemSchema {
     storage: Engine,
     snapshot: Arc<DbSnapshot>,
     alerts: Option<Arc<dyn AlertSource>>,
+    devices: Arc<DevicesMemo>,
+}
+
+/// The `system.devices` rows last built for each database, with the series
+/// registry arrays they were built from. The registry hands out the same arrays
+/// until its series change (`SeriesTable::rows`), so between writes the rows are
+/// built once, not per query (a sort of every series and a JSON object per
+/// device); the arrays are compared by their buffers' addresses, which stay taken
+/// while the memo holds them.
+#[derive(Default)]
+pub struct DevicesMemo(Mutex<HashMap<String, (Sources, RecordBatch)>>);
+
+/// Each table's name and the registry arrays its devices come from.
+type Sources = Vec<(String, Vec<ArrayData>)>;
+
+impl DevicesMemo {
+    /// Databases whose rows are kept; past this, one is dropped for a new one.
+    const DATABASES: usize = 16;
+
+    fn get(&self, db: &str, from: &Sources) -> Option<RecordBatch> {
+        let memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, rows) = memo.get(db)?;
+        let same = seen.len() == from.len()
+            && seen.iter().zip(from).all(|((a, xs), (b, ys))| {
+                a == b && xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| x.ptr_eq(y))
+            });
+        same.then(|| rows.clone())
+    }
+
+    fn set(&self, db: &str, from: Sources, rows: &RecordBatch) {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() >= Self::DATABASES && !memo.contains_key(db) {
+            if let Some(other) = memo.keys().next().cloned() {
+                memo.remove(&other);
+            }
+        }
+        memo.insert(db.to_string(), (from, rows.clone()));
+    }
+}
+
+impl fmt::Debug for DevicesMemo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DevicesMemo")
+    }
 }
 
 impl fmt::Debug for SystemSchema {
@@ -184,7 +230,14 @@ impl SystemSchema {
             storage,
             snapshot,
             alerts,
+            devices: Default::default(),
         }
+    }
+
+    /// Keeps `system.devices` in `memo`, which outlives this schema.
+    pub fn with_devices_memo(mut self, memo: Arc<DevicesMemo>) -> Self {
+        self.devices = memo;
+        self
     }
 
     fn tables(&self) -> Result<RecordBatch> {
@@ -307,16 +360,38 @@ impl SystemSchema {
     }
 
     fn devices(&self) -> Result<RecordBatch> {
-        let mut out = DeviceColumns::default();
-        let mut json = Vec::new();
+        let mut tables = Vec::new();
         for (name, schema) in &self.snapshot.schemas {
             if schema.kind("device") != Some(ColumnKind::Tag) {
                 continue;
             }
-            let Some(rows) = self.storage.series_rows(&self.snapshot.name, name) else {
-                continue;
-            };
-            let rows = rows.map_err(external)?;
+            if let Some(rows) = self.storage.series_rows(&self.snapshot.name, name) {
+                tables.push((name, schema, rows.map_err(external)?));
+            }
+        }
+        let from: Sources = tables
+            .iter()
+            .map(|(name, _, rows)| {
+                let arrays = rows.latest.columns().iter().map(|c| c.to_data());
+                (name.to_string(), arrays.collect())
+            })
+            .collect();
+        if let Some(rows) = self.devices.get(&self.snapshot.name, &from) {
+            return Ok(rows);
+        }
+        let rows = self.build_devices(&tables)?;
+        self.devices.set(&self.snapshot.name, from, &rows);
+        Ok(rows)
+    }
+
+    fn build_devices(
+        &self,
+        tables: &[(&String, &Arc<TableSchema>, SeriesRows)],
+    ) -> Result<RecordBatch> {
+        let mut out = DeviceColumns::default();
+        let mut json = Vec::new();
+        for (name, schema, rows) in tables {
+            let name = name.as_str();
             let latest = &rows.latest;
             let times = latest
                 .column_by_name(citytsdb_storage::schema::TIME_COLUMN)
