@@ -946,6 +946,4 @@ mod run_agg_tests;
 #[cfg(test)]
 mod session_tests;
 #[cfg(test)]
-mod split_tests;
-#[cfg(test)]
 mod system_tests;

@@ -50,7 +50,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
-use datafusion::physical_plan::{ExecutionPlan, Partitioning};
+use datafusion::physical_plan::ExecutionPlan;
 use futures::future::BoxFuture;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -295,7 +295,6 @@ impl TableProvider for CityTable {
                 }
                 let file = PartitionedFile::new(seg.path.clone(), seg.size);
                 let deleted = seg.deleted_rows();
-                let mut row_groups = seg.row_group_rows.len().max(1);
                 let file = if bounds.tags.is_empty() && deleted.is_none() {
                     report.rows_selected += seg.rows;
                     report.rows_decoded += seg.rows;
@@ -313,21 +312,12 @@ impl TableProvider for CityTable {
                         continue;
                     }
                     let selection = index.selection(rows.as_ref());
-                    row_groups = selection
-                        .row_groups
-                        .iter()
-                        .filter(|g| !matches!(g, SegmentAccess::Skip))
-                        .count();
                     report.rows_selected += selection.rows_selected;
                     report.rows_decoded += selection.rows_decoded;
                     file.with_extension(access_plan(selection.row_groups))
                 };
                 report.segments_opened += 1;
-                chosen.push(Chosen {
-                    meta: seg,
-                    file,
-                    row_groups,
-                });
+                chosen.push(Chosen { meta: seg, file });
             }
         }
         let groups = merge_groups(&chosen, buffer_range);
@@ -336,7 +326,6 @@ impl TableProvider for CityTable {
             .iter()
             .map(|&i| chosen[i].file.clone())
             .collect();
-        let plain_row_groups = groups.plain.iter().map(|&i| chosen[i].row_groups).sum();
         report.segments_merged = groups.merged.iter().map(|g| g.len()).sum();
 
         // Segments that reach back past the retention cutoff hold rows no reader
@@ -367,13 +356,7 @@ impl TableProvider for CityTable {
 
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         if !plain.is_empty() {
-            parts.push(self.parquet_exec(
-                state,
-                plain,
-                plain_row_groups,
-                &read_cols,
-                predicate.clone(),
-            )?);
+            parts.push(self.parquet_exec(state, plain, &read_cols, predicate.clone())?);
         }
         let mut memory = match buffered {
             Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(
@@ -391,7 +374,6 @@ impl TableProvider for CityTable {
                     self.parquet_exec(
                         state,
                         vec![chosen[i].file.clone()],
-                        chosen[i].row_groups,
                         &read_cols,
                         predicate.clone(),
                     )
@@ -494,22 +476,13 @@ impl CityTable {
         Ok(Some(state.create_physical_expr(expr, &df_schema)?))
     }
 
-    /// Reads `files`, of which `row_groups` row groups are read. Their footers and
-    /// page indexes come from the runtime's metadata cache: a segment's path is
-    /// never reused for other bytes, so what was read once holds until the segment
-    /// is gone.
-    ///
-    /// DataFusion splits a scan's files into byte ranges, one per partition, and
-    /// each partition opens every file its range touches (metadata, statistics,
-    /// bloom filters, page index) to find the row groups that start in it. Reading
-    /// one row group (one device's day in a settled segment) no partition but one
-    /// can have work, so the split only opens the file twice: such a scan keeps its
-    /// one file group.
+    /// Reads `files`. Their footers and page indexes come from the runtime's
+    /// metadata cache: a segment's path is never reused for other bytes, so what
+    /// was read once holds until the segment is gone.
     fn parquet_exec(
         &self,
         state: &dyn Session,
         files: Vec<PartitionedFile>,
-        row_groups: usize,
         read_cols: &[usize],
         predicate: Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
@@ -528,10 +501,6 @@ impl CityTable {
                 .with_file_group(FileGroup::new(files))
                 .with_projection_indices(Some(read_cols.to_vec()))?
                 .with_expr_adapter(Some(Arc::new(crate::decimal::SegmentExprAdapterFactory)))
-                // A declared partitioning (one that promises nothing) is kept as it is.
-                .with_output_partitioning(
-                    (row_groups <= 1).then_some(Partitioning::UnknownPartitioning(1)),
-                )
                 .build();
         Ok(DataSourceExec::from_data_source(config))
     }
@@ -592,8 +561,6 @@ impl AsyncFileReader for WithPageIndex {
 struct Chosen<'a> {
     meta: &'a SegmentMeta,
     file: PartitionedFile,
-    /// Row groups read of it.
-    row_groups: usize,
 }
 
 /// Which chosen segments are read as they are and which are merged together.
