@@ -195,7 +195,7 @@ impl Encoder {
     /// thread while this one prints those before (then [`Encoder::skip`] them
     /// here). `None` for the formats whose writers carry state from row to row.
     pub fn ahead(&self, rows: usize) -> Option<Encoder> {
-        matches!(self.format, Format::Json | Format::JsonLines | Format::Csv).then(|| Encoder {
+        self.prints_by_row().then(|| Encoder {
             format: self.format,
             names: self.names.clone(),
             json_keys: self.json_keys.clone(),
@@ -205,6 +205,12 @@ impl Encoder {
             parquet: None,
             pretty_rows: Vec::new(),
         })
+    }
+
+    /// Whether rows print one by one with no state carried between them (JSON,
+    /// JSON lines, CSV), so that [`Encoder::ahead`] can print some elsewhere.
+    pub fn prints_by_row(&self) -> bool {
+        matches!(self.format, Format::Json | Format::JsonLines | Format::Csv)
     }
 
     /// Counts `rows` printed by encoders from [`Encoder::ahead`].

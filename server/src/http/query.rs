@@ -197,7 +197,7 @@ async fn print(encoder: &mut Encoder, batch: RecordBatch) -> Result<VecDeque<Byt
     let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let rows = batch.num_rows();
     let pieces = (rows / PIECE_ROWS).min(cpus);
-    if pieces < 2 || encoder.ahead(0).is_none() {
+    if pieces < 2 || !encoder.prints_by_row() {
         return Ok(VecDeque::from([Bytes::from(encoder.batch(&batch)?)]));
     }
     let per = rows.div_ceil(pieces);
