@@ -697,7 +697,13 @@ fn base_state(runtime: Arc<RuntimeEnv>) -> SessionState {
             "datafusion.sql_parser.recursion_limit",
             &RECURSION_LIMIT.to_string(),
         )
-        .set_str("datafusion.execution.time_zone", "+00:00");
+        .set_str("datafusion.execution.time_zone", "+00:00")
+        // A table scan estimates its rows from the pruning (at most the rows
+        // selected): one under a batch stays in one partition (`exec.rs`).
+        .set_bool(
+            "datafusion.execution.use_row_number_estimates_to_optimize_partitioning",
+            true,
+        );
     let mut builder = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
@@ -943,6 +949,8 @@ mod merge_tests;
 mod pin_tests;
 #[cfg(test)]
 mod run_agg_tests;
+#[cfg(test)]
+mod scan_tests;
 #[cfg(test)]
 mod session_tests;
 #[cfg(test)]

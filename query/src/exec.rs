@@ -11,8 +11,9 @@ use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::compute::kernels::boolean::not;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::datatypes::TimestampNanosecondType;
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{DataFusionError, Result, Statistics};
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -20,6 +21,7 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{
     BaselineMetrics, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet, Time,
 };
+use datafusion::physical_plan::statistics::StatisticsArgs;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
@@ -224,6 +226,29 @@ impl ExecutionPlan for CityScanExec {
 
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
+    }
+
+    /// At most the rows the pruning selected (the filters above may keep fewer):
+    /// an estimate that lets the optimizer leave a small scan in one partition
+    /// rather than spread a few hundred rows over the CPUs and merge them back
+    /// (`use_row_number_estimates_to_optimize_partitioning`, `engine.rs`).
+    fn statistics_from_inputs(
+        &self,
+        _input_stats: &[Arc<Statistics>],
+        args: &StatisticsArgs,
+    ) -> Result<Arc<Statistics>> {
+        let unknown = Statistics::new_unknown(&self.schema());
+        if args.partition().is_some() {
+            return Ok(Arc::new(unknown));
+        }
+        let r = &self.report;
+        let rows = match r.cached_series {
+            Some(series) => series as u64,
+            None => r.rows_selected.saturating_add(r.buffer_rows as u64),
+        };
+        Ok(Arc::new(unknown.with_num_rows(Precision::Inexact(
+            usize::try_from(rows).unwrap_or(usize::MAX),
+        ))))
     }
 }
 

@@ -4,7 +4,7 @@
 //! 2. The catalog's time ranges and tag -> segment bitmaps choose the segments.
 //! 3. Each chosen segment's tag -> row bitmaps become a `ParquetAccessPlan` (row
 //!    groups plus a `RowSelection`), so only the pages holding those rows are read;
-//!    the key filters also go to the Parquet reader for page-index pruning on time.
+//!    the key filters they do not answer go to the Parquet reader for pruning.
 //! 4. Buffered rows are filtered by the same bounds and merged in memory.
 //! 5. Segments that may hold the same (series, time) — of different runs (one
 //!    flush's or one compaction's segments) whose time ranges meet, or meeting the
@@ -58,7 +58,7 @@ use roaring::RoaringBitmap;
 use std::ops::Range;
 
 use crate::exec::{external, shared_windows, CityScanExec, DedupExec, ScanReport};
-use crate::pruning::KeyBounds;
+use crate::pruning::{answered_by_index, KeyBounds};
 
 /// The URL under which the engine's object store is registered with DataFusion.
 pub const STORE_URL: &str = "citytsdb://store/";
@@ -274,6 +274,7 @@ impl TableProvider for CityTable {
         // Segments by day and time range, then by the day's tag bitmaps, then each
         // one's own bitmaps become row selections.
         let mut chosen: Vec<Chosen<'_>> = Vec::new();
+        let mut time_pages = false;
         for (_, day) in catalog
             .map(|c| c.days_between(bounds.min_time, bounds.max_time))
             .into_iter()
@@ -312,6 +313,7 @@ impl TableProvider for CityTable {
                         continue;
                     }
                     let selection = index.selection(rows.as_ref());
+                    time_pages |= selection.max_pages > 1;
                     report.rows_selected += selection.rows_selected;
                     report.rows_decoded += selection.rows_decoded;
                     file.with_extension(access_plan(selection.row_groups))
@@ -347,7 +349,7 @@ impl TableProvider for CityTable {
             }
         }
         let read_schema = Arc::new(self.arrow.project(&read_cols)?);
-        let predicate = self.key_predicate(state, &filters)?;
+        let predicate = self.key_predicate(state, &filters, !bounds.tags.is_empty(), time_pages)?;
         let keys = if groups.merged.is_empty() {
             Vec::new()
         } else {
@@ -450,22 +452,36 @@ impl CityTable {
     }
 
     /// The pushed-down filters on key columns only, as a physical predicate for the
-    /// Parquet reader's page pruning. Field filters are left out: a field's newest
-    /// value may live in another source.
+    /// Parquet reader's pruning (row group statistics, bloom filters, page index).
+    /// Field filters are left out: a field's newest value may live in another
+    /// source.
+    ///
+    /// When the segments' tag bitmaps picked the rows (`indexed`), the conjuncts
+    /// they answered are left out too, and so are those on time alone unless
+    /// `time_pages`: the wanted rows of some row group span more than one page, so
+    /// the page index may drop some of them by time. A segment is sorted by series
+    /// first, so its pages span the day; the rows of one series in one page are
+    /// cheaper to read than to prune again per file opened.
     fn key_predicate(
         &self,
         state: &dyn Session,
         filters: &[Expr],
+        indexed: bool,
+        time_pages: bool,
     ) -> Result<Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
         let key_only: Vec<Expr> = filters
             .iter()
             .filter(|f| {
-                f.column_refs().iter().all(|c| {
+                let refs = f.column_refs();
+                let key = refs.iter().all(|c| {
                     matches!(
                         self.schema.kind(&c.name),
                         Some(ColumnKind::Tag | ColumnKind::Time)
                     )
-                })
+                });
+                let time_only = refs.iter().all(|c| c.name == TIME_COLUMN);
+                key && !(indexed
+                    && (answered_by_index(f, &self.schema) || (time_only && !time_pages)))
             })
             .cloned()
             .collect();

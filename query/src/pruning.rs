@@ -140,6 +140,16 @@ impl KeyBounds {
     }
 }
 
+/// Whether the segment indexes answer conjunct `e` exactly: an equality, `IN` list
+/// or disjunction of those on one tag column, with string values. Every such
+/// conjunct becomes a [`TagConstraint`] of [`KeyBounds`], and the rows a scan reads
+/// of each segment are then picked by its tag bitmaps, so the Parquet reader need
+/// not prune by it again (statistics, bloom filters and page index would find the
+/// same rows at a cost per file opened).
+pub fn answered_by_index(e: &Expr, schema: &TableSchema) -> bool {
+    tag_disjunction(e, schema).is_some()
+}
+
 /// `col op literal` or `literal op col`, normalized to the former.
 fn comparison<'a>(
     left: &'a Expr,

@@ -58,6 +58,10 @@ pub struct SegmentSelection {
     pub rows_selected: u64,
     /// Rows in the pages that hold a wanted row: what a reader must decode.
     pub rows_decoded: u64,
+    /// The most pages (of the time column) that one row group's wanted rows
+    /// touch: at most 1 means pruning pages by time can drop nothing the
+    /// selection keeps but whole row groups' worth of one page.
+    pub max_pages: u64,
 }
 
 /// A set of wanted values for one tag column (an `=` or `IN` predicate).
@@ -132,13 +136,14 @@ impl SegmentIndex {
     /// Turns a row set into row-group access and counts the rows of the pages touched.
     pub fn selection(&self, rows: Option<&RoaringBitmap>) -> SegmentSelection {
         let mut groups = Vec::with_capacity(self.row_groups.len());
-        let (mut selected, mut decoded) = (0u64, 0u64);
+        let (mut selected, mut decoded, mut max_pages) = (0u64, 0u64, 0u64);
         for g in &self.row_groups {
             let end = g.first_row + g.rows;
             let Some(rows) = rows else {
                 groups.push(RowGroupAccess::Scan);
                 selected += g.rows;
                 decoded += g.rows;
+                max_pages = max_pages.max(g.page_starts.len().max(1) as u64);
                 continue;
             };
             let in_group = rows.range_cardinality(g.first_row as u32..end as u32);
@@ -147,7 +152,9 @@ impl SegmentIndex {
                 continue;
             }
             selected += in_group;
-            decoded += pages_rows(g, rows);
+            let (rows_in_pages, pages) = pages_rows(g, rows);
+            decoded += rows_in_pages;
+            max_pages = max_pages.max(pages);
             if in_group == g.rows {
                 groups.push(RowGroupAccess::Scan);
                 continue;
@@ -170,6 +177,7 @@ impl SegmentIndex {
             row_groups: groups,
             rows_selected: selected,
             rows_decoded: decoded,
+            max_pages,
         }
     }
 
@@ -239,20 +247,22 @@ impl SegmentIndex {
     }
 }
 
-/// Rows in the pages of group `g` that hold at least one row of `rows`.
-fn pages_rows(g: &RowGroupPages, rows: &RoaringBitmap) -> u64 {
+/// Rows in the pages of group `g` that hold at least one row of `rows`, and how
+/// many such pages there are.
+fn pages_rows(g: &RowGroupPages, rows: &RoaringBitmap) -> (u64, u64) {
+    if g.page_starts.is_empty() {
+        return (g.rows, 1);
+    }
     let end = g.first_row + g.rows;
-    let mut total = 0;
+    let (mut total, mut pages) = (0, 0);
     for (i, &start) in g.page_starts.iter().enumerate() {
         let stop = g.page_starts.get(i + 1).copied().unwrap_or(end);
         if rows.range_cardinality(start as u32..stop as u32) > 0 {
             total += stop - start;
+            pages += 1;
         }
     }
-    if g.page_starts.is_empty() {
-        total = g.rows;
-    }
-    total
+    (total, pages)
 }
 
 /// Maximal runs of consecutive rows of `rows` within `[lo, hi)`, as `[start, stop)`.
@@ -354,6 +364,14 @@ mod tests {
         let sel = idx.selection(Some(&rows));
         assert_eq!(sel.rows_selected, 2);
         assert_eq!(sel.rows_decoded, 4, "pages [2,4) and [4,6)");
+        assert_eq!(sel.max_pages, 2);
+        let first = RoaringBitmap::from_iter([0u32, 1, 6]);
+        assert_eq!(
+            idx.selection(Some(&first)).max_pages,
+            1,
+            "one page in each group"
+        );
+        assert_eq!(idx.selection(None).max_pages, 3);
         assert_eq!(
             sel.row_groups[0],
             RowGroupAccess::Select(RowSelection::from(vec![
