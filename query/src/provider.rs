@@ -28,8 +28,9 @@ use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampNanosecondType};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema, Result, ScalarValue};
+use datafusion::common::{Column, DFSchema, Result, ScalarValue, Statistics};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -296,10 +297,10 @@ impl TableProvider for CityTable {
                 }
                 let file = PartitionedFile::new(seg.path.clone(), seg.size);
                 let deleted = seg.deleted_rows();
-                let file = if bounds.tags.is_empty() && deleted.is_none() {
+                let (file, rows) = if bounds.tags.is_empty() && deleted.is_none() {
                     report.rows_selected += seg.rows;
                     report.rows_decoded += seg.rows;
-                    file
+                    (file, seg.rows)
                 } else {
                     let index = self.indexes.get(&self.store, &seg.index_path).await?;
                     let rows = if bounds.tags.is_empty() {
@@ -316,10 +317,15 @@ impl TableProvider for CityTable {
                     time_pages |= selection.max_pages > 1;
                     report.rows_selected += selection.rows_selected;
                     report.rows_decoded += selection.rows_decoded;
-                    file.with_extension(access_plan(selection.row_groups))
+                    let rows = selection.rows_selected;
+                    (file.with_extension(access_plan(selection.row_groups)), rows)
                 };
                 report.segments_opened += 1;
-                chosen.push(Chosen { meta: seg, file });
+                chosen.push(Chosen {
+                    meta: seg,
+                    file,
+                    rows,
+                });
             }
         }
         let groups = merge_groups(&chosen, buffer_range);
@@ -328,6 +334,7 @@ impl TableProvider for CityTable {
             .iter()
             .map(|&i| chosen[i].file.clone())
             .collect();
+        let plain_rows: u64 = groups.plain.iter().map(|&i| chosen[i].rows).sum();
         report.segments_merged = groups.merged.iter().map(|g| g.len()).sum();
 
         // Segments that reach back past the retention cutoff hold rows no reader
@@ -358,7 +365,13 @@ impl TableProvider for CityTable {
 
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         if !plain.is_empty() {
-            parts.push(self.parquet_exec(state, plain, &read_cols, predicate.clone())?);
+            parts.push(self.parquet_exec(
+                state,
+                plain,
+                plain_rows,
+                &read_cols,
+                predicate.clone(),
+            )?);
         }
         let mut memory = match buffered {
             Some(b) if b.num_rows() > 0 => Some(MemorySourceConfig::try_new_exec(
@@ -376,6 +389,7 @@ impl TableProvider for CityTable {
                     self.parquet_exec(
                         state,
                         vec![chosen[i].file.clone()],
+                        chosen[i].rows,
                         &read_cols,
                         predicate.clone(),
                     )
@@ -492,13 +506,21 @@ impl CityTable {
         Ok(Some(state.create_physical_expr(expr, &df_schema)?))
     }
 
-    /// Reads `files`. Their footers and page indexes come from the runtime's
-    /// metadata cache: a segment's path is never reused for other bytes, so what
-    /// was read once holds until the segment is gone.
+    /// Reads `files`, which select `rows` rows. Their footers and page indexes come
+    /// from the runtime's metadata cache: a segment's path is never reused for
+    /// other bytes, so what was read once holds until the segment is gone.
+    ///
+    /// One file's `rows` are given as the estimate of its rows: DataFusion splits
+    /// a file into byte ranges read in parallel, each opening the file to find its
+    /// row groups, only when the estimate is over a batch (`engine.rs`), and a few
+    /// hundred rows of one file are read faster than the file is opened twice.
+    /// Several files keep no estimate: they are spread over the CPUs and opened in
+    /// parallel.
     fn parquet_exec(
         &self,
         state: &dyn Session,
         files: Vec<PartitionedFile>,
+        rows: u64,
         read_cols: &[usize],
         predicate: Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
@@ -512,12 +534,19 @@ impl CityTable {
         if let Some(p) = predicate {
             source = source.with_predicate(p);
         }
-        let config =
+        let one_file = files.len() == 1;
+        let mut config =
             FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
-                .with_file_group(FileGroup::new(files))
-                .with_projection_indices(Some(read_cols.to_vec()))?
-                .with_expr_adapter(Some(Arc::new(crate::decimal::SegmentExprAdapterFactory)))
-                .build();
+                .with_file_group(FileGroup::new(files));
+        if one_file {
+            config = config.with_statistics(Statistics::new_unknown(&self.arrow).with_num_rows(
+                Precision::Inexact(usize::try_from(rows).unwrap_or(usize::MAX)),
+            ));
+        }
+        let config = config
+            .with_projection_indices(Some(read_cols.to_vec()))?
+            .with_expr_adapter(Some(Arc::new(crate::decimal::SegmentExprAdapterFactory)))
+            .build();
         Ok(DataSourceExec::from_data_source(config))
     }
 }
@@ -577,6 +606,8 @@ impl AsyncFileReader for WithPageIndex {
 struct Chosen<'a> {
     meta: &'a SegmentMeta,
     file: PartitionedFile,
+    /// Rows it selects (every row when no bitmap picked them).
+    rows: u64,
 }
 
 /// Which chosen segments are read as they are and which are merged together.

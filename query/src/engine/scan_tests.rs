@@ -59,6 +59,19 @@ async fn scans(engine: &QueryEngine, sql: &str) -> Vec<String> {
     lines
 }
 
+/// The whole text of `sql`'s plan.
+async fn plan_text(engine: &QueryEngine, sql: &str) -> String {
+    let out = engine.query("db", &format!("EXPLAIN {sql}")).await.unwrap();
+    let mut text = String::new();
+    for b in &out.batches {
+        for r in 0..b.num_rows() {
+            text.push_str(b.column(1).as_string::<i32>().value(r));
+            text.push('\n');
+        }
+    }
+    text
+}
+
 async fn count(engine: &QueryEngine, sql: &str) -> i64 {
     let out = engine.query("db", sql).await.unwrap();
     out.batches[0]
@@ -122,4 +135,22 @@ async fn the_reader_prunes_only_by_what_the_index_did_not_answer() {
         "{plan:?}"
     );
     assert_eq!(count(&engine, &sql).await, 40);
+
+    // A few hundred rows of one segment are read in one partition: not split
+    // into byte ranges that each open the file, not spread and merged back.
+    let sql = format!("SELECT * FROM t WHERE device = 'd3' AND {range} ORDER BY time");
+    let plan = plan_text(&engine, &sql).await;
+    for node in [
+        "RepartitionExec",
+        "SortPreservingMergeExec",
+        "CoalescePartitionsExec",
+    ] {
+        assert!(!plan.contains(node), "{plan}");
+    }
+    assert!(plan.contains("file_groups={1 group"), "{plan}");
+    // All 41,000 rows are more than a batch: the filter runs on every CPU
+    // (DataFusion's partitions are the CPUs).
+    let plan = plan_text(&engine, "SELECT * FROM t WHERE v > 5 ORDER BY time").await;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(plan.contains("RepartitionExec"), cpus > 1, "{plan}");
 }
