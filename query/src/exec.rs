@@ -237,19 +237,23 @@ impl ExecutionPlan for CityScanExec {
         _input_stats: &[Arc<Statistics>],
         args: &StatisticsArgs,
     ) -> Result<Arc<Statistics>> {
-        let unknown = Statistics::new_unknown(&self.schema());
         if args.partition().is_some() {
-            return Ok(Arc::new(unknown));
+            return Ok(Arc::new(Statistics::new_unknown(&self.schema())));
         }
         let r = &self.report;
         let rows = match r.cached_series {
             Some(series) => series as u64,
             None => r.rows_selected.saturating_add(r.buffer_rows as u64),
         };
-        Ok(Arc::new(unknown.with_num_rows(Precision::Inexact(
-            usize::try_from(rows).unwrap_or(usize::MAX),
-        ))))
+        Ok(Arc::new(estimated_rows(&self.schema(), rows)))
     }
+}
+
+/// Statistics that know only an estimate of the rows, `rows`.
+pub fn estimated_rows(schema: &datafusion::arrow::datatypes::Schema, rows: u64) -> Statistics {
+    Statistics::new_unknown(schema).with_num_rows(Precision::Inexact(
+        usize::try_from(rows).unwrap_or(usize::MAX),
+    ))
 }
 
 /// Merges sources that may hold the same (series, time): every row of every input

@@ -28,9 +28,8 @@ use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampNanosecondType};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
-use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema, Result, ScalarValue, Statistics};
+use datafusion::common::{Column, DFSchema, Result, ScalarValue};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -58,7 +57,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use roaring::RoaringBitmap;
 use std::ops::Range;
 
-use crate::exec::{external, shared_windows, CityScanExec, DedupExec, ScanReport};
+use crate::exec::{estimated_rows, external, shared_windows, CityScanExec, DedupExec, ScanReport};
 use crate::pruning::{answered_by_index, KeyBounds};
 
 /// The URL under which the engine's object store is registered with DataFusion.
@@ -539,9 +538,7 @@ impl CityTable {
             FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
                 .with_file_group(FileGroup::new(files));
         if one_file {
-            config = config.with_statistics(Statistics::new_unknown(&self.arrow).with_num_rows(
-                Precision::Inexact(usize::try_from(rows).unwrap_or(usize::MAX)),
-            ));
+            config = config.with_statistics(estimated_rows(&self.arrow, rows));
         }
         let config = config
             .with_projection_indices(Some(read_cols.to_vec()))?
