@@ -6,8 +6,8 @@
 //! `DECIMAL(18, s)` (scaled integers) whenever every value round-trips exactly at
 //! some scale `s`, else as doubles. A flush writes one fixed layout per column kind
 //! ([`Layout::Fixed`]); compaction, which writes the segments that stay, measures
-//! each column chunk's candidate encodings and ZSTD levels and keeps the smallest
-//! ([`Layout::Measured`]). Page statistics and the page index are written, with
+//! each column chunk's candidate encodings and ZSTD levels on a sample and keeps
+//! the smallest, a costlier level only for what it saves ([`Layout::Measured`]). Page statistics and the page index are written, with
 //! small pages but for `time`, so a reader fetches only the pages that hold the
 //! wanted series. The files are plain Parquet that DuckDB, pandas and Spark read.
 
@@ -86,7 +86,7 @@ struct Choice {
 
 /// Rows of a column tried per candidate layout.
 const SAMPLE_ROWS: usize = 128 * 1024;
-/// ZSTD levels tried by [`Layout::Measured`].
+/// ZSTD levels tried by [`Layout::Measured`], cheapest first.
 const LEVELS: [i32; 3] = [3, 9, 19];
 
 /// The candidate encodings of a column of the file's type.
@@ -227,7 +227,15 @@ fn write_file(
     Ok(buf)
 }
 
-/// The smallest of a column's candidate layouts, on a sample of its rows.
+/// The layout of a column, chosen on a sample of its rows: the encoding that
+/// compresses smallest at the cheapest level, then the cheapest level of that
+/// encoding that is within [`LEVEL_GAIN`] of its smallest.
+///
+/// Higher ZSTD levels cost far more to write (level 19 is about ten times level
+/// 9 on these columns) and nothing more to read, so one is taken only for what it
+/// saves; and the ranking of encodings hardly depends on the level, so the higher
+/// levels are tried for the best encoding only (on the city workload this stores
+/// 0.07% more than trying every pair; BENCHMARKS.md, "Compaction's layout").
 fn measure(
     field: &Arc<Field>,
     column: &ArrayRef,
@@ -237,29 +245,53 @@ fn measure(
     let sample = column.slice(0, column.len().min(SAMPLE_ROWS));
     let schema = Arc::new(Schema::new(vec![field.clone()]));
     let batch = RecordBatch::try_new(schema.clone(), vec![sample])?;
+    let size = |choice: Choice| -> Result<u64> {
+        let file = write_file(
+            &batch,
+            &[column_properties(field.name(), kind, choice, page_rows)?],
+            file_properties()?.build(),
+        )?;
+        let meta = ParquetMetaDataReader::new().parse_and_finish(&Bytes::from(file))?;
+        Ok(meta
+            .row_groups()
+            .iter()
+            .map(|g| g.column(0).compressed_size() as u64)
+            .sum())
+    };
     let mut best: Option<(u64, Choice)> = None;
     for encoding in candidates(kind, field.data_type()) {
-        for zstd in LEVELS {
-            let choice = Choice { encoding, zstd };
-            let file = write_file(
-                &batch,
-                &[column_properties(field.name(), kind, choice, page_rows)?],
-                file_properties()?.build(),
-            )?;
-            let meta = ParquetMetaDataReader::new().parse_and_finish(&Bytes::from(file))?;
-            let bytes: u64 = meta
-                .row_groups()
-                .iter()
-                .map(|g| g.column(0).compressed_size() as u64)
-                .sum();
-            if best.is_none_or(|(b, _)| bytes < b) {
-                best = Some((bytes, choice));
-            }
+        let choice = Choice {
+            encoding,
+            zstd: LEVELS[0],
+        };
+        let bytes = size(choice)?;
+        if best.is_none_or(|(b, _)| bytes < b) {
+            best = Some((bytes, choice));
         }
     }
-    Ok(best
-        .map(|(_, c)| c)
-        .unwrap_or(fixed(kind, field.data_type())))
+    let Some((bytes, choice)) = best else {
+        return Ok(fixed(kind, field.data_type()));
+    };
+    let mut tried = vec![(bytes, choice)];
+    for &zstd in &LEVELS[1..] {
+        let choice = Choice { zstd, ..choice };
+        tried.push((size(choice)?, choice));
+    }
+    Ok(cheapest_within(&tried, choice))
+}
+
+/// A higher ZSTD level is chosen only if it stores at least this fraction fewer
+/// bytes than every lower one within reach.
+const LEVEL_GAIN: f64 = 0.01;
+
+/// Of `tried` (sizes of one encoding at increasing levels), the lowest level
+/// whose size is within [`LEVEL_GAIN`] of the smallest.
+fn cheapest_within(tried: &[(u64, Choice)], fallback: Choice) -> Choice {
+    let smallest = tried.iter().map(|(b, _)| *b).min().unwrap_or(0) as f64;
+    tried
+        .iter()
+        .find(|(b, _)| *b as f64 <= smallest * (1.0 + LEVEL_GAIN))
+        .map_or(fallback, |(_, c)| *c)
 }
 
 /// Encodes a batch that is already sorted by series then time and merged.
@@ -551,5 +583,37 @@ mod tests {
         let want = |v: &[Option<f64>]| v.iter().map(|v| v.map(f64::to_bits)).collect::<Vec<_>>();
         assert_eq!(floats(&seg, &t, 2), want(&levels));
         assert_eq!(floats(&seg, &t, 3), want(&raw));
+    }
+
+    #[test]
+    fn a_costlier_level_is_chosen_only_for_what_it_saves() {
+        let c = |zstd| Choice {
+            encoding: None,
+            zstd,
+        };
+        let pick = |tried: &[(u64, Choice)]| cheapest_within(tried, c(3)).zstd;
+        assert_eq!(pick(&[(1000, c(3)), (995, c(9)), (991, c(19))]), 3);
+        assert_eq!(pick(&[(1000, c(3)), (950, c(9)), (948, c(19))]), 9);
+        assert_eq!(pick(&[(1000, c(3)), (980, c(9)), (900, c(19))]), 19);
+        assert_eq!(pick(&[(900, c(3)), (1000, c(9)), (950, c(19))]), 3);
+        assert_eq!(pick(&[]), 3);
+    }
+
+    #[test]
+    fn the_measured_layout_stores_less_than_the_fixed_one() {
+        let t = table();
+        let (batch, _, _) = sample(&t, 20_000);
+        let fixed = encode(&batch, &t).unwrap().parquet.len();
+        let measured = encode_with(
+            &batch,
+            &t,
+            Layout::Measured {
+                page_rows: PAGE_ROWS,
+            },
+        )
+        .unwrap()
+        .parquet
+        .len();
+        assert!(measured < fixed, "measured {measured} B, fixed {fixed} B");
     }
 }
