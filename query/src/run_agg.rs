@@ -321,6 +321,7 @@ impl ExecutionPlan for RunAggregateExec {
             scratch: Vec::new(),
             current: None,
             group_indices: Vec::new(),
+            starts: Vec::new(),
             reservation,
             schema: Arc::clone(&schema),
             batch_size: context.session_config().batch_size(),
@@ -373,6 +374,8 @@ struct RunGroups {
     /// The group of the last row seen, carried across batches.
     current: Option<(RowKeys, usize)>,
     group_indices: Vec<usize>,
+    /// Per row of the batch at hand, whether its keys differ from the row before.
+    starts: Vec<bool>,
     reservation: MemoryReservation,
     schema: SchemaRef,
     batch_size: usize,
@@ -486,10 +489,31 @@ fn raw(c: &StringArray, row: usize) -> Option<&[u8]> {
     Some(&c.value_data()[offsets[row] as usize..offsets[row + 1] as usize])
 }
 
-/// Whether rows `a` and `b` of `columns` hold the same keys.
-#[inline]
-fn same_keys(columns: &[Keys<'_>], a: usize, b: usize) -> bool {
-    columns.iter().all(|c| c.same(a, b))
+/// Marks in `starts` (one flag per row) the rows whose keys differ from the row
+/// before: a column at a time, so the common case (views without nulls) is one
+/// comparison of two 128-bit views per row, which rows of one series pass.
+fn run_starts(columns: &[Keys<'_>], rows: usize, starts: &mut Vec<bool>) {
+    starts.clear();
+    starts.resize(rows, false);
+    for c in columns {
+        match c {
+            Keys::Views(a) if a.null_count() == 0 => {
+                let views = a.views();
+                for row in 1..rows {
+                    if !starts[row] && views[row] != views[row - 1] {
+                        starts[row] = !c.same(row - 1, row);
+                    }
+                }
+            }
+            _ => {
+                for row in 1..rows {
+                    if !starts[row] {
+                        starts[row] = !c.same(row - 1, row);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl RunGroups {
@@ -532,8 +556,9 @@ impl RunGroups {
             None => self.lookup(&columns, 0),
         };
         self.group_indices.push(group);
+        run_starts(&columns, rows, &mut self.starts);
         for row in 1..rows {
-            if !same_keys(&columns, row - 1, row) {
+            if self.starts[row] {
                 group = self.lookup(&columns, row);
             }
             self.group_indices.push(group);
@@ -573,13 +598,18 @@ impl RunGroups {
         g
     }
 
-    /// Bytes held: the accumulators (as they report), the keys, their index and
-    /// the group indices. Not a walk over the groups: this runs per batch.
+    /// Bytes held: the accumulators (as they report), the keys, their index,
+    /// the group indices and the run starts. Not a walk over the groups: this
+    /// runs per batch.
     fn size(&self) -> usize {
         let accumulators: usize = self.accumulators.iter().map(|a| a.size()).sum();
         let index_slack =
             (self.index.capacity() - self.index.len()) * std::mem::size_of::<(Box<[u8]>, usize)>();
-        accumulators + self.held + index_slack + self.group_indices.capacity() * 8
+        accumulators
+            + self.held
+            + index_slack
+            + self.group_indices.capacity() * 8
+            + self.starts.capacity()
     }
 
     /// Every group so far, as the partial aggregate's output in batches of at most
