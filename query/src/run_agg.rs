@@ -499,16 +499,16 @@ fn run_starts(columns: &[Keys<'_>], rows: usize, starts: &mut Vec<bool>) {
         match c {
             Keys::Views(a) if a.null_count() == 0 => {
                 let views = a.views();
-                for row in 1..rows {
-                    if !starts[row] && views[row] != views[row - 1] {
-                        starts[row] = !c.same(row - 1, row);
+                for (row, start) in starts.iter_mut().enumerate().skip(1) {
+                    if !*start && views[row] != views[row - 1] {
+                        *start = !c.same(row - 1, row);
                     }
                 }
             }
             _ => {
-                for row in 1..rows {
-                    if !starts[row] {
-                        starts[row] = !c.same(row - 1, row);
+                for (row, start) in starts.iter_mut().enumerate().skip(1) {
+                    if !*start {
+                        *start = !c.same(row - 1, row);
                     }
                 }
             }
