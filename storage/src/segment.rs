@@ -7,9 +7,10 @@
 //! some scale `s`, else as doubles. A flush writes one fixed layout per column kind
 //! ([`Layout::Fixed`]); compaction, which writes the segments that stay, measures
 //! each column chunk's candidate encodings and ZSTD levels on a sample and keeps
-//! the smallest, a costlier level only for what it saves ([`Layout::Measured`]). Page statistics and the page index are written, with
-//! small pages but for `time`, so a reader fetches only the pages that hold the
-//! wanted series. The files are plain Parquet that DuckDB, pandas and Spark read.
+//! the smallest, a costlier level only for what it saves ([`Layout::Measured`]).
+//! Page statistics and the page index are written, with small pages but for
+//! `time`, so a reader fetches only the pages that hold the wanted series. The
+//! files are plain Parquet that DuckDB, pandas and Spark read.
 
 use std::sync::Arc;
 
@@ -231,9 +232,8 @@ fn write_file(
 /// compresses smallest at the cheapest level, then the cheapest level of that
 /// encoding that is within [`LEVEL_GAIN`] of its smallest.
 ///
-/// Higher ZSTD levels cost far more to write (level 19 is about ten times level
-/// 9 on these columns) and nothing more to read, so one is taken only for what it
-/// saves; and the ranking of encodings hardly depends on the level, so the higher
+/// Higher ZSTD levels cost much more to write and nothing more to read, so one
+/// is taken only for what it saves; and the ranking of encodings hardly depends on the level, so the higher
 /// levels are tried for the best encoding only (on the city workload this stores
 /// 0.07% more than trying every pair; BENCHMARKS.md, "Compaction's layout").
 fn measure(
@@ -280,8 +280,8 @@ fn measure(
     Ok(cheapest_within(&tried, choice))
 }
 
-/// A higher ZSTD level is chosen only if it stores at least this fraction fewer
-/// bytes than every lower one within reach.
+/// A costlier ZSTD level is taken only when every cheaper one stores more than
+/// this fraction over the smallest.
 const LEVEL_GAIN: f64 = 0.01;
 
 /// Of `tried` (sizes of one encoding at increasing levels), the lowest level
