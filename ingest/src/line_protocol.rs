@@ -217,10 +217,17 @@ fn is_key_delim(c: u8) -> bool {
 
 /// Removes the backslash from each `\x` with `x` in `escapable`; other backslashes stay.
 /// Borrows unless something was actually removed.
+#[inline]
 fn unescape<'a>(token: &'a str, had_backslash: bool, escapable: &[u8]) -> Cow<'a, str> {
-    if !had_backslash {
-        return Cow::Borrowed(token);
+    if had_backslash {
+        unescape_pairs(token, escapable)
+    } else {
+        Cow::Borrowed(token)
     }
+}
+
+/// [`unescape`] of a token that has a backslash.
+fn unescape_pairs<'a>(token: &'a str, escapable: &[u8]) -> Cow<'a, str> {
     let b = token.as_bytes();
     let mut out: Option<String> = None;
     let mut copied_to = 0;

@@ -113,14 +113,19 @@ pub fn parse_body_into<'a>(body: &'a [u8], spare: Vec<Line<'static>>) -> ParsedB
     // lines that parse than this allows, however many blank lines it has (each
     // reserved entry weighs hundreds of bytes).
     const SHORTEST_LINE: usize = 6;
-    let physical_lines = body.iter().filter(|&&b| b == b'\n').count() + 1;
+    let physical_lines = memchr::memchr_iter(b'\n', body).count() + 1;
     let mut lines = relabel(spare);
     lines.reserve_exact(physical_lines.min(body.len() / SHORTEST_LINE + 1));
     let mut out = ParsedBody {
         lines,
         ..ParsedBody::default()
     };
-    for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
+    // The lines' ends, found a vector at a time (as `body.split` on `\n`).
+    let ends = memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len()));
+    let mut start = 0;
+    for (i, end) in ends.enumerate() {
+        let raw = &body[start..end];
+        start = end + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let trimmed = raw
             .iter()
@@ -198,6 +203,21 @@ pub struct ValidatedWrite<'a> {
     pub tables: BTreeMap<String, (TableSchema, Vec<usize>)>,
     /// Lines rejected by validation.
     pub rejected: Vec<LineError>,
+    /// For each key of each accepted line (its tags, then its fields, as written),
+    /// the key's column in its table's schema; a line's start here is in `col_at`.
+    pub cols: Vec<u32>,
+    /// Where each line's keys start in `cols` (by index in `lines`; meaningful for
+    /// accepted lines only).
+    pub col_at: Vec<u32>,
+}
+
+impl ValidatedWrite<'_> {
+    /// The schema columns of an accepted line's keys: its tags, then its fields.
+    fn columns_of(&self, index: usize) -> &[u32] {
+        let line = &self.lines[index].1;
+        let start = self.col_at[index] as usize;
+        &self.cols[start..start + line.tags.len() + line.fields.len()]
+    }
 }
 
 /// What a write may hold; past a limit, the line is rejected saying which.
@@ -375,64 +395,75 @@ pub fn validate_against<'a>(
     known: &dyn KnownSeries,
 ) -> ValidatedWrite<'a> {
     let mut out = ValidatedWrite::default();
-    let mut gates: FastMap<String, SeriesGate> = FastMap::default();
-    for (_, line) in &lines {
-        let table = line.measurement.as_ref();
-        match gates.get_mut(table) {
-            Some(g) => g.lines += 1,
-            None => {
-                let gate = SeriesGate {
-                    known: known.count(table),
-                    lines: 1,
-                    new: HashSet::new(),
-                };
-                gates.insert(table.to_string(), gate);
-            }
-        }
-    }
-    for (index, (raw, line)) in lines.iter_mut().enumerate() {
+    let (mut tables, table_of) = tables_of(&lines, known);
+    out.col_at = vec![0; lines.len()];
+    let mut table_count = schemas.len();
+    for index in 0..lines.len() {
+        let (before, rest) = lines.split_at_mut(index);
+        let (raw, line) = &mut rest[0];
         let raw: &[u8] = raw;
         if let Some(e) = over_limit(raw, line, limits) {
             out.rejected.push(e);
             continue;
         }
-        let table = line.measurement.as_ref();
-        let tables = schemas.len();
-        // Looked up before inserting so a known table costs no allocation per line.
-        let schema = match schemas.get_mut(table) {
+        let work = &mut tables[table_of[index] as usize];
+        let table = work.name.as_str();
+        // A table's schema is taken out of `schemas` at its first line (and put back
+        // at the end), so a line finds its table without a lookup by name.
+        let schema = match &mut work.schema {
             Some(schema) => schema,
-            None if tables >= limits.max_tables => {
-                let message = format!(
-                    "table {table} is not created: the database has {tables} tables, the most allowed ({} with --max-tables)",
-                    limits.max_tables
-                );
-                out.rejected.push(at(raw, line, 1, message));
-                continue;
-            }
-            None => schemas.entry(table.to_string()).or_default(),
-        };
-        let mut new_columns: Vec<(&str, ColumnKind)> = Vec::new();
-        let mut error = None;
-        let wanted = line
-            .tags
-            .iter()
-            .map(|(k, _)| (k.as_ref(), ColumnKind::Tag))
-            .chain(
-                line.fields
-                    .iter()
-                    .map(|(k, v)| (k.as_ref(), ColumnKind::Field(field_type(v)))),
-            );
-        for (name, kind) in wanted {
-            match schema.kind(name) {
-                Some(existing) if existing == kind => {}
-                Some(existing) => {
-                    error = Some(conflict(raw, line, table, name, existing, kind));
-                    break;
+            None => match schemas.remove(table) {
+                Some(schema) => work.schema.insert(schema),
+                None if table_count >= limits.max_tables => {
+                    let message = format!(
+                        "table {table} is not created: the database has {table_count} tables, the most allowed ({} with --max-tables)",
+                        limits.max_tables
+                    );
+                    out.rejected.push(at(raw, line, 1, message));
+                    continue;
                 }
                 None => {
-                    // A field written twice in one line with two types: the last one counts.
-                    new_columns.retain(|(n, _)| *n != name);
-                    new_columns.push((name, kind));
+                    table_count += 1;
+                    work.schema.insert(TableSchema::default())
+                }
+            },
+        };
+        let start = out.cols.len();
+        out.col_at[index] = start as u32;
+        let mut new_columns: Vec<(&str, ColumnKind)> = Vec::new();
+        let mut error = None;
+        match work.memo {
+            // The table's last accepted line had the same keys of the same kinds:
+            // their columns exist and are where they were.
+            Some(m) if same_shape(&before[m].1, line) => {
+                let from = out.col_at[m] as usize;
+                let n = line.tags.len() + line.fields.len();
+                out.cols.extend_from_within(from..from + n);
+            }
+            _ => {
+                let wanted = line
+                    .tags
+                    .iter()
+                    .map(|(k, _)| (k.as_ref(), ColumnKind::Tag))
+                    .chain(
+                        line.fields
+                            .iter()
+                            .map(|(k, v)| (k.as_ref(), ColumnKind::Field(field_type(v)))),
+                    );
+                for (name, kind) in wanted {
+                    match schema.position(name) {
+                        Some((i, existing)) if existing == kind => out.cols.push(i as u32),
+                        Some((_, existing)) => {
+                            error = Some(conflict(raw, line, table, name, existing, kind));
+                            break;
+                        }
+                        None => {
+                            // A field written twice in one line with two types: the last one counts.
+                            new_columns.retain(|(n, _)| *n != name);
+                            new_columns.push((name, kind));
+                            out.cols.push(u32::MAX);
+                        }
+                    }
                 }
             }
         }
@@ -464,24 +495,19 @@ pub fn validate_against<'a>(
                 ),
             ));
         }
-        if error.is_none() {
-            let gate = gates
-                .get_mut(table)
-                .expect("every table of the write has a gate");
-            if !gate.admit(known, line, limits.max_series) {
-                error = Some(at(
-                    raw,
-                    line,
-                    1,
-                    format!(
-                        "table {table} has {} series, the most allowed ({} with --max-series-per-table): this line's tags make a new one",
-                        gate.known + gate.new.len(),
-                        limits.max_series
-                    ),
-                ));
-            }
+        if error.is_none() && !work.gate.admit(known, line, limits.max_series) {
+            error = Some(at(
+                raw,
+                line,
+                1,
+                format!(
+                    "table {table} has {} series, the most allowed ({} with --max-series-per-table): this line's tags make a new one",
+                    work.gate.known + work.gate.new.len(),
+                    limits.max_series
+                ),
+            ));
         }
-        if error.is_none() {
+        if error.is_none() && !new_columns.is_empty() {
             for (name, kind) in new_columns {
                 if let Err(msg) = schema.add_column(name, kind) {
                     error = Some(at(
@@ -493,29 +519,106 @@ pub fn validate_against<'a>(
                     break;
                 }
             }
+            if error.is_none() {
+                // The new columns' places, now that they have them.
+                let keys = line
+                    .tags
+                    .iter()
+                    .map(|(k, _)| k.as_ref())
+                    .chain(line.fields.iter().map(|(k, _)| k.as_ref()));
+                for (c, name) in out.cols[start..].iter_mut().zip(keys) {
+                    if *c == u32::MAX {
+                        *c = schema.position(name).map_or(u32::MAX, |(i, _)| i as u32);
+                    }
+                }
+            }
         }
         match error {
-            Some(e) => out.rejected.push(e),
-            None => match out.tables.get_mut(table) {
-                Some((_, accepted)) => accepted.push(index),
-                None => {
-                    let mut accepted = Vec::with_capacity(gates.get(table).map_or(1, |g| g.lines));
-                    accepted.push(index);
-                    out.tables
-                        .insert(table.to_string(), (TableSchema::default(), accepted));
-                }
-            },
+            Some(e) => {
+                out.cols.truncate(start);
+                out.rejected.push(e);
+            }
+            None => {
+                work.accepted.push(index);
+                work.memo = Some(index);
+            }
         }
     }
     out.lines = lines;
+    for work in tables {
+        let Some(schema) = work.schema else { continue };
+        if !work.accepted.is_empty() {
+            out.tables
+                .insert(work.name.clone(), (schema.clone(), work.accepted));
+        }
+        schemas.insert(work.name, schema);
+    }
     // A table whose every line was rejected is not created.
     schemas.retain(|name, s| s.columns().len() > 1 || out.tables.contains_key(name));
-    for (table, (schema, _)) in out.tables.iter_mut() {
-        if let Some(s) = schemas.get(table) {
-            schema.clone_from(s);
-        }
-    }
+    out.rejected.sort_by_key(|e| e.line);
     out
+}
+
+/// One table of a write while it is validated.
+struct TableWork {
+    name: String,
+    /// Its schema, taken out of the database's at the table's first line.
+    schema: Option<TableSchema>,
+    gate: SeriesGate,
+    /// Indexes in the write's lines of its accepted lines, in body order.
+    accepted: Vec<usize>,
+    /// The table's last accepted line: the next one nearly always has the same keys.
+    memo: Option<usize>,
+}
+
+/// The tables of a write in order of first appearance, and each line's table.
+fn tables_of(lines: &[Line<'_>], known: &dyn KnownSeries) -> (Vec<TableWork>, Vec<u32>) {
+    let mut tables: Vec<TableWork> = Vec::new();
+    let mut by_name: FastMap<&str, u32> = FastMap::default();
+    let mut table_of = Vec::with_capacity(lines.len());
+    let mut last = u32::MAX;
+    for (_, line) in lines {
+        let name = line.measurement.as_ref();
+        let t = if last != u32::MAX && tables[last as usize].name == name {
+            last
+        } else if let Some(&t) = by_name.get(name) {
+            t
+        } else {
+            let t = tables.len() as u32;
+            by_name.insert(name, t);
+            tables.push(TableWork {
+                name: name.to_string(),
+                schema: None,
+                gate: SeriesGate {
+                    known: known.count(name),
+                    lines: 0,
+                    new: HashSet::new(),
+                },
+                accepted: Vec::new(),
+                memo: None,
+            });
+            t
+        };
+        tables[t as usize].gate.lines += 1;
+        table_of.push(t);
+        last = t;
+    }
+    for t in &mut tables {
+        t.accepted.reserve_exact(t.gate.lines);
+    }
+    (tables, table_of)
+}
+
+/// Whether two lines have the same tag keys and the same field keys of the same
+/// types, in the same order.
+fn same_shape(a: &ParsedLine<'_>, b: &ParsedLine<'_>) -> bool {
+    a.tags.len() == b.tags.len()
+        && a.fields.len() == b.fields.len()
+        && a.tags.iter().zip(&b.tags).all(|((x, _), (y, _))| x == y)
+        && a.fields
+            .iter()
+            .zip(&b.fields)
+            .all(|((x, u), (y, v))| x == y && field_type(u) == field_type(v))
 }
 
 fn field_type(v: &FieldValue<'_>) -> FieldType {
@@ -599,8 +702,7 @@ pub fn build_batches(
 ) -> Result<Vec<(String, RecordBatch)>, ArrowError> {
     let mut out = Vec::with_capacity(write.tables.len());
     for (table, (schema, rows)) in &write.tables {
-        let lines = rows.iter().map(|&i| &write.lines[i].1);
-        out.push((table.clone(), build_table(schema, lines, now_ns)?));
+        out.push((table.clone(), build_table(schema, write, rows, now_ns)?));
     }
     Ok(out)
 }
@@ -669,57 +771,56 @@ impl Builder {
     }
 }
 
-fn build_table<'l, 'a: 'l>(
+fn build_table(
     schema: &TableSchema,
-    lines: impl ExactSizeIterator<Item = &'l ParsedLine<'a>> + Clone,
+    write: &ValidatedWrite<'_>,
+    rows: &[usize],
     now_ns: i64,
 ) -> Result<RecordBatch, ArrowError> {
-    let mut used: FastMap<&str, usize> = FastMap::default();
-    for line in lines.clone() {
-        for (k, _) in &line.tags {
-            let n = used.len();
-            used.entry(k.as_ref()).or_insert(n);
-        }
-        for (k, _) in &line.fields {
-            let n = used.len();
-            used.entry(k.as_ref()).or_insert(n);
+    // The builder of each schema column the lines carry, in schema order.
+    const UNUSED: usize = usize::MAX;
+    let mut slot_of = vec![UNUSED; schema.columns().len()];
+    for &r in rows {
+        for &c in write.columns_of(r) {
+            if let Some(s) = slot_of.get_mut(c as usize) {
+                *s = 0;
+            }
         }
     }
-    // Columns in schema order; `slot` maps a column name to its builder.
-    let defs: Vec<&ColumnDef> = schema
-        .columns()
-        .iter()
-        .filter(|c| c.kind != ColumnKind::Time && used.contains_key(c.name.as_str()))
-        .collect();
-    let slot: FastMap<&str, usize> = defs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.name.as_str(), i))
-        .collect();
+    let mut defs: Vec<&ColumnDef> = Vec::new();
+    for (c, def) in schema.columns().iter().enumerate() {
+        if slot_of[c] != UNUSED && def.kind != ColumnKind::Time {
+            slot_of[c] = defs.len();
+            defs.push(def);
+        } else {
+            slot_of[c] = UNUSED;
+        }
+    }
     let mut builders: Vec<Builder> = defs
         .iter()
-        .map(|c| Builder::new(c.kind, lines.len()))
+        .map(|c| Builder::new(c.kind, rows.len()))
         .collect();
     let mut filled = vec![false; defs.len()];
-    let mut times = Vec::with_capacity(lines.len());
-    for line in lines {
+    let mut times = Vec::with_capacity(rows.len());
+    for &r in rows {
+        let line = &write.lines[r].1;
+        let cols = write.columns_of(r);
+        let (tag_cols, field_cols) = cols.split_at(line.tags.len());
         times.push(line.timestamp.unwrap_or(now_ns));
         filled.iter_mut().for_each(|f| *f = false);
-        for (k, v) in &line.tags {
-            if let Some(&i) = slot.get(k.as_ref()) {
-                if let Builder::Tag(b) = &mut builders[i] {
-                    b.append_value(v);
-                    filled[i] = true;
-                }
+        for ((_, v), &c) in line.tags.iter().zip(tag_cols) {
+            let i = slot_of.get(c as usize).copied().unwrap_or(UNUSED);
+            if let Some(Builder::Tag(b)) = builders.get_mut(i) {
+                b.append_value(v);
+                filled[i] = true;
             }
         }
         // Last value of a repeated field wins: walk backwards, skip filled columns.
-        for (k, v) in line.fields.iter().rev() {
-            if let Some(&i) = slot.get(k.as_ref()) {
-                if !filled[i] {
-                    builders[i].append_field(v);
-                    filled[i] = true;
-                }
+        for ((_, v), &c) in line.fields.iter().zip(field_cols).rev() {
+            let i = slot_of.get(c as usize).copied().unwrap_or(UNUSED);
+            if i != UNUSED && !filled[i] {
+                builders[i].append_field(v);
+                filled[i] = true;
             }
         }
         for (i, b) in builders.iter_mut().enumerate() {
@@ -913,6 +1014,46 @@ parking
             ]
         );
         assert_eq!(rejected[0].text, "manhole,device=a tilt_deg=\"x\"");
+    }
+
+    /// A line of the same keys as its table's last accepted line takes that line's
+    /// columns; one whose keys differ in order, type or set does not, and tables
+    /// interleaved line by line each keep their own.
+    #[test]
+    fn lines_of_a_repeated_shape_find_their_columns() {
+        let mut schemas = BTreeMap::new();
+        let body = "m,d=a,e=x f=1,g=2i 1\n\
+                    n,d=z v=t 1\n\
+                    m,d=b,e=y f=2,g=3i 2\n\
+                    m,e=w,d=c g=4i,f=3 3\n\
+                    n,d=z v=f 2\n\
+                    m,d=d,e=v f=4i,g=5i 4\n\
+                    m,d=e,e=u f=5,g=6i,h=\"s\" 5\n\
+                    m,d=f,e=t f=6,g=7i 6\n";
+        let (text, rejected) = run(body, &mut schemas);
+        let got: Vec<(usize, &str)> = rejected
+            .iter()
+            .map(|e| (e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(got, vec![(6, "field f is float in table m, got integer")]);
+        let expected = "m
++----------------------+---+---+-----+---+---+
+| time                 | d | e | f   | g | h |
++----------------------+---+---+-----+---+---+
+| 1970-01-01T00:00:01Z | a | x | 1.0 | 2 |   |
+| 1970-01-01T00:00:02Z | b | y | 2.0 | 3 |   |
+| 1970-01-01T00:00:03Z | c | w | 3.0 | 4 |   |
+| 1970-01-01T00:00:05Z | e | u | 5.0 | 6 | s |
+| 1970-01-01T00:00:06Z | f | t | 6.0 | 7 |   |
++----------------------+---+---+-----+---+---+
+n
++----------------------+---+-------+
+| time                 | d | v     |
++----------------------+---+-------+
+| 1970-01-01T00:00:01Z | z | true  |
+| 1970-01-01T00:00:02Z | z | false |
++----------------------+---+-------+";
+        assert_eq!(text, expected);
     }
 
     #[test]

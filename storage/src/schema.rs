@@ -142,6 +142,11 @@ impl TableSchema {
         self.by_name.get(name).map(|&i| self.columns[i].kind)
     }
 
+    /// Where the named column is in [`columns`](Self::columns), and its kind.
+    pub fn position(&self, name: &str) -> Option<(usize, ColumnKind)> {
+        self.by_name.get(name).map(|&i| (i, self.columns[i].kind))
+    }
+
     /// Names of the tag columns, in column order.
     pub fn tag_names(&self) -> impl Iterator<Item = &str> {
         self.columns
