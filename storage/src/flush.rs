@@ -28,7 +28,7 @@ use crate::buffer::time_range;
 use crate::catalog::{day_of, Catalog, Op, SegmentMeta};
 use crate::engine::{write, Engine, FlushStats};
 use crate::error::{Result, StorageError};
-use crate::merge::{align, key_columns, sort_dedup};
+use crate::merge::{align, key_columns, sort_dedup_runs};
 use crate::paths;
 use crate::schema::{TableSchema, TIME_COLUMN};
 use crate::segment;
@@ -128,17 +128,11 @@ impl Engine {
                     schema: (*schema).clone(),
                 });
             }
-            let delta = {
-                let (schema, batches) = (schema.clone(), batches.clone());
-                tokio::task::spawn_blocking(move || {
-                    let mut delta = SeriesTable::default();
-                    for b in &batches {
-                        delta.apply(b)?;
-                    }
-                    delta.encode(&schema)
-                })
-                .await
-                .map_err(task_failed)??
+            let (days, delta) = {
+                let schema = schema.clone();
+                tokio::task::spawn_blocking(move || merge_by_day(&schema, &batches))
+                    .await
+                    .map_err(task_failed)??
             };
             let (id, keys) = self
                 .put_fresh(
@@ -153,12 +147,6 @@ impl Engine {
                 id,
                 key: key.to_string(),
             });
-            let days = {
-                let schema = schema.clone();
-                tokio::task::spawn_blocking(move || merge_by_day(&schema, &batches))
-                    .await
-                    .map_err(task_failed)??
-            };
             for (day, rows) in days {
                 let written = self
                     .write_segment(
@@ -380,18 +368,43 @@ pub(crate) fn create_ops(c: &Catalog, names: &[(String, String)]) -> Vec<Op> {
     ops
 }
 
-/// Sorts and merges a table's buffered batches and splits them by UTC day.
+/// Sorts and merges a table's buffered batches and splits them by UTC day, and
+/// encodes the registry delta of the series they touch.
+///
+/// The delta is built from the merged rows, one row per series (its run's last
+/// row is its latest, merged as the registry merges a time written twice), not by
+/// applying every buffered row again; only rows that cannot be ranked by series
+/// (a null time) take the row-by-row way.
 pub(crate) fn merge_by_day(
     schema: &TableSchema,
     batches: &[RecordBatch],
-) -> Result<Vec<(i64, RecordBatch)>> {
+) -> Result<(Vec<(i64, RecordBatch)>, Vec<u8>)> {
     let arrow = schema.arrow_schema();
     let aligned = batches
         .iter()
         .map(|b| align(b, &arrow))
         .collect::<Result<Vec<_>>>()?;
     let keys = key_columns(schema, &arrow)?;
-    let merged = sort_dedup(&arrow, &aligned, &keys)?;
+    let (merged, runs) = sort_dedup_runs(&arrow, &aligned, &keys)?;
+    let delta = match runs
+        .map(|r| SeriesTable::from_runs(&merged, &r))
+        .transpose()?
+    {
+        Some(Some(delta)) => delta,
+        _ => {
+            let mut delta = SeriesTable::default();
+            for b in batches {
+                delta.apply(b)?;
+            }
+            delta
+        }
+    };
+    let delta = delta.encode(schema)?;
+    Ok((split_by_day(merged)?, delta))
+}
+
+/// A merged batch's rows by UTC day.
+fn split_by_day(merged: RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
     let times = merged
         .column_by_name(TIME_COLUMN)
         .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())

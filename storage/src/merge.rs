@@ -3,7 +3,6 @@
 //! The merge is InfluxDB's: for one (series, time), each field takes the value of the
 //! last write that carried it; fields a later write did not carry keep theirs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{new_null_array, Array, ArrayRef, AsArray, UInt32Array};
@@ -11,6 +10,8 @@ use datafusion::arrow::compute::{cast, concat_batches, take};
 use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
+/// hashbrown's map with its default hasher (one lookup per row of a flush).
+use datafusion::common::HashMap as FastMap;
 
 use crate::error::{Result, StorageError};
 use crate::schema::{TableSchema, TIME_COLUMN};
@@ -56,12 +57,33 @@ pub fn sort_dedup(
     batches: &[RecordBatch],
     keys: &[usize],
 ) -> Result<RecordBatch> {
+    Ok(sort_dedup_runs(schema, batches, keys)?.0)
+}
+
+/// One series' rows in a batch merged by [`sort_dedup_runs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesRun {
+    /// Where its rows end in the merged batch (exclusive; they start where the
+    /// previous series' end).
+    pub end: usize,
+    /// Rows received for it before merging (a (series, time) written twice
+    /// counts twice).
+    pub received: u64,
+}
+
+/// [`sort_dedup`], with where each series' rows are in the result, when the keys
+/// end in a non-null nanosecond time (else `None`).
+pub fn sort_dedup_runs(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    keys: &[usize],
+) -> Result<(RecordBatch, Option<Vec<SeriesRun>>)> {
     let all = concat_batches(schema, batches)?;
     let n = all.num_rows();
     if n == 0 {
-        return Ok(all);
+        return Ok((all, Some(Vec::new())));
     }
-    let (order, same) = sort_order(&all, keys)?;
+    let (order, same, ranks) = sort_order(&all, keys)?;
 
     let mut group_starts = Vec::with_capacity(n);
     for (i, w) in order.windows(2).enumerate() {
@@ -75,6 +97,24 @@ pub fn sort_dedup(
     if n == 1 {
         group_starts.push(0);
     }
+    let runs = ranks.map(|rank| {
+        let rank_of_group = |g: usize| rank[order[group_starts[g]] as usize];
+        let mut runs = Vec::new();
+        let mut g = 0;
+        while g < group_starts.len() {
+            let mut h = g + 1;
+            while h < group_starts.len() && rank_of_group(h) == rank_of_group(g) {
+                h += 1;
+            }
+            let rows_end = group_starts.get(h).copied().unwrap_or(n);
+            runs.push(SeriesRun {
+                end: h,
+                received: (rows_end - group_starts[g]) as u64,
+            });
+            g = h;
+        }
+        runs
+    });
     let unique = group_starts.len() == n;
     let first_of_group: Vec<u32> = group_starts.iter().map(|&s| order[s]).collect();
     let first_idx = Arc::new(UInt32Array::from(if unique {
@@ -102,21 +142,25 @@ pub fn sort_dedup(
         }
         columns.push(take(col.as_ref(), &UInt32Array::from(idx), None)?);
     }
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+    Ok((RecordBatch::try_new(schema.clone(), columns)?, runs))
 }
 
 /// Whether two rows (by index) have equal keys.
 type SameKey = Box<dyn Fn(u32, u32) -> bool>;
 
-/// Row indices of `batch` in key order (rows with equal keys in batch order), and
-/// a test of whether two rows have equal keys.
+/// Each row's series rank (see [`sort_order`]).
+type Ranks = Option<Arc<Vec<u32>>>;
+
+/// Row indices of `batch` in key order (rows with equal keys in batch order), a
+/// test of whether two rows have equal keys, and each row's series rank when the
+/// keys end in a non-null nanosecond time.
 ///
 /// The keys are the series' tags and then `time`. Comparing whole encoded rows
 /// for every comparison of a sort is slow (a `memcmp` per step), so the tags are
 /// encoded once, each distinct series gets its rank among the distinct series, and
 /// the sort runs on `(rank, time, row)` integers. The order is the same as sorting
 /// the encoded rows of all keys.
-fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)> {
+fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey, Ranks)> {
     let n = batch.num_rows();
     let time = keys.last().map(|&k| batch.column(k)).and_then(|c| {
         (c.null_count() == 0)
@@ -125,7 +169,8 @@ fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)
             .cloned()
     });
     let Some(time) = time else {
-        return sort_order_by_rows(batch, keys);
+        let (order, same) = sort_order_by_rows(batch, keys)?;
+        return Ok((order, same, None));
     };
     let tag_keys = &keys[..keys.len() - 1];
     let mut rank = vec![0u32; n];
@@ -139,7 +184,7 @@ fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)
         let columns: Vec<ArrayRef> = tag_keys.iter().map(|&k| batch.column(k).clone()).collect();
         let rows = converter.convert_columns(&columns)?;
         // A provisional id per distinct series, in order of first appearance.
-        let mut ids: HashMap<&[u8], u32> = HashMap::new();
+        let mut ids: FastMap<&[u8], u32> = FastMap::default();
         let mut distinct: Vec<&[u8]> = Vec::new();
         for (i, r) in rank.iter_mut().enumerate() {
             let key = rows.row(i).data();
@@ -158,15 +203,36 @@ fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)
         rank.iter_mut().for_each(|r| *r = renumber[*r as usize]);
     }
     let times = time.values().clone();
-    let mut sorted: Vec<(u32, i64, u32)> = (0..n).map(|i| (rank[i], times[i], i as u32)).collect();
-    // The row index breaks ties, so equal keys stay in batch (write) order.
-    sorted.sort_unstable();
-    let order = sorted.into_iter().map(|(_, _, i)| i).collect();
+    // Rows by series rank (a counting sort, rows of a series in batch order), then
+    // each series' rows by time: they nearly always arrive in time order already.
+    let series = rank.iter().max().map_or(0, |&r| r as usize + 1);
+    let mut next = vec![0usize; series + 1];
+    for &r in &rank {
+        next[r as usize + 1] += 1;
+    }
+    for s in 1..next.len() {
+        next[s] += next[s - 1];
+    }
+    let bounds = next.clone();
+    let mut order = vec![0u32; n];
+    for (i, &r) in rank.iter().enumerate() {
+        order[next[r as usize]] = i as u32;
+        next[r as usize] += 1;
+    }
+    for w in bounds.windows(2) {
+        let rows = &mut order[w[0]..w[1]];
+        if !rows.is_sorted_by_key(|&i| times[i as usize]) {
+            // Stable: rows of one (series, time) stay in batch (write) order.
+            rows.sort_by_key(|&i| times[i as usize]);
+        }
+    }
+    let rank = Arc::new(rank);
+    let ranks = rank.clone();
     let same = move |a: u32, b: u32| {
         let (a, b) = (a as usize, b as usize);
         rank[a] == rank[b] && times[a] == times[b]
     };
-    Ok((order, Box::new(same)))
+    Ok((order, Box::new(same), Some(ranks)))
 }
 
 /// The general form of [`sort_order`], for keys that do not end in a non-null
@@ -295,7 +361,7 @@ mod tests {
             ])
             .unwrap();
             let keys = [0, 1, 2];
-            let (fast, fast_same) = sort_order(&batch, &keys).unwrap();
+            let (fast, fast_same, _) = sort_order(&batch, &keys).unwrap();
             let (slow, slow_same) = sort_order_by_rows(&batch, &keys).unwrap();
             proptest::prop_assert_eq!(&fast, &slow);
             for w in fast.windows(2) {

@@ -20,9 +20,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    StringBuilder, TimestampNanosecondArray, UInt64Array,
+    StringBuilder, TimestampNanosecondArray, UInt32Array, UInt64Array,
 };
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::compute::{cast, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
@@ -215,6 +215,41 @@ impl SeriesTable {
                 None => out.push('-'),
             }
         }
+    }
+
+    /// The registry of rows merged by [`sort_dedup_runs`](crate::merge::sort_dedup_runs)
+    /// (sorted by series then time, a (series, time) once), `runs` saying where each
+    /// series' rows end and how many were received: what applying every received
+    /// row would make, for the cost of one row per series. A run's last row is its
+    /// series' latest, merged field by field as [`apply`](Self::apply) merges a time
+    /// written twice. `None` if two runs turn out to be one series.
+    pub fn from_runs(
+        merged: &RecordBatch,
+        runs: &[crate::merge::SeriesRun],
+    ) -> Result<Option<Self>> {
+        let mut out = Self::default();
+        if runs.is_empty() {
+            return Ok(Some(out));
+        }
+        let Some(times) = merged
+            .column_by_name(TIME_COLUMN)
+            .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
+        else {
+            return Ok(None);
+        };
+        let last_rows: Vec<u32> = runs.iter().map(|r| r.end as u32 - 1).collect();
+        let latest = take_record_batch(merged, &UInt32Array::from(last_rows))?;
+        out.apply(&latest)?;
+        if out.series.len() != runs.len() {
+            return Ok(None);
+        }
+        let mut start = 0;
+        for (series, run) in out.series.iter_mut().zip(runs) {
+            series.first_time = times.value(start);
+            series.rows = run.received;
+            start = run.end;
+        }
+        Ok(Some(out))
     }
 
     /// Applies one written batch (any subset of the table's columns, rows in any
@@ -673,6 +708,63 @@ mod tests {
                 kind: ColumnKind::Field(FieldType::Integer),
             },
         ])
+    }
+
+    /// A registry's series as sorted text: tags, latest row, first time, count.
+    fn described(t: &SeriesTable) -> Vec<String> {
+        let rows = t.rows(&schema()).unwrap();
+        let latest = datafusion::arrow::util::display::ArrayFormatter::try_new;
+        let columns: Vec<_> = rows
+            .latest
+            .columns()
+            .iter()
+            .map(|c| latest(c.as_ref(), &Default::default()).unwrap())
+            .collect();
+        let mut out: Vec<String> = (0..rows.latest.num_rows())
+            .map(|i| {
+                let values: Vec<String> = columns.iter().map(|c| c.value(i).to_string()).collect();
+                format!(
+                    "{} first={} rows={}",
+                    values.join(" "),
+                    rows.first_time[i],
+                    rows.rows[i]
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_registry_of_merged_runs_is_that_of_every_row() {
+        // Out of order, a (series, time) written twice with fields split over the
+        // writes, an earlier time after a later one, nulls.
+        let writes = [
+            batch(&[
+                ("a", 20, Some(1.0), None),
+                ("b", 5, None, Some(7)),
+                ("a", 10, Some(9.0), Some(3)),
+            ]),
+            batch(&[
+                ("a", 20, None, Some(4)),
+                ("c", 1, None, None),
+                ("b", 5, Some(2.5), None),
+                ("b", 3, Some(8.0), Some(8)),
+            ]),
+            batch(&[("a", 20, Some(6.0), None), ("c", 2, Some(0.5), None)]),
+        ];
+        let mut every_row = SeriesTable::default();
+        for w in &writes {
+            every_row.apply(w).unwrap();
+        }
+        let arrow = schema().arrow_schema();
+        let keys = crate::merge::key_columns(&schema(), &arrow).unwrap();
+        let (merged, runs) = crate::merge::sort_dedup_runs(&arrow, &writes, &keys).unwrap();
+        let runs = runs.expect("time is never null");
+        assert_eq!(runs.iter().map(|r| r.received).sum::<u64>(), 9);
+        let from_runs = SeriesTable::from_runs(&merged, &runs).unwrap().unwrap();
+        assert_eq!(described(&from_runs), described(&every_row));
+        assert_eq!(from_runs.len(), 3);
     }
 
     fn batch(rows: &[(&str, i64, Option<f64>, Option<i64>)]) -> RecordBatch {
