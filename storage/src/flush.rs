@@ -368,6 +368,9 @@ pub(crate) fn create_ops(c: &Catalog, names: &[(String, String)]) -> Vec<Op> {
     ops
 }
 
+/// A table's merged rows by UTC day.
+type Days = Vec<(i64, RecordBatch)>;
+
 /// Sorts and merges a table's buffered batches and splits them by UTC day, and
 /// encodes the registry delta of the series they touch.
 ///
@@ -378,7 +381,7 @@ pub(crate) fn create_ops(c: &Catalog, names: &[(String, String)]) -> Vec<Op> {
 pub(crate) fn merge_by_day(
     schema: &TableSchema,
     batches: &[RecordBatch],
-) -> Result<(Vec<(i64, RecordBatch)>, Vec<u8>)> {
+) -> Result<(Days, Vec<u8>)> {
     let arrow = schema.arrow_schema();
     let aligned = batches
         .iter()
@@ -404,7 +407,7 @@ pub(crate) fn merge_by_day(
 }
 
 /// A merged batch's rows by UTC day.
-fn split_by_day(merged: RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
+fn split_by_day(merged: RecordBatch) -> Result<Days> {
     let times = merged
         .column_by_name(TIME_COLUMN)
         .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
