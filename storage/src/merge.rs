@@ -83,7 +83,7 @@ pub fn sort_dedup_runs(
     if n == 0 {
         return Ok((all, Some(Vec::new())));
     }
-    let (order, same, ranks) = sort_order(&all, keys)?;
+    let (order, same, series_starts) = sort_order(&all, keys)?;
 
     let mut group_starts = Vec::with_capacity(n);
     for (i, w) in order.windows(2).enumerate() {
@@ -97,23 +97,21 @@ pub fn sort_dedup_runs(
     if n == 1 {
         group_starts.push(0);
     }
-    let runs = ranks.map(|rank| {
-        let rank_of_group = |g: usize| rank[order[group_starts[g]] as usize];
-        let mut runs = Vec::new();
+    // A series' merged rows are the groups that start within its rows of `order`.
+    let runs = series_starts.map(|starts| {
         let mut g = 0;
-        while g < group_starts.len() {
-            let mut h = g + 1;
-            while h < group_starts.len() && rank_of_group(h) == rank_of_group(g) {
-                h += 1;
-            }
-            let rows_end = group_starts.get(h).copied().unwrap_or(n);
-            runs.push(SeriesRun {
-                end: h,
-                received: (rows_end - group_starts[g]) as u64,
-            });
-            g = h;
-        }
-        runs
+        starts
+            .windows(2)
+            .map(|w| {
+                while g < group_starts.len() && group_starts[g] < w[1] {
+                    g += 1;
+                }
+                SeriesRun {
+                    end: g,
+                    received: (w[1] - w[0]) as u64,
+                }
+            })
+            .collect()
     });
     let unique = group_starts.len() == n;
     let first_of_group: Vec<u32> = group_starts.iter().map(|&s| order[s]).collect();
@@ -148,19 +146,19 @@ pub fn sort_dedup_runs(
 /// Whether two rows (by index) have equal keys.
 type SameKey = Box<dyn Fn(u32, u32) -> bool>;
 
-/// Each row's series rank (see [`sort_order`]).
-type Ranks = Option<Arc<Vec<u32>>>;
+/// Where each series' rows start in a key order, and where the last one's end.
+type SeriesStarts = Option<Vec<usize>>;
 
 /// Row indices of `batch` in key order (rows with equal keys in batch order), a
-/// test of whether two rows have equal keys, and each row's series rank when the
-/// keys end in a non-null nanosecond time.
+/// test of whether two rows have equal keys, and where each series' rows start in
+/// that order when the keys end in a non-null nanosecond time.
 ///
 /// The keys are the series' tags and then `time`. Comparing whole encoded rows
 /// for every comparison of a sort is slow (a `memcmp` per step), so the tags are
 /// encoded once, each distinct series gets its rank among the distinct series, and
 /// the sort runs on `(rank, time, row)` integers. The order is the same as sorting
 /// the encoded rows of all keys.
-fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey, Ranks)> {
+fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey, SeriesStarts)> {
     let n = batch.num_rows();
     let time = keys.last().map(|&k| batch.column(k)).and_then(|c| {
         (c.null_count() == 0)
@@ -226,13 +224,11 @@ fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey,
             rows.sort_by_key(|&i| times[i as usize]);
         }
     }
-    let rank = Arc::new(rank);
-    let ranks = rank.clone();
     let same = move |a: u32, b: u32| {
         let (a, b) = (a as usize, b as usize);
         rank[a] == rank[b] && times[a] == times[b]
     };
-    Ok((order, Box::new(same), Some(ranks)))
+    Ok((order, Box::new(same), Some(bounds)))
 }
 
 /// The general form of [`sort_order`], for keys that do not end in a non-null
