@@ -816,6 +816,28 @@ async fn load_series(store: &Arc<dyn ObjectStore>, catalog: &Catalog) -> Result<
     Ok(out)
 }
 
+/// Writes and rotations the WAL thread has made durable, handed to the apply thread
+/// in WAL order.
+enum Durable {
+    /// Writes one fsync made durable: make their rows visible, then acknowledge them.
+    Group(Vec<(WalEntry, oneshot::Sender<Result<()>>)>),
+    /// The WAL file `closed` was closed: every row applied so far is in it or an
+    /// earlier file, so the active buffer moves aside with it.
+    Rotated {
+        closed: u64,
+        done: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// Groups durable between the WAL thread and the apply thread at most: past them
+/// the WAL thread waits, so a slow apply holds writers back rather than memory.
+const DURABLE_QUEUE: usize = 2;
+
+/// The WAL thread: appends each write, makes a group of them durable with one fsync,
+/// and hands the group to the apply thread (spawned here), which makes its rows
+/// visible and acknowledges them. The next group's appends and fsync overlap the
+/// last group's apply; a write is still acknowledged only once it is durable and
+/// visible. Returns once every write received is acknowledged or failed.
 fn wal_loop(
     mut writer: WalWriter,
     mut rx: mpsc::Receiver<WalCommand>,
@@ -823,6 +845,18 @@ fn wal_loop(
     flush_wanted: Arc<Notify>,
     flush_rows: usize,
 ) {
+    let (to_apply, durable) = std::sync::mpsc::sync_channel(DURABLE_QUEUE);
+    let applier = std::thread::Builder::new()
+        .name("citytsdb-apply".into())
+        .spawn(move || apply_loop(durable, state, flush_wanted, flush_rows));
+    let applier = match applier {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the WAL's apply thread");
+            refuse_all(&mut rx, &format!("its apply thread did not start: {e}"));
+            return;
+        }
+    };
     let mut group: Vec<WalCommand> = Vec::new();
     // Set when a failed write could not be cut off the WAL: from then on nothing can
     // be made durable safely, so every write is refused until a restart replays.
@@ -839,14 +873,10 @@ fn wal_loop(
         let mut fsync = false;
         for cmd in group.drain(..) {
             if let Some(why) = &broken {
-                let err = || {
-                    StorageError::Io(std::io::Error::other(format!(
-                        "the WAL is unusable ({why}); restart the server"
-                    )))
-                };
+                let err = unusable(why);
                 match cmd {
-                    WalCommand::Write { done, .. } => drop(done.send(Err(err()))),
-                    WalCommand::Rotate { done } => drop(done.send(Err(err()))),
+                    WalCommand::Write { done, .. } => drop(done.send(Err(err))),
+                    WalCommand::Rotate { done } => drop(done.send(Err(err))),
                 }
                 continue;
             }
@@ -868,20 +898,87 @@ fn wal_loop(
                     }
                 },
                 WalCommand::Rotate { done } => {
-                    commit_group(&mut writer, &state, &mut pending, fsync, &mut broken);
+                    commit_group(&mut writer, &to_apply, &mut pending, fsync, &mut broken);
                     fsync = false;
-                    let _ = done.send(rotate(&mut writer, &state));
+                    match writer.rotate() {
+                        Ok(closed) => hand_over(&to_apply, Durable::Rotated { closed, done }),
+                        Err(e) => drop(done.send(Err(e))),
+                    }
                 }
             }
         }
-        commit_group(&mut writer, &state, &mut pending, fsync, &mut broken);
-        if read(&state).active.rows >= flush_rows {
-            flush_wanted.notify_one();
-        }
+        commit_group(&mut writer, &to_apply, &mut pending, fsync, &mut broken);
     }
     if broken.is_none() {
         if let Err(e) = writer.sync(true) {
             tracing::error!(error = %e, "final WAL sync failed");
+        }
+    }
+    drop(to_apply);
+    if applier.join().is_err() {
+        tracing::error!("the WAL's apply thread panicked");
+    }
+}
+
+/// The error of a write refused because the WAL cannot be used.
+fn unusable(why: &str) -> StorageError {
+    StorageError::Io(std::io::Error::other(format!(
+        "the WAL is unusable ({why}); restart the server"
+    )))
+}
+
+/// Refuses every command until the channel closes (the WAL cannot be used).
+fn refuse_all(rx: &mut mpsc::Receiver<WalCommand>, why: &str) {
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            WalCommand::Write { done, .. } => drop(done.send(Err(unusable(why)))),
+            WalCommand::Rotate { done } => drop(done.send(Err(unusable(why)))),
+        }
+    }
+}
+
+/// Hands durable work to the apply thread. Should that thread be gone (it panicked),
+/// the work's acknowledgements are dropped with it, and its writers are told the
+/// server is stopping; the rows are in the WAL for the next start.
+fn hand_over(to_apply: &std::sync::mpsc::SyncSender<Durable>, work: Durable) {
+    if to_apply.send(work).is_err() {
+        tracing::error!("the WAL's apply thread is gone: durable writes are not acknowledged");
+    }
+}
+
+/// The apply thread: in WAL order, makes each durable group's rows visible (the
+/// active buffer and the series registry) and acknowledges them, and moves the
+/// active buffer aside at each WAL rotation.
+fn apply_loop(
+    durable: std::sync::mpsc::Receiver<Durable>,
+    state: Arc<RwLock<State>>,
+    flush_wanted: Arc<Notify>,
+    flush_rows: usize,
+) {
+    for work in durable {
+        match work {
+            Durable::Group(mut pending) => {
+                let wants_flush = {
+                    let mut s = write(&state);
+                    for (entry, _) in pending.iter() {
+                        for (table, batch) in &entry.tables {
+                            s.apply_series(&entry.db, table, batch);
+                            s.active.push(&entry.db, table, batch.clone());
+                        }
+                    }
+                    s.active.rows >= flush_rows
+                };
+                for (_, done) in pending.drain(..) {
+                    let _ = done.send(Ok(()));
+                }
+                if wants_flush {
+                    flush_wanted.notify_one();
+                }
+            }
+            Durable::Rotated { closed, done } => {
+                set_aside(&state, closed);
+                let _ = done.send(Ok(()));
+            }
         }
     }
 }
@@ -912,10 +1009,11 @@ fn fail_group(
     }
 }
 
-/// Makes the appended writes durable (one fsync), applies them, and acknowledges them.
+/// Makes the appended writes durable (one fsync) and hands them to the apply thread,
+/// which applies and acknowledges them.
 fn commit_group(
     writer: &mut WalWriter,
-    state: &RwLock<State>,
+    to_apply: &std::sync::mpsc::SyncSender<Durable>,
     pending: &mut Vec<(WalEntry, oneshot::Sender<Result<()>>)>,
     fsync: bool,
     broken: &mut Option<String>,
@@ -928,22 +1026,12 @@ fn commit_group(
         fail_group(writer, pending, broken, "sync", &e);
         return;
     }
-    {
-        let mut s = write(state);
-        for (entry, _) in pending.iter() {
-            for (table, batch) in &entry.tables {
-                s.apply_series(&entry.db, table, batch);
-                s.active.push(&entry.db, table, batch.clone());
-            }
-        }
-    }
-    for (_, done) in pending.drain(..) {
-        let _ = done.send(Ok(()));
-    }
+    hand_over(to_apply, Durable::Group(std::mem::take(pending)));
 }
 
-fn rotate(writer: &mut WalWriter, state: &RwLock<State>) -> Result<()> {
-    let closed = writer.rotate()?;
+/// Moves the active buffer aside as persisting, its rows all in WAL files up to
+/// `closed`.
+fn set_aside(state: &RwLock<State>, closed: u64) {
     let mut s = write(state);
     let buffer = std::mem::take(&mut s.active);
     if !buffer.is_empty() {
@@ -957,7 +1045,6 @@ fn rotate(writer: &mut WalWriter, state: &RwLock<State>) -> Result<()> {
             p.wal_upto = closed;
         }
     }
-    Ok(())
 }
 
 /// A read view of one database: a catalog version plus the rows buffered since.

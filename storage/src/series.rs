@@ -54,6 +54,49 @@ struct Series {
     last: Vec<Option<ScalarValue>>,
 }
 
+/// A written field column, its type looked at once per batch rather than once per
+/// value: the latest value of every row is taken from it.
+enum FieldValues<'a> {
+    Float(&'a Float64Array),
+    Integer(&'a Int64Array),
+    UInteger(&'a UInt64Array),
+    Boolean(&'a BooleanArray),
+    Other(&'a ArrayRef),
+}
+
+impl<'a> FieldValues<'a> {
+    fn of(a: &'a ArrayRef) -> Self {
+        match a.data_type() {
+            DataType::Float64 => Self::Float(a.as_primitive()),
+            DataType::Int64 => Self::Integer(a.as_primitive()),
+            DataType::UInt64 => Self::UInteger(a.as_primitive()),
+            DataType::Boolean => Self::Boolean(a.as_boolean()),
+            _ => Self::Other(a),
+        }
+    }
+
+    fn is_valid(&self, row: usize) -> bool {
+        match self {
+            Self::Float(a) => a.is_valid(row),
+            Self::Integer(a) => a.is_valid(row),
+            Self::UInteger(a) => a.is_valid(row),
+            Self::Boolean(a) => a.is_valid(row),
+            Self::Other(a) => a.is_valid(row),
+        }
+    }
+
+    /// The value at a valid `row`, as [`ScalarValue::try_from_array`] gives it.
+    fn value(&self, row: usize) -> Result<ScalarValue> {
+        Ok(match self {
+            Self::Float(a) => ScalarValue::Float64(Some(a.value(row))),
+            Self::Integer(a) => ScalarValue::Int64(Some(a.value(row))),
+            Self::UInteger(a) => ScalarValue::UInt64(Some(a.value(row))),
+            Self::Boolean(a) => ScalarValue::Boolean(Some(a.value(row))),
+            Self::Other(a) => ScalarValue::try_from_array(a, row).map_err(internal)?,
+        })
+    }
+}
+
 /// The series of one table.
 #[derive(Debug, Clone, Default)]
 pub struct SeriesTable {
@@ -285,6 +328,10 @@ impl SeriesTable {
             .iter()
             .map(|(slot, a)| (*slot, a.as_string::<i32>()))
             .collect();
+        let field_values: Vec<(usize, FieldValues<'_>)> = fields
+            .iter()
+            .map(|(slot, a)| (*slot, FieldValues::of(a)))
+            .collect();
         let mut values: Vec<Option<&str>> = vec![None; self.tag_slots.len()];
         let mut key = String::new();
         for row in 0..batch.num_rows() {
@@ -321,12 +368,12 @@ impl SeriesTable {
                 s.last_time = time;
                 s.last.iter_mut().for_each(|v| *v = None);
             }
-            for (slot, a) in &fields {
+            for (slot, a) in &field_values {
                 if a.is_valid(row) {
                     if s.last.len() <= *slot {
                         s.last.resize(*slot + 1, None);
                     }
-                    s.last[*slot] = Some(ScalarValue::try_from_array(a, row).map_err(internal)?);
+                    s.last[*slot] = Some(a.value(row)?);
                 }
             }
         }
@@ -765,6 +812,24 @@ mod tests {
         let from_runs = SeriesTable::from_runs(&merged, &runs).unwrap().unwrap();
         assert_eq!(described(&from_runs), described(&every_row));
         assert_eq!(from_runs.len(), 3);
+    }
+
+    #[test]
+    fn a_latest_value_of_each_type_is_the_arrays_scalar() {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Float64Array::from(vec![Some(1.5), None])),
+            Arc::new(Int64Array::from(vec![Some(-3), None])),
+            Arc::new(UInt64Array::from(vec![Some(7), None])),
+            Arc::new(BooleanArray::from(vec![Some(true), None])),
+            Arc::new(StringArray::from(vec![Some("open"), None])),
+        ];
+        for a in &columns {
+            let values = FieldValues::of(a);
+            assert!(values.is_valid(0) && !values.is_valid(1));
+            let got = values.value(0).unwrap();
+            assert_eq!(got, ScalarValue::try_from_array(a, 0).unwrap());
+            assert_eq!(got.data_type(), *a.data_type());
+        }
     }
 
     fn batch(rows: &[(&str, i64, Option<f64>, Option<i64>)]) -> RecordBatch {
