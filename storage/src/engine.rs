@@ -873,11 +873,7 @@ fn wal_loop(
         let mut fsync = false;
         for cmd in group.drain(..) {
             if let Some(why) = &broken {
-                let err = unusable(why);
-                match cmd {
-                    WalCommand::Write { done, .. } => drop(done.send(Err(err))),
-                    WalCommand::Rotate { done } => drop(done.send(Err(err))),
-                }
+                refuse(cmd, why);
                 continue;
             }
             match cmd {
@@ -920,20 +916,21 @@ fn wal_loop(
     }
 }
 
-/// The error of a write refused because the WAL cannot be used.
-fn unusable(why: &str) -> StorageError {
-    StorageError::Io(std::io::Error::other(format!(
+/// Refuses a command because the WAL cannot be used (`why`).
+fn refuse(cmd: WalCommand, why: &str) {
+    let err = StorageError::Io(std::io::Error::other(format!(
         "the WAL is unusable ({why}); restart the server"
-    )))
+    )));
+    match cmd {
+        WalCommand::Write { done, .. } => drop(done.send(Err(err))),
+        WalCommand::Rotate { done } => drop(done.send(Err(err))),
+    }
 }
 
 /// Refuses every command until the channel closes (the WAL cannot be used).
 fn refuse_all(rx: &mut mpsc::Receiver<WalCommand>, why: &str) {
     while let Some(cmd) = rx.blocking_recv() {
-        match cmd {
-            WalCommand::Write { done, .. } => drop(done.send(Err(unusable(why)))),
-            WalCommand::Rotate { done } => drop(done.send(Err(unusable(why)))),
-        }
+        refuse(cmd, why);
     }
 }
 
@@ -957,7 +954,7 @@ fn apply_loop(
 ) {
     for work in durable {
         match work {
-            Durable::Group(mut pending) => {
+            Durable::Group(pending) => {
                 let wants_flush = {
                     let mut s = write(&state);
                     for (entry, _) in pending.iter() {
@@ -968,7 +965,7 @@ fn apply_loop(
                     }
                     s.active.rows >= flush_rows
                 };
-                for (_, done) in pending.drain(..) {
+                for (_, done) in pending {
                     let _ = done.send(Ok(()));
                 }
                 if wants_flush {
