@@ -374,8 +374,8 @@ struct RunGroups {
     /// The group of the last row seen, carried across batches.
     current: Option<(RowKeys, usize)>,
     group_indices: Vec<usize>,
-    /// Per row of the batch at hand, whether its keys differ from the row before.
-    starts: Vec<bool>,
+    /// The rows of the batch at hand whose keys differ from the row before.
+    starts: Vec<usize>,
     reservation: MemoryReservation,
     schema: SchemaRef,
     batch_size: usize,
@@ -489,30 +489,43 @@ fn raw(c: &StringArray, row: usize) -> Option<&[u8]> {
     Some(&c.value_data()[offsets[row] as usize..offsets[row + 1] as usize])
 }
 
-/// Marks in `starts` (one flag per row) the rows whose keys differ from the row
-/// before: a column at a time, so the common case (views without nulls) is one
-/// comparison of two 128-bit views per row, which rows of one series pass.
-fn run_starts(columns: &[Keys<'_>], rows: usize, starts: &mut Vec<bool>) {
+/// The rows of a batch of `rows` rows whose keys differ from the row before, in
+/// order, into `starts` (row 0 is never listed). Rows of one series pass in
+/// blocks: a block of views that all equal their predecessors' (the common case,
+/// runs being hundreds of rows long) costs a few vector comparisons, and only a
+/// block holding a change is walked row by row.
+fn run_starts(columns: &[Keys<'_>], rows: usize, starts: &mut Vec<usize>) {
+    const BLOCK: usize = 16;
     starts.clear();
-    starts.resize(rows, false);
     for c in columns {
         match c {
             Keys::Views(a) if a.null_count() == 0 => {
-                let views = a.views();
-                for (row, start) in starts.iter_mut().enumerate().skip(1) {
-                    if !*start && views[row] != views[row - 1] {
-                        *start = !c.same(row - 1, row);
+                let views = &a.views()[..rows];
+                let mut row = 1;
+                while row < rows {
+                    let end = (row + BLOCK).min(rows);
+                    let changed = views[row..end]
+                        .iter()
+                        .zip(&views[row - 1..end - 1])
+                        .fold(false, |d, (x, y)| d | (x != y));
+                    if changed {
+                        for r in row..end {
+                            if views[r] != views[r - 1] && !c.same(r - 1, r) {
+                                starts.push(r);
+                            }
+                        }
                     }
+                    row = end;
                 }
             }
-            _ => {
-                for (row, start) in starts.iter_mut().enumerate().skip(1) {
-                    if !*start {
-                        *start = !c.same(row - 1, row);
-                    }
-                }
-            }
+            _ => starts.extend((1..rows).filter(|&r| !c.same(r - 1, r))),
         }
+    }
+    if columns.len() > 1 {
+        // Each column's starts are in order; together they may not be, and a row
+        // where two columns change is one start.
+        starts.sort_unstable();
+        starts.dedup();
     }
 }
 
@@ -555,14 +568,15 @@ impl RunGroups {
             Some(g) => g,
             None => self.lookup(&columns, 0),
         };
-        self.group_indices.push(group);
-        run_starts(&columns, rows, &mut self.starts);
-        for row in 1..rows {
-            if self.starts[row] {
-                group = self.lookup(&columns, row);
-            }
-            self.group_indices.push(group);
+        let mut starts = std::mem::take(&mut self.starts);
+        run_starts(&columns, rows, &mut starts);
+        // Each run's rows take its group: a fill per run, a lookup per run.
+        for &start in &starts {
+            self.group_indices.resize(start, group);
+            group = self.lookup(&columns, start);
         }
+        self.group_indices.resize(rows, group);
+        self.starts = starts;
         let last: RowKeys = columns
             .iter()
             .map(|c| c.raw(rows - 1).map(Box::from))
@@ -609,7 +623,7 @@ impl RunGroups {
             + self.held
             + index_slack
             + self.group_indices.capacity() * 8
-            + self.starts.capacity()
+            + self.starts.capacity() * 8
     }
 
     /// Every group so far, as the partial aggregate's output in batches of at most
@@ -673,6 +687,48 @@ mod tests {
         match long {
             false => format!("a{s}"),
             true => format!("a-series-with-a-long-name-{s:05}"),
+        }
+    }
+
+    /// Run starts found a block at a time are those of a row-by-row walk: runs
+    /// shorter and longer than a block, changes on block edges, in one column or
+    /// in the other, views short and long, with and without nulls.
+    #[test]
+    fn run_starts_are_the_rows_whose_keys_change() {
+        let lengths = [1, 2, 15, 16, 17, 31, 32, 33, 1, 100, 3, 450, 16, 1];
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for (i, &n) in lengths.iter().enumerate() {
+            for r in 0..n {
+                a.push(Some(format!("device-with-a-long-name-{:03}", i / 2)));
+                // `b` changes inside some of `a`'s runs, and is null in others.
+                b.push(match (i % 3, r < n / 2) {
+                    (0, _) => None,
+                    (1, first) => Some(format!("d{first}")),
+                    _ => Some(format!("d{i}")),
+                });
+            }
+        }
+        let rows = a.len();
+        let a = StringViewArray::from_iter(a.iter().map(|v| v.as_deref()));
+        let b_plain = StringArray::from_iter(b.iter().map(|v| v.as_deref()));
+        let b_views = StringViewArray::from_iter(b.iter().map(|v| v.as_deref()));
+        let a_dense =
+            StringViewArray::from_iter_values((0..rows).map(|r| format!("x{}", r / 7 % 3)));
+        let cases: Vec<Vec<Keys<'_>>> = vec![
+            vec![Keys::Views(&a)],
+            vec![Keys::Views(&a), Keys::Plain(&b_plain)],
+            vec![Keys::Views(&a), Keys::Views(&b_views)],
+            vec![Keys::Views(&b_views), Keys::Views(&a_dense)],
+        ];
+        for columns in cases {
+            let naive: Vec<usize> = (1..rows)
+                .filter(|&r| columns.iter().any(|c| !c.same(r - 1, r)))
+                .collect();
+            let mut starts = vec![7];
+            run_starts(&columns, rows, &mut starts);
+            assert_eq!(starts, naive);
+            assert!(!naive.is_empty());
         }
     }
 
