@@ -7,9 +7,11 @@
 //! two or more string keys that is most of a whole-range aggregate's time (top 10
 //! covers by max tilt: 368 of 650 CPU-milliseconds).
 //!
-//! [`RunAggregateExec`] replaces such a partial aggregate. It compares each row's
-//! keys with the row before (a few bytes each) and looks a group up only where a run
-//! ends, then feeds the aggregates' own groups accumulators the group of every row.
+//! [`RunAggregateExec`] replaces such a partial aggregate. It finds where the keys
+//! change from one row to the next (for string views, 32 rows at a time, walking
+//! row by row only a block where something changes), looks a group up only where
+//! a run starts, fills each run's rows with its group, then feeds the aggregates'
+//! own groups accumulators the group of every row.
 //! Its output is the partial aggregate's, column for column, so the final stage is
 //! DataFusion's unchanged. It is used ([`RunAggregateRule`]) only where that pays:
 //! a `Partial` aggregate of unordered input grouped by two or more plain string
