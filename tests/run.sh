@@ -60,10 +60,12 @@ export RUSTC_WORKSPACE_WRAPPER="${RUSTC_WORKSPACE_WRAPPER:-$(rustup which clippy
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 # A fresh build gains nothing from incremental caches, and writing them costs time and disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-cargo build --workspace --all-targets
+# `--locked`: a Cargo.lock that does not match the manifests fails here rather than
+# being rewritten by the build, so what is tested is what is committed.
+cargo build --locked --workspace --all-targets
 phase "formatting, lints and the build"
 # The build is a few GB; say how much room is left, so a full disk is plain to see.
 df -h "${CARGO_TARGET_DIR:-target}" | sed 's/^/run.sh: /' >&2
 # The end-to-end tests start the binary of this very build.
-CITYTSDB_BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/debug/citytsdb" cargo test --workspace --all-targets
+CITYTSDB_BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/debug/citytsdb" cargo test --locked --workspace --all-targets
 phase "the tests"
