@@ -526,8 +526,10 @@ fn run_starts(columns: &[Keys<'_>], rows: usize, starts: &mut Vec<usize>) {
     }
     if columns.len() > 1 {
         // Each column's starts are in order; together they may not be, and a row
-        // where two columns change is one start.
-        starts.sort_unstable();
+        // where two columns change is one start. The stable sort finds the
+        // columns' sorted runs and merges them, in linear time however many
+        // starts a batch of short runs has.
+        starts.sort();
         starts.dedup();
     }
 }
