@@ -5,7 +5,11 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{new_null_array, Array, ArrayRef, AsArray, UInt32Array};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use datafusion::arrow::array::{
+    new_null_array, Array, ArrayRef, AsArray, StringArray, UInt32Array,
+};
 use datafusion::arrow::compute::{cast, concat_batches, take};
 use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -154,10 +158,10 @@ type SeriesStarts = Option<Vec<usize>>;
 /// that order when the keys end in a non-null nanosecond time.
 ///
 /// The keys are the series' tags and then `time`. Comparing whole encoded rows
-/// for every comparison of a sort is slow (a `memcmp` per step), so the tags are
-/// encoded once, each distinct series gets its rank among the distinct series, and
-/// the sort runs on `(rank, time, row)` integers. The order is the same as sorting
-/// the encoded rows of all keys.
+/// for every comparison of a sort is slow (a `memcmp` per step), so each distinct
+/// series gets its rank among the distinct series ([`rank_series`]), and the sort
+/// runs on `(rank, time, row)` integers. The order is the same as sorting the
+/// encoded rows of all keys.
 fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey, SeriesStarts)> {
     let n = batch.num_rows();
     let time = keys.last().map(|&k| batch.column(k)).and_then(|c| {
@@ -173,32 +177,14 @@ fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey,
     let tag_keys = &keys[..keys.len() - 1];
     let mut rank = vec![0u32; n];
     if !tag_keys.is_empty() {
-        let converter = RowConverter::new(
-            tag_keys
-                .iter()
-                .map(|&k| SortField::new(batch.column(k).data_type().clone()))
-                .collect(),
-        )?;
-        let columns: Vec<ArrayRef> = tag_keys.iter().map(|&k| batch.column(k).clone()).collect();
-        let rows = converter.convert_columns(&columns)?;
-        // A provisional id per distinct series, in order of first appearance.
-        let mut ids: FastMap<&[u8], u32> = FastMap::default();
-        let mut distinct: Vec<&[u8]> = Vec::new();
-        for (i, r) in rank.iter_mut().enumerate() {
-            let key = rows.row(i).data();
-            *r = *ids.entry(key).or_insert_with(|| {
-                distinct.push(key);
-                (distinct.len() - 1) as u32
-            });
+        let tags: Option<Vec<&StringArray>> = tag_keys
+            .iter()
+            .map(|&k| batch.column(k).as_string_opt::<i32>())
+            .collect();
+        match tags {
+            Some(tags) => rank_series(&tags, &mut rank),
+            None => rank_encoded_series(batch, tag_keys, &mut rank)?,
         }
-        // The provisional ids, renumbered in key order.
-        let mut by_key: Vec<u32> = (0..distinct.len() as u32).collect();
-        by_key.sort_unstable_by(|&a, &b| distinct[a as usize].cmp(distinct[b as usize]));
-        let mut renumber = vec![0u32; distinct.len()];
-        for (position, &id) in by_key.iter().enumerate() {
-            renumber[id as usize] = position as u32;
-        }
-        rank.iter_mut().for_each(|r| *r = renumber[*r as usize]);
     }
     let times = time.values().clone();
     // Rows by series rank (a counting sort, rows of a series in batch order), then
@@ -231,6 +217,91 @@ fn sort_order(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey,
     Ok((order, Box::new(same), Some(bounds)))
 }
 
+/// Sets each row's `rank` to its series' position among the distinct series of
+/// `tags` (string tag columns) in key order: by each tag in turn, nulls first,
+/// then bytes, as sorting their encoded rows orders them.
+///
+/// The rows' values are hashed where they are, without encoding them: a series
+/// is found by the hash of its tags and told apart by comparing them with the
+/// tags of its first row.
+fn rank_series(tags: &[&StringArray], rank: &mut [u32]) {
+    fn value(c: &StringArray, row: usize) -> Option<&str> {
+        c.is_valid(row).then(|| c.value(row))
+    }
+    let state = hashbrown::DefaultHashBuilder::default();
+    let hash = |row: usize| {
+        let mut h = state.build_hasher();
+        for c in tags {
+            value(c, row).hash(&mut h);
+        }
+        h.finish()
+    };
+    let same = |a: usize, b: usize| tags.iter().all(|c| value(c, a) == value(c, b));
+    // A provisional id per distinct series, in order of first appearance, and the
+    // first row of each.
+    let mut ids: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
+    let mut first: Vec<usize> = Vec::new();
+    for (row, r) in rank.iter_mut().enumerate() {
+        let h = hash(row);
+        *r = match ids.find(h, |&id| same(first[id as usize], row)) {
+            Some(&id) => id,
+            None => {
+                let id = first.len() as u32;
+                first.push(row);
+                ids.insert_unique(h, id, |&id| hash(first[id as usize]));
+                id
+            }
+        };
+    }
+    // The provisional ids, renumbered in key order.
+    let mut by_key: Vec<u32> = (0..first.len() as u32).collect();
+    by_key.sort_unstable_by(|&a, &b| {
+        let (a, b) = (first[a as usize], first[b as usize]);
+        tags.iter()
+            .map(|c| value(c, a).cmp(&value(c, b)))
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    renumber(&by_key, rank);
+}
+
+/// [`rank_series`] for tag columns of any type: the tags are encoded as rows and
+/// the series found by their encoding.
+fn rank_encoded_series(batch: &RecordBatch, tag_keys: &[usize], rank: &mut [u32]) -> Result<()> {
+    let converter = RowConverter::new(
+        tag_keys
+            .iter()
+            .map(|&k| SortField::new(batch.column(k).data_type().clone()))
+            .collect(),
+    )?;
+    let columns: Vec<ArrayRef> = tag_keys.iter().map(|&k| batch.column(k).clone()).collect();
+    let rows = converter.convert_columns(&columns)?;
+    // A provisional id per distinct series, in order of first appearance.
+    let mut ids: FastMap<&[u8], u32> = FastMap::default();
+    let mut distinct: Vec<&[u8]> = Vec::new();
+    for (i, r) in rank.iter_mut().enumerate() {
+        let key = rows.row(i).data();
+        *r = *ids.entry(key).or_insert_with(|| {
+            distinct.push(key);
+            (distinct.len() - 1) as u32
+        });
+    }
+    // The provisional ids, renumbered in key order.
+    let mut by_key: Vec<u32> = (0..distinct.len() as u32).collect();
+    by_key.sort_unstable_by(|&a, &b| distinct[a as usize].cmp(distinct[b as usize]));
+    renumber(&by_key, rank);
+    Ok(())
+}
+
+/// Replaces each provisional id in `rank` by its position in `by_key`.
+fn renumber(by_key: &[u32], rank: &mut [u32]) {
+    let mut position = vec![0u32; by_key.len()];
+    for (p, &id) in by_key.iter().enumerate() {
+        position[id as usize] = p as u32;
+    }
+    rank.iter_mut().for_each(|r| *r = position[*r as usize]);
+}
+
 /// The general form of [`sort_order`], for keys that do not end in a non-null
 /// nanosecond time: a stable sort of whole encoded rows.
 fn sort_order_by_rows(batch: &RecordBatch, keys: &[usize]) -> Result<(Vec<u32>, SameKey)> {
@@ -254,6 +325,7 @@ mod tests {
     use datafusion::arrow::array::{
         Float64Array, Int64Array, StringArray, TimestampNanosecondArray,
     };
+    use datafusion::arrow::datatypes::DataType;
     use datafusion::arrow::util::pretty::pretty_format_batches;
 
     fn table() -> TableSchema {
@@ -357,11 +429,21 @@ mod tests {
             ])
             .unwrap();
             let keys = [0, 1, 2];
-            let (fast, fast_same, _) = sort_order(&batch, &keys).unwrap();
             let (slow, slow_same) = sort_order_by_rows(&batch, &keys).unwrap();
-            proptest::prop_assert_eq!(&fast, &slow);
-            for w in fast.windows(2) {
-                proptest::prop_assert_eq!(fast_same(w[0], w[1]), slow_same(w[0], w[1]));
+            // Plain strings are ranked by their values, other tag types by their
+            // encoded rows: both as the row sort.
+            let views = RecordBatch::try_from_iter(vec![
+                ("a", cast(batch.column(0), &DataType::Utf8View).unwrap()),
+                ("b", cast(batch.column(1), &DataType::Utf8View).unwrap()),
+                ("time", batch.column(2).clone()),
+            ])
+            .unwrap();
+            for batch in [&batch, &views] {
+                let (fast, fast_same, _) = sort_order(batch, &keys).unwrap();
+                proptest::prop_assert_eq!(&fast, &slow);
+                for w in fast.windows(2) {
+                    proptest::prop_assert_eq!(fast_same(w[0], w[1]), slow_same(w[0], w[1]));
+                }
             }
         }
     }

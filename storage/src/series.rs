@@ -15,6 +15,7 @@
 //! top, so a restart loses nothing and counts nothing twice.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -97,6 +98,80 @@ impl<'a> FieldValues<'a> {
     }
 }
 
+/// A series' key as the registry stores it: its tag slots' values encoded by
+/// [`SeriesTable::key`]. It hashes as the values it encodes, so a row's series is
+/// found by its values ([`Values`]) without encoding them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SeriesKey(Box<str>);
+
+impl Hash for SeriesKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Encoded(&self.0).hash(state)
+    }
+}
+
+/// An encoded key, borrowed: hashes and compares as the [`SeriesKey`] it encodes.
+struct Encoded<'a>(&'a str);
+
+impl<'a> Encoded<'a> {
+    /// The tag slots' values it encodes, up to the last non-null one. A key that is
+    /// not [`SeriesTable::key`]'s encoding ends where it stops making sense.
+    fn values(&self) -> impl Iterator<Item = Option<&'a str>> + use<'a> {
+        let mut rest: &'a str = self.0;
+        std::iter::from_fn(move || {
+            if let Some(after) = rest.strip_prefix('-') {
+                rest = after;
+                return Some(None);
+            }
+            let colon = rest.find(':')?;
+            let len: usize = rest[..colon].parse().ok()?;
+            let value = rest.get(colon + 1..colon + 1 + len)?;
+            rest = &rest[colon + 1 + len..];
+            Some(Some(value))
+        })
+    }
+}
+
+impl Hash for Encoded<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.values().for_each(|v| v.hash(state));
+    }
+}
+
+impl hashbrown::Equivalent<SeriesKey> for Encoded<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        *self.0 == *key.0
+    }
+}
+
+/// A row's tag slots' values, looked up in the registry as the key they would
+/// encode to.
+struct Values<'v, 'a>(&'v [Option<&'a str>]);
+
+impl<'v, 'a> Values<'v, 'a> {
+    /// The values up to the last non-null one, as [`SeriesTable::key`] encodes them.
+    fn of(values: &'v [Option<&'a str>]) -> Self {
+        let used = values
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(0, |i| i + 1);
+        Self(&values[..used])
+    }
+}
+
+impl Hash for Values<'_, '_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.iter().for_each(|v| v.hash(state));
+    }
+}
+
+impl hashbrown::Equivalent<SeriesKey> for Values<'_, '_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        let mut stored = Encoded(&key.0).values();
+        self.0.iter().all(|v| stored.next() == Some(*v)) && stored.next().is_none()
+    }
+}
+
 /// The series of one table.
 #[derive(Debug, Clone, Default)]
 pub struct SeriesTable {
@@ -106,7 +181,9 @@ pub struct SeriesTable {
     field_slots: Vec<String>,
     /// Series key (see [`SeriesTable::key`]) -> index in `series` (hashbrown's
     /// default hasher, randomly seeded: SipHash was a tenth of a write's time).
-    index: datafusion::common::HashMap<Box<str>, usize>,
+    /// Looked up by the tag values themselves ([`Values`]), so a written row's key
+    /// is never encoded unless its series is new.
+    index: datafusion::common::HashMap<SeriesKey, usize>,
     series: Vec<Series>,
     /// Whether this registry, applied to an older one, replaces its series'
     /// entries (a correction after a delete) rather than adding to them; an entry of
@@ -223,9 +300,7 @@ impl SeriesTable {
                 None => return false,
             }
         }
-        let mut key = String::new();
-        Self::key(&mut key, &values);
-        self.index.contains_key(key.as_str())
+        self.index.contains_key(&Values::of(&values))
     }
 
     fn slot(slots: &mut Vec<String>, name: &str) -> usize {
@@ -341,11 +416,11 @@ impl SeriesTable {
                     values[*slot] = Some(a.value(row));
                 }
             }
-            Self::key(&mut key, &values);
             let time = times.value(row);
-            let i = match self.index.get(key.as_str()) {
+            let i = match self.index.get(&Values::of(&values)) {
                 Some(&i) => i,
                 None => {
+                    Self::key(&mut key, &values);
                     self.series.push(Series {
                         tags: values.iter().map(|v| v.map(Arc::from)).collect(),
                         first_time: time,
@@ -354,7 +429,7 @@ impl SeriesTable {
                         last: Vec::new(),
                     });
                     self.index
-                        .insert(key.as_str().into(), self.series.len() - 1);
+                        .insert(SeriesKey(key.as_str().into()), self.series.len() - 1);
                     self.series.len() - 1
                 }
             };
@@ -432,7 +507,7 @@ impl SeriesTable {
         let mut key = String::new();
         for n in &newer.series {
             let (tags, last) = self.remapped(n, &maps, &mut key);
-            let Some(&i) = self.index.get(key.as_str()) else {
+            let Some(&i) = self.index.get(&Encoded(key.as_str())) else {
                 self.series.push(Series {
                     tags,
                     first_time: n.first_time,
@@ -441,7 +516,7 @@ impl SeriesTable {
                     last,
                 });
                 self.index
-                    .insert(key.as_str().into(), self.series.len() - 1);
+                    .insert(SeriesKey(key.as_str().into()), self.series.len() - 1);
                 continue;
             };
             let s = &mut self.series[i];
@@ -474,10 +549,10 @@ impl SeriesTable {
         let mut key = String::new();
         for n in &newer.series {
             let (tags, last) = self.remapped(n, &maps, &mut key);
-            let found = self.index.get(key.as_str()).copied();
+            let found = self.index.get(&Encoded(key.as_str())).copied();
             if n.rows == 0 {
                 if let Some(i) = found {
-                    self.index.remove(key.as_str());
+                    self.index.remove(&Encoded(key.as_str()));
                     self.series.swap_remove(i);
                     if i < self.series.len() {
                         // The last series moved into the hole.
@@ -485,7 +560,7 @@ impl SeriesTable {
                             self.series[i].tags.iter().map(|t| t.as_deref()).collect();
                         let mut moved_key = String::new();
                         Self::key(&mut moved_key, &moved);
-                        self.index.insert(moved_key.into(), i);
+                        self.index.insert(SeriesKey(moved_key.into()), i);
                     }
                 }
                 continue;
@@ -502,7 +577,7 @@ impl SeriesTable {
                 None => {
                     self.series.push(entry);
                     self.index
-                        .insert(key.as_str().into(), self.series.len() - 1);
+                        .insert(SeriesKey(key.as_str().into()), self.series.len() - 1);
                 }
             }
         }
@@ -520,7 +595,7 @@ impl SeriesTable {
         }
         let mut key = String::new();
         Self::key(&mut key, &values);
-        let s = &self.series[*self.index.get(key.as_str())?];
+        let s = &self.series[*self.index.get(&Encoded(key.as_str()))?];
         Some((s.first_time, s.rows))
     }
 
@@ -1018,5 +1093,44 @@ mod tests {
         assert_ne!(a, b);
         SeriesTable::key(&mut b, &[Some("x,y")]);
         assert_eq!(a, b);
+    }
+
+    proptest::proptest! {
+        /// A row's values find the key they encode to: same hash, equivalent, and
+        /// no other key is equivalent to them, for values holding the encoding's
+        /// own characters and tag sets with nulls and trailing nulls.
+        #[test]
+        fn values_hash_and_compare_as_their_encoded_key(
+            sets in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::option::of(proptest::sample::select(vec![
+                        "", "-", ":", "1:", "12", "1:a", "mh-00001", "金水区", "x-1:2",
+                    ])),
+                    0..4,
+                ),
+                1..12,
+            )
+        ) {
+            use hashbrown::Equivalent;
+            use std::hash::BuildHasher;
+            let hasher = hashbrown::DefaultHashBuilder::default();
+            let keys: Vec<SeriesKey> = sets
+                .iter()
+                .map(|values| {
+                    let mut key = String::new();
+                    SeriesTable::key(&mut key, values);
+                    SeriesKey(key.into())
+                })
+                .collect();
+            for (values, key) in sets.iter().zip(&keys) {
+                let row = Values::of(values);
+                proptest::prop_assert_eq!(hasher.hash_one(&row), hasher.hash_one(key));
+                proptest::prop_assert_eq!(hasher.hash_one(Encoded(&key.0)), hasher.hash_one(key));
+                for other in &keys {
+                    proptest::prop_assert_eq!(row.equivalent(other), key == other);
+                    proptest::prop_assert_eq!(Encoded(&key.0).equivalent(other), key == other);
+                }
+            }
+        }
     }
 }
