@@ -37,20 +37,35 @@ pub struct WalEntry {
 
 impl WalEntry {
     /// Encodes the entry as a record payload.
+    ///
+    /// Each table's Arrow IPC stream is written straight after its length, which is
+    /// filled in once known, into a payload sized up front by the batches' memory:
+    /// the payload of a large write is neither regrown nor copied.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(256);
+        let arrays: usize = self
+            .tables
+            .iter()
+            .map(|(_, b)| b.get_array_memory_size())
+            .sum();
+        let mut out = Vec::with_capacity(256 + arrays + 1024 * self.tables.len());
         out.push(FORMAT_VERSION);
         put_bytes(&mut out, self.db.as_bytes());
         out.extend_from_slice(&(self.tables.len() as u32).to_le_bytes());
         for (name, batch) in &self.tables {
             put_bytes(&mut out, name.as_bytes());
-            let mut ipc = Vec::new();
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
             {
-                let mut w = StreamWriter::try_new(&mut ipc, batch.schema_ref())?;
+                let mut w = StreamWriter::try_new(&mut out, batch.schema_ref())?;
                 w.write(batch)?;
                 w.finish()?;
             }
-            put_bytes(&mut out, &ipc);
+            let len = u32::try_from(out.len() - at - 4).map_err(|_| {
+                StorageError::InvalidInput(format!(
+                    "table {name} of the write is too large for one WAL record"
+                ))
+            })?;
+            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
         }
         Ok(out)
     }
@@ -156,6 +171,8 @@ pub struct WalWriter {
 
 /// Appended bytes are handed to the OS once this many are waiting.
 const WRITE_CHUNK: usize = 1 << 20;
+/// A record payload this large is handed to the OS without being buffered.
+const WRITE_DIRECT: usize = 64 << 10;
 
 impl WalWriter {
     /// Creates WAL file `seq` in `dir` (which must exist) and makes its name durable.
@@ -208,6 +225,14 @@ impl WalWriter {
         self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf
             .extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        if payload.len() >= WRITE_DIRECT {
+            // A large payload goes to the OS as it is, after what is waiting
+            // (its header included), not copied into the buffer first.
+            self.write_out()?;
+            self.file.write_all(payload)?;
+            self.written_len += payload.len() as u64;
+            return Ok(());
+        }
         self.buf.extend_from_slice(payload);
         if self.buf.len() >= WRITE_CHUNK {
             self.write_out()?;
@@ -425,6 +450,61 @@ mod tests {
             "the discarded record is gone and nothing follows a broken one"
         );
         assert_eq!(r.torn_bytes, 0);
+    }
+
+    /// An entry of `rows` rows, every value `v`.
+    fn entry_of(rows: usize, v: f64) -> WalEntry {
+        let mut e = entry(v);
+        let device = StringArray::from(vec!["mh-1"; rows]);
+        let tilt = Float64Array::from(vec![v; rows]);
+        e.tables[0].1 = RecordBatch::try_new(
+            e.tables[0].1.schema(),
+            vec![Arc::new(device), Arc::new(tilt)],
+        )
+        .unwrap();
+        e
+    }
+
+    #[test]
+    fn large_records_skip_the_buffer_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = WalWriter::create(dir.path(), 1).unwrap();
+        let sizes = [1, 20_000, 2, 30_000, 3];
+        for (i, &rows) in sizes.iter().enumerate() {
+            let payload = entry_of(rows, i as f64).encode().unwrap();
+            assert_eq!(payload.len() >= WRITE_DIRECT, rows > 10, "record {i}");
+            w.append(&payload).unwrap();
+        }
+        w.sync(true).unwrap();
+        let durable = w.bytes();
+        // A large record appended and written out, then discarded: it is cut.
+        w.append(&entry_of(20_000, 9.0).encode().unwrap()).unwrap();
+        w.discard_unsynced().unwrap();
+        assert_eq!(w.bytes(), durable);
+        w.append(&entry_of(1, 5.0).encode().unwrap()).unwrap();
+        w.sync(true).unwrap();
+        let r = replay_file(&paths::wal_file(dir.path(), 1)).unwrap();
+        assert_eq!(r.torn_bytes, 0);
+        let got: Vec<(usize, f64)> = r
+            .entries
+            .iter()
+            .map(|e| {
+                let b = &e.tables[0].1;
+                let tilt = b.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+                (b.num_rows(), tilt.value(b.num_rows() - 1))
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 0.0),
+                (20_000, 1.0),
+                (2, 2.0),
+                (30_000, 3.0),
+                (3, 4.0),
+                (1, 5.0)
+            ]
+        );
     }
 
     #[test]
