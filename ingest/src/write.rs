@@ -16,7 +16,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 /// written line, where SipHash showed in profiles.
 use datafusion::common::HashMap as FastMap;
 
-use crate::line_protocol::{parse_line, FieldValue, LineError, ParsedLine};
+use crate::line_protocol::{parse_line_onto, FieldValue, LineError, ParsedLine};
 
 /// The unit of the timestamps in a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -137,9 +137,8 @@ pub fn parse_body_into<'a>(body: &'a [u8], spare: Vec<Line<'static>>) -> ParsedB
             Some(_) => {}
         }
         out.data_lines += 1;
-        match parse_line(raw, i + 1) {
-            Ok(line) => out.lines.push((raw, line)),
-            Err(e) => out.rejected.push(e),
+        if let Err(e) = parse_line_onto(raw, i + 1, &mut out.lines) {
+            out.rejected.push(e);
         }
     }
     out
