@@ -396,6 +396,12 @@ pub fn validate_against<'a>(
     let mut out = ValidatedWrite::default();
     let (mut tables, table_of) = tables_of(&lines, known);
     out.col_at = vec![0; lines.len()];
+    // Each accepted line's keys take a place in `cols`: sized once for all of them,
+    // as the body's lines mostly have as many keys as its first.
+    let keys_per_line = lines
+        .first()
+        .map_or(0, |(_, l)| l.tags.len() + l.fields.len());
+    out.cols.reserve(lines.len() * keys_per_line);
     let mut table_count = schemas.len();
     for index in 0..lines.len() {
         let (before, rest) = lines.split_at_mut(index);
