@@ -701,15 +701,33 @@ pub(crate) fn at(raw: &[u8], line: &ParsedLine<'_>, column: usize, message: Stri
 /// Builds one Arrow batch per table from validated lines, with only the columns the
 /// lines carry (`time` first, then schema order). A line without a timestamp gets
 /// `now_ns`. When a field repeats within a line, the last value wins.
+///
+/// The lines are read once, in body order, each appended to its table's builders:
+/// a body's parsed lines weigh megabytes, and reading them table by table (every
+/// few hundred bytes, a line of another table skipped) stalled on memory for a
+/// third of the building.
 pub fn build_batches(
     write: &ValidatedWrite<'_>,
     now_ns: i64,
 ) -> Result<Vec<(String, RecordBatch)>, ArrowError> {
-    let mut out = Vec::with_capacity(write.tables.len());
-    for (table, (schema, rows)) in &write.tables {
-        out.push((table.clone(), build_table(schema, write, rows, now_ns)?));
+    const NONE: u32 = u32::MAX;
+    let mut table_of = vec![NONE; write.lines.len()];
+    let mut tables = Vec::with_capacity(write.tables.len());
+    for (t, (table, (schema, rows))) in write.tables.iter().enumerate() {
+        for &r in rows {
+            table_of[r] = t as u32;
+        }
+        tables.push((table, TableBuilder::new(schema, write, rows)));
     }
-    Ok(out)
+    for (r, &t) in table_of.iter().enumerate() {
+        if t != NONE {
+            tables[t as usize].1.append(write, r, now_ns);
+        }
+    }
+    tables
+        .into_iter()
+        .map(|(table, b)| Ok((table.clone(), b.finish()?)))
+        .collect()
 }
 
 enum Builder {
@@ -776,75 +794,97 @@ impl Builder {
     }
 }
 
-fn build_table(
-    schema: &TableSchema,
-    write: &ValidatedWrite<'_>,
-    rows: &[usize],
-    now_ns: i64,
-) -> Result<RecordBatch, ArrowError> {
-    // The builder of each schema column the lines carry, in schema order.
-    const UNUSED: usize = usize::MAX;
-    let mut slot_of = vec![UNUSED; schema.columns().len()];
-    for &r in rows {
-        for &c in write.columns_of(r) {
-            if let Some(s) = slot_of.get_mut(c as usize) {
-                *s = 0;
+/// One table's batch while its lines are appended.
+struct TableBuilder<'s> {
+    /// The builder of each schema column the lines carry (by schema column), or
+    /// `UNUSED`.
+    slot_of: Vec<usize>,
+    /// The columns built, in schema order.
+    defs: Vec<&'s ColumnDef>,
+    builders: Vec<Builder>,
+    /// Which builders the line being appended has filled.
+    filled: Vec<bool>,
+    times: Vec<i64>,
+}
+
+/// No builder: the table's lines do not carry the column.
+const UNUSED: usize = usize::MAX;
+
+impl<'s> TableBuilder<'s> {
+    /// Builders for the columns that `rows` (the table's accepted lines) carry.
+    fn new(schema: &'s TableSchema, write: &ValidatedWrite<'_>, rows: &[usize]) -> Self {
+        let mut slot_of = vec![UNUSED; schema.columns().len()];
+        for &r in rows {
+            for &c in write.columns_of(r) {
+                if let Some(s) = slot_of.get_mut(c as usize) {
+                    *s = 0;
+                }
             }
         }
-    }
-    let mut defs: Vec<&ColumnDef> = Vec::new();
-    for (c, def) in schema.columns().iter().enumerate() {
-        if slot_of[c] != UNUSED && def.kind != ColumnKind::Time {
-            slot_of[c] = defs.len();
-            defs.push(def);
-        } else {
-            slot_of[c] = UNUSED;
+        let mut defs: Vec<&ColumnDef> = Vec::new();
+        for (c, def) in schema.columns().iter().enumerate() {
+            if slot_of[c] != UNUSED && def.kind != ColumnKind::Time {
+                slot_of[c] = defs.len();
+                defs.push(def);
+            } else {
+                slot_of[c] = UNUSED;
+            }
+        }
+        let builders = defs
+            .iter()
+            .map(|c| Builder::new(c.kind, rows.len()))
+            .collect();
+        Self {
+            slot_of,
+            filled: vec![false; defs.len()],
+            defs,
+            builders,
+            times: Vec::with_capacity(rows.len()),
         }
     }
-    let mut builders: Vec<Builder> = defs
-        .iter()
-        .map(|c| Builder::new(c.kind, rows.len()))
-        .collect();
-    let mut filled = vec![false; defs.len()];
-    let mut times = Vec::with_capacity(rows.len());
-    for &r in rows {
+
+    /// Appends accepted line `r` of `write`.
+    fn append(&mut self, write: &ValidatedWrite<'_>, r: usize, now_ns: i64) {
         let line = &write.lines[r].1;
         let cols = write.columns_of(r);
         let (tag_cols, field_cols) = cols.split_at(line.tags.len());
-        times.push(line.timestamp.unwrap_or(now_ns));
-        filled.iter_mut().for_each(|f| *f = false);
+        self.times.push(line.timestamp.unwrap_or(now_ns));
+        self.filled.iter_mut().for_each(|f| *f = false);
         for ((_, v), &c) in line.tags.iter().zip(tag_cols) {
-            let i = slot_of.get(c as usize).copied().unwrap_or(UNUSED);
-            if let Some(Builder::Tag(b)) = builders.get_mut(i) {
+            let i = self.slot_of.get(c as usize).copied().unwrap_or(UNUSED);
+            if let Some(Builder::Tag(b)) = self.builders.get_mut(i) {
                 b.append_value(v);
-                filled[i] = true;
+                self.filled[i] = true;
             }
         }
         // Last value of a repeated field wins: walk backwards, skip filled columns.
         for ((_, v), &c) in line.fields.iter().zip(field_cols).rev() {
-            let i = slot_of.get(c as usize).copied().unwrap_or(UNUSED);
-            if i != UNUSED && !filled[i] {
-                builders[i].append_field(v);
-                filled[i] = true;
+            let i = self.slot_of.get(c as usize).copied().unwrap_or(UNUSED);
+            if i != UNUSED && !self.filled[i] {
+                self.builders[i].append_field(v);
+                self.filled[i] = true;
             }
         }
-        for (i, b) in builders.iter_mut().enumerate() {
-            if !filled[i] {
+        for (b, filled) in self.builders.iter_mut().zip(&self.filled) {
+            if !filled {
                 b.append_null();
             }
         }
     }
-    let time_def = ColumnDef {
-        name: TIME_COLUMN.to_string(),
-        kind: ColumnKind::Time,
-    };
-    let mut fields = vec![arrow_field(&time_def)];
-    fields.extend(defs.iter().map(|c| arrow_field(c)));
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(
-        TimestampNanosecondArray::from(times).with_timezone("UTC"),
-    )];
-    columns.extend(builders.into_iter().map(Builder::finish));
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+
+    fn finish(self) -> Result<RecordBatch, ArrowError> {
+        let time_def = ColumnDef {
+            name: TIME_COLUMN.to_string(),
+            kind: ColumnKind::Time,
+        };
+        let mut fields = vec![arrow_field(&time_def)];
+        fields.extend(self.defs.iter().map(|c| arrow_field(c)));
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(
+            TimestampNanosecondArray::from(self.times).with_timezone("UTC"),
+        )];
+        columns.extend(self.builders.into_iter().map(Builder::finish));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    }
 }
 
 #[cfg(test)]
@@ -891,6 +931,33 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         (text, rejected)
+    }
+
+    #[test]
+    fn interleaved_tables_keep_their_lines_in_body_order() {
+        let mut schemas = BTreeMap::new();
+        let body = "a,d=x v=1 1\nb w=1i 2\na,d=y v=2 3\nb,e=z w=2i 4\na,d=x v=3,u=true 5";
+        let (text, rejected) = run(body, &mut schemas);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let expected = [
+            "a",
+            "+----------------------+---+-----+------+",
+            "| time                 | d | v   | u    |",
+            "+----------------------+---+-----+------+",
+            "| 1970-01-01T00:00:01Z | x | 1.0 |      |",
+            "| 1970-01-01T00:00:03Z | y | 2.0 |      |",
+            "| 1970-01-01T00:00:05Z | x | 3.0 | true |",
+            "+----------------------+---+-----+------+",
+            "b",
+            "+----------------------+---+---+",
+            "| time                 | w | e |",
+            "+----------------------+---+---+",
+            "| 1970-01-01T00:00:02Z | 1 |   |",
+            "| 1970-01-01T00:00:04Z | 2 | z |",
+            "+----------------------+---+---+",
+        ]
+        .join("\n");
+        assert_eq!(text, expected);
     }
 
     /// Series known to a fake registry: `manhole` has devices a and b.
