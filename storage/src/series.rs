@@ -407,8 +407,12 @@ impl SeriesTable {
             .iter()
             .map(|(slot, a)| (*slot, FieldValues::of(a)))
             .collect();
+        // Each row's series first, then the rows applied: looked up one after
+        // another, the rows' lookups (each a few cache misses in a registry of
+        // many series) overlap rather than wait on the update before them.
         let mut values: Vec<Option<&str>> = vec![None; self.tag_slots.len()];
         let mut key = String::new();
+        let mut series_of = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
             values.iter_mut().for_each(|v| *v = None);
             for (slot, a) in &tag_strings {
@@ -416,10 +420,10 @@ impl SeriesTable {
                     values[*slot] = Some(a.value(row));
                 }
             }
-            let time = times.value(row);
             let i = match self.index.get(&Values::of(&values)) {
                 Some(&i) => i,
                 None => {
+                    let time = times.value(row);
                     Self::key(&mut key, &values);
                     self.series.push(Series {
                         tags: values.iter().map(|v| v.map(Arc::from)).collect(),
@@ -433,6 +437,10 @@ impl SeriesTable {
                     self.series.len() - 1
                 }
             };
+            series_of.push(i);
+        }
+        for (row, &i) in series_of.iter().enumerate() {
+            let time = times.value(row);
             let s = &mut self.series[i];
             s.rows += 1;
             s.first_time = s.first_time.min(time);
