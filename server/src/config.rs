@@ -26,7 +26,8 @@ pub struct ServeArgs {
     /// Directory for the WAL and, by default, the segments
     #[arg(long, env = "CITYTSDB_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
-    /// Address to serve HTTP on; without auth, a loopback address
+    /// Address to serve HTTP on; without auth, a loopback address (port 0: a free
+    /// port, which the "citytsdb is serving" log line names)
     #[arg(long, env = "CITYTSDB_HTTP_BIND", default_value = "127.0.0.1:8181", value_parser = bind_address)]
     pub http_bind: SocketAddr,
     /// Object store for segments: file:///path, memory://, or s3://bucket/prefix [default: file://<data-dir>/store]

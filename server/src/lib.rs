@@ -104,6 +104,10 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
         .map_err(|e| Error::io(format!("binding {}", config.http_bind), e))?;
+    // The address bound: with port 0, the port the system chose.
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io(format!("the address bound for {}", config.http_bind), e))?;
     // Answers are written in pieces (headers, then the body as it is produced): without
     // TCP_NODELAY, Nagle's algorithm holds the last piece until the client's delayed
     // ACK, about 40 ms on every request of a kept-alive connection.
@@ -112,7 +116,7 @@ pub async fn serve(config: ServeArgs) -> Result<()> {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
         }
     });
-    tracing::info!(addr = %config.http_bind, data_dir = %config.data_dir.display(), store = %store_url, "citytsdb is serving");
+    tracing::info!(addr = %addr, data_dir = %config.data_dir.display(), store = %store_url, "citytsdb is serving");
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -111,15 +110,6 @@ pub fn binary() -> &'static Path {
         );
         bin
     })
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener
-        .local_addr()
-        .expect("local address of a bound listener")
-        .port()
 }
 
 /// An HTTP agent with the given global timeout that returns 4xx/5xx as values.
@@ -300,73 +290,68 @@ impl Server {
         fs::create_dir_all(data_dir)
             .unwrap_or_else(|e| panic!("create data dir {}: {e}", data_dir.display()));
         let log_path = log_path_for(data_dir);
-        // A port found free can be taken by a parallel test before the server binds
-        // it; only that failure is retried, with a new port.
-        for attempt in 1..=3 {
-            let port = free_port();
-            let mut log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .unwrap_or_else(|e| panic!("open server log {}: {e}", log_path.display()));
-            let mut args: Vec<String> = vec![
-                "serve".into(),
-                "--data-dir".into(),
-                data_dir.display().to_string(),
-                "--http-bind".into(),
-                format!("127.0.0.1:{port}"),
-            ];
-            for (flag, value) in DEFAULT_FLAGS {
-                if !extra_args.contains(&flag) {
-                    args.push(flag.into());
-                    args.push(value.into());
-                }
-            }
-            args.extend(extra_args.iter().map(|a| a.to_string()));
-            writeln!(
-                log,
-                "=== test harness: {} {}",
-                bin.display(),
-                args.join(" ")
-            )
-            .expect("write to the server log");
-            let stdout = log.try_clone().expect("clone the server log handle");
-            let child = Command::new(bin)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(log)
-                .env("RUST_BACKTRACE", "1")
-                .envs(env.iter().copied())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-            let mut server = Server {
-                child: Some(child),
-                client: Client::new(format!("http://127.0.0.1:{port}")),
-                data_dir: data_dir.to_path_buf(),
-                log_path: log_path.clone(),
-            };
-            match server.wait_ready() {
-                Ok(()) => return server,
-                Err(exit) => {
-                    let log = server.log();
-                    let port_taken = log.contains("in use") || log.contains("AddrInUse");
-                    if attempt < 3 && port_taken {
-                        continue;
-                    }
-                    server.fail(&format!("citytsdb exited before it was ready ({exit})"));
-                }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("open server log {}: {e}", log_path.display()));
+        // Port 0: the server binds a free port itself and logs it. A port found free
+        // here and handed to the server could be taken by a parallel test's server
+        // first, which would then answer this one's health checks.
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--http-bind".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for (flag, value) in DEFAULT_FLAGS {
+            if !extra_args.contains(&flag) {
+                args.push(flag.into());
+                args.push(value.into());
             }
         }
-        unreachable!("the last start attempt returns or fails")
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        writeln!(
+            log,
+            "=== test harness: {} {}",
+            bin.display(),
+            args.join(" ")
+        )
+        .expect("write to the server log");
+        // This start's lines of the log (which earlier starts on the directory share)
+        // begin here.
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let stdout = log.try_clone().expect("clone the server log handle");
+        let child = Command::new(bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log)
+            .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut server = Server {
+            child: Some(child),
+            client: Client::new("http://127.0.0.1:0".to_string()),
+            data_dir: data_dir.to_path_buf(),
+            log_path,
+        };
+        if let Err(exit) = server.wait_ready(log_start) {
+            server.fail(&format!("citytsdb exited before it was ready ({exit})"));
+        }
+        server
     }
 
-    /// Polls `GET /health` until it answers 200 `{"status":"ok"}`; `Err` with the
-    /// exit status if the process died first. Fails the test after 60 s.
-    fn wait_ready(&mut self) -> Result<(), ExitStatus> {
+    /// Waits for the server to log the address it serves on (after byte
+    /// `log_start` of its log), then polls `GET /health` there until it answers
+    /// 200 `{"status":"ok"}`; `Err` with the exit status if the process died first.
+    /// Fails the test after 60 s.
+    fn wait_ready(&mut self, log_start: u64) -> Result<(), ExitStatus> {
         let probe = agent(Duration::from_secs(5));
-        let url = format!("{}/health", self.client.url());
         let deadline = Instant::now() + READY_TIMEOUT;
+        let mut url = None;
         loop {
             if let Some(status) = self
                 .child_mut()
@@ -375,7 +360,13 @@ impl Server {
             {
                 return Err(status);
             }
-            if let Ok(response) = probe.get(&url).call() {
+            if url.is_none() {
+                if let Some(port) = self.served_port(log_start) {
+                    self.client = Client::new(format!("http://127.0.0.1:{port}"));
+                    url = Some(format!("{}/health", self.client.url()));
+                }
+            }
+            if let Some(Ok(response)) = url.as_ref().map(|u| probe.get(u).call()) {
                 if let Ok((200, body)) = answer(response) {
                     let ok = serde_json::from_str::<Value>(&body)
                         .map(|v| v["status"] == "ok")
@@ -395,6 +386,17 @@ impl Server {
             }
             thread::sleep(READY_POLL);
         }
+    }
+
+    /// The port in the server's "citytsdb is serving addr=127.0.0.1:PORT" line,
+    /// once it is in the log after byte `log_start`.
+    fn served_port(&self, log_start: u64) -> Option<u16> {
+        let log = fs::read(&self.log_path).ok()?;
+        let text = String::from_utf8_lossy(log.get(log_start as usize..)?);
+        let line = text.lines().find(|l| l.contains("citytsdb is serving"))?;
+        let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
     }
 
     fn child_mut(&mut self) -> &mut Child {
