@@ -24,8 +24,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::line_protocol::LineError;
 use crate::write::{
-    build_batches, parse_body_into, return_lines, spare_lines, validate_against, KnownSeries,
-    Limits, Precision,
+    build_batches, build_direct, parse_body_into, return_lines, spare_lines, validate_against,
+    KnownSeries, KnownTable, Limits, Precision,
 };
 
 /// Told of every write once it is durable, with its batches (one per table, as
@@ -331,6 +331,9 @@ impl Ingestor {
                 max: self.limits.max_lines,
             });
         }
+        if let Some(direct) = self.prepare_direct(db, body, precision, now_ns) {
+            return Ok(direct);
+        }
         let mut parsed = parse_body_into(body, spare_lines());
         let mut rejected = parsed.rejected;
         // A rollup's rows are computed by the store, never written.
@@ -367,6 +370,40 @@ impl Ingestor {
             tables,
             rejected,
             data_lines: parsed.data_lines,
+        })
+    }
+}
+
+impl Ingestor {
+    /// [`Ingestor::prepare`] of a body whose every line has its table's usual
+    /// keys, all of them columns already (`write/direct.rs`): no schema changes,
+    /// nothing rejected, and the schema lock is not taken. `None` for any other
+    /// body, which then takes the general path.
+    fn prepare_direct(
+        &self,
+        db: &str,
+        body: &[u8],
+        precision: Precision,
+        now_ns: i64,
+    ) -> Option<Prepared> {
+        let catalog = self.storage.catalog();
+        let rollups = catalog.rollups(db);
+        let direct = build_direct(body, precision, now_ns, &self.limits, |table| {
+            // A rollup's rows are computed by the store: the general path says so.
+            if rollups.is_some_and(|r| r.contains_key(table)) {
+                return None;
+            }
+            Some(KnownTable {
+                schema: self.storage.table_schema(db, table)?,
+                series: self
+                    .storage
+                    .with_series(db, table, |s| s.map_or(0, |s| s.len())),
+            })
+        })?;
+        Some(Prepared {
+            tables: direct.tables,
+            rejected: Vec::new(),
+            data_lines: direct.data_lines,
         })
     }
 }

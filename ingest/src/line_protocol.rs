@@ -167,11 +167,11 @@ fn utf8(line: &[u8], line_number: usize) -> Result<&str, LineError> {
 }
 
 /// Characters that may be escaped in a measurement name.
-const MEASUREMENT_ESCAPES: &[u8] = b", \\";
+pub(crate) const MEASUREMENT_ESCAPES: &[u8] = b", \\";
 /// Characters that may be escaped in tag keys, tag values and field keys.
-const KEY_ESCAPES: &[u8] = b",= \\";
+pub(crate) const KEY_ESCAPES: &[u8] = b",= \\";
 /// Characters that may be escaped inside a quoted string field value.
-const STRING_ESCAPES: &[u8] = b"\"\\";
+pub(crate) const STRING_ESCAPES: &[u8] = b"\"\\";
 
 /// Longest value quoted back in an error message, so a huge bad value can't bloat the error.
 const MAX_VALUE_IN_MESSAGE: usize = 100;
@@ -208,7 +208,7 @@ fn line_error(line: &[u8], line_number: usize, at: usize, message: String) -> Li
 }
 
 /// Whitespace allowed before the measurement and at the end of a line.
-fn is_space(c: u8) -> bool {
+pub(crate) fn is_space(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\r')
 }
 
@@ -219,7 +219,12 @@ fn is_space(c: u8) -> bool {
 /// Eight bytes are looked at a time ([`first_of`]): names and values are a few to
 /// a few dozen bytes, and a byte at a time this loop was a fifth of parsing.
 #[inline]
-fn scan<const N: usize>(b: &[u8], mut i: usize, end: usize, stops: [u8; N]) -> (usize, bool) {
+pub(crate) fn scan<const N: usize>(
+    b: &[u8],
+    mut i: usize,
+    end: usize,
+    stops: [u8; N],
+) -> (usize, bool) {
     let mut escaped = false;
     while i < end {
         if i + 8 <= end {
@@ -265,14 +270,14 @@ fn first_of<const N: usize>(word: u64, stops: [u8; N]) -> Option<usize> {
 }
 
 /// Bytes that end a measurement name.
-const MEASUREMENT_END: [u8; 2] = [b',', b' '];
+pub(crate) const MEASUREMENT_END: [u8; 2] = [b',', b' '];
 /// Bytes that end a tag key, a tag value or a field key.
-const KEY_END: [u8; 3] = [b',', b'=', b' '];
+pub(crate) const KEY_END: [u8; 3] = [b',', b'=', b' '];
 
 /// Removes the backslash from each `\x` with `x` in `escapable`; other backslashes stay.
 /// Borrows unless something was actually removed.
 #[inline]
-fn unescape<'a>(token: &'a str, had_backslash: bool, escapable: &[u8]) -> Cow<'a, str> {
+pub(crate) fn unescape<'a>(token: &'a str, had_backslash: bool, escapable: &[u8]) -> Cow<'a, str> {
     if had_backslash {
         unescape_pairs(token, escapable)
     } else {
@@ -509,7 +514,7 @@ fn is_overflow(e: &std::num::ParseIntError) -> bool {
 }
 
 /// Types an unquoted field value by its syntax; the error is the full message.
-fn parse_unquoted<'a>(v: &str, key: &str) -> Result<FieldValue<'a>, String> {
+pub(crate) fn parse_unquoted<'a>(v: &str, key: &str) -> Result<FieldValue<'a>, String> {
     let b = v.as_bytes();
     // Only something that starts like a number is read as a suffixed integer, so a
     // misspelt word such as `tru` is reported as what it most likely was meant to be.

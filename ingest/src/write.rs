@@ -887,6 +887,9 @@ impl<'s> TableBuilder<'s> {
     }
 }
 
+mod direct;
+pub use direct::{build_direct, DirectWrite, KnownTable};
+
 #[cfg(test)]
 mod fuzz;
 
