@@ -2,6 +2,9 @@
 //! paths), MQTT and `citytsdb import --data-dir` all hand a line-protocol body to
 //! an [`Ingestor`], which:
 //!
+//! 0. off the async threads, writes it directly (`write/direct.rs`) when its lines
+//!    have their tables' usual keys, already columns: parsed straight into Arrow
+//!    columns, then on to step 4; any other body takes steps 1-3;
 //! 1. parses it on borrowed bytes (`line_protocol.rs`), off the async threads;
 //! 2. validates each line under the storage engine's schema lock (`write.rs`),
 //!    growing tables and columns, rejecting a line whose types conflict;
