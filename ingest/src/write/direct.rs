@@ -21,15 +21,12 @@ use std::sync::Arc;
 
 use citytsdb_storage::schema::{arrow_field, ColumnDef, TIME_COLUMN};
 use citytsdb_storage::{ColumnKind, FieldType, TableSchema};
-use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
-    TimestampNanosecondArray, UInt64Builder,
-};
+use datafusion::arrow::array::{ArrayRef, TimestampNanosecondArray};
 use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::HashMap as FastMap;
 
-use super::{field_type, Limits, Precision};
+use super::{field_type, Builder, Limits, Precision};
 use crate::line_protocol::{
     is_space, parse_line, parse_unquoted, scan, unescape, FieldValue, KEY_END, KEY_ESCAPES,
     MEASUREMENT_END, STRING_ESCAPES,
@@ -247,52 +244,22 @@ impl<'a> Shape<'a> {
     }
 }
 
-/// One table's columns while its lines are appended.
+/// One table's columns while its lines are appended (the general path's builders).
 struct Columns {
-    builders: Vec<Column>,
+    builders: Vec<Builder>,
     times: Vec<i64>,
-}
-
-enum Column {
-    Tag(StringBuilder),
-    Float(Float64Builder),
-    Integer(Int64Builder),
-    UInteger(UInt64Builder),
-    Boolean(BooleanBuilder),
-    String(StringBuilder),
 }
 
 impl Columns {
     fn new(shape: &Shape<'_>) -> Self {
-        let rows = shape.rows;
         let columns = shape.known.schema.columns();
-        let builders = shape
-            .columns
-            .iter()
-            .map(|&c| match columns[c].kind {
-                ColumnKind::Field(FieldType::Float) => {
-                    Column::Float(Float64Builder::with_capacity(rows))
-                }
-                ColumnKind::Field(FieldType::Integer) => {
-                    Column::Integer(Int64Builder::with_capacity(rows))
-                }
-                ColumnKind::Field(FieldType::UInteger) => {
-                    Column::UInteger(UInt64Builder::with_capacity(rows))
-                }
-                ColumnKind::Field(FieldType::Boolean) => {
-                    Column::Boolean(BooleanBuilder::with_capacity(rows))
-                }
-                ColumnKind::Field(FieldType::String) => {
-                    Column::String(StringBuilder::with_capacity(rows, rows * 8))
-                }
-                ColumnKind::Tag | ColumnKind::Time => {
-                    Column::Tag(StringBuilder::with_capacity(rows, rows * 8))
-                }
-            })
-            .collect();
         Self {
-            builders,
-            times: Vec::with_capacity(rows),
+            builders: shape
+                .columns
+                .iter()
+                .map(|&c| Builder::new(columns[c].kind, shape.rows))
+                .collect(),
+            times: Vec::with_capacity(shape.rows),
         }
     }
 
@@ -311,15 +278,7 @@ impl Columns {
         let mut arrays: Vec<ArrayRef> = vec![Arc::new(
             TimestampNanosecondArray::from(self.times).with_timezone("UTC"),
         )];
-        arrays.extend(self.builders.into_iter().map(|b| -> ArrayRef {
-            match b {
-                Column::Tag(mut b) | Column::String(mut b) => Arc::new(b.finish()),
-                Column::Float(mut b) => Arc::new(b.finish()),
-                Column::Integer(mut b) => Arc::new(b.finish()),
-                Column::UInteger(mut b) => Arc::new(b.finish()),
-                Column::Boolean(mut b) => Arc::new(b.finish()),
-            }
-        }));
+        arrays.extend(self.builders.into_iter().map(Builder::finish));
         RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
     }
 }
@@ -355,7 +314,7 @@ fn append_line(
         if val_end == val_start || (val_end < end && b[val_end] == b'=') {
             return None;
         }
-        let Column::Tag(builder) = &mut cols.builders[slot] else {
+        let Builder::Tag(builder) = &mut cols.builders[slot] else {
             return None;
         };
         builder.append_value(unescape(&s[val_start..val_end], escaped, KEY_ESCAPES));
@@ -390,7 +349,7 @@ fn append_line(
             {
                 return None;
             }
-            let Column::String(builder) = column else {
+            let Builder::String(builder) = column else {
                 return None;
             };
             builder.append_value(value);
@@ -402,10 +361,10 @@ fn append_line(
         }
         let value = parse_unquoted(&s[val_start..val_end], key).ok()?;
         match (column, value) {
-            (Column::Float(c), FieldValue::Float(v)) => c.append_value(v),
-            (Column::Integer(c), FieldValue::Integer(v)) => c.append_value(v),
-            (Column::UInteger(c), FieldValue::UInteger(v)) => c.append_value(v),
-            (Column::Boolean(c), FieldValue::Boolean(v)) => c.append_value(v),
+            (Builder::Float(c), FieldValue::Float(v)) => c.append_value(v),
+            (Builder::Integer(c), FieldValue::Integer(v)) => c.append_value(v),
+            (Builder::UInteger(c), FieldValue::UInteger(v)) => c.append_value(v),
+            (Builder::Boolean(c), FieldValue::Boolean(v)) => c.append_value(v),
             _ => return None,
         }
         pos = val_end;
